@@ -50,7 +50,7 @@ def validate(images, labels, where: str, split: str, classes=None) -> None:
     if len(images) == 0 or len(images) > SPLITS[split]:
         raise DataError(f"{where}: expected 1..{SPLITS[split]} {split} images, got {len(images)}")
     if classes is not None and tuple(str(c) for c in classes) != CLASSES:
-        raise DataError(f"{where}: class names/order {list(classes)} differ from {list(CLASSES)}")
+        raise DataError(f"{where}: class names/order {[str(c) for c in classes]} differ from {list(CLASSES)}")
 
 
 def load_npz(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +58,10 @@ def load_npz(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: missing (expected {split}.npz with arrays images, labels)")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise DataError(f"{path}: a single .npy array, not an npz archive (expected arrays images, labels)")
+        with z:
             missing = {"images", "labels"} - set(z.files)
             if missing:
                 raise DataError(f"{path}: lacks arrays {sorted(missing)} (expected images, labels)")
@@ -110,20 +113,32 @@ def balanced_head(labels: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.concatenate(idx))
 
 
-def subset(data, train_size: int | None, test_size: int | None):
-    """Apply base.train_size (class-balanced head) and base.test_size (head of the test set)."""
-    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+def subset_indices(data, train_size: int | None, test_size: int | None) -> dict[str, np.ndarray]:
+    """Positions kept by base.train_size (class-balanced head) and base.test_size (head)."""
+    ytr, yte = data["train"][1], data["test"][1]
+    keep = {"train": np.arange(len(ytr)), "test": np.arange(len(yte))}
     if train_size is not None:
         if train_size > len(ytr):
             raise DataError(f"base.train_size={train_size} exceeds the {len(ytr)} training images")
-        keep = balanced_head(ytr, train_size)
-        xtr, ytr = xtr[keep], ytr[keep]
+        keep["train"] = balanced_head(ytr, train_size)
     if test_size is not None:
         if test_size > len(yte):
             raise DataError(f"base.test_size={test_size} exceeds the {len(yte)} test images of the "
                             "source (the local copy in ../shared/data holds 1,000); use null for all")
-        xte, yte = xte[:test_size], yte[:test_size]
-    return {"train": (xtr, ytr), "test": (xte, yte)}
+        keep["test"] = keep["test"][:test_size]
+    return keep
+
+
+def subset(data, train_size: int | None, test_size: int | None):
+    """The (images, labels) of each split that base.train_size and base.test_size keep."""
+    keep = subset_indices(data, train_size, test_size)
+    return {split: (x[keep[split]], y[keep[split]]) for split, (x, y) in data.items()}
+
+
+def official_index(path: str | Path) -> np.ndarray:
+    """Each image's position in the official split, as saved by the download stage."""
+    with np.load(path) as z:
+        return z["index"] if "index" in z.files else np.arange(len(z["labels"]))
 
 
 def acquire(cache_dir: str | Path):
@@ -131,9 +146,9 @@ def acquire(cache_dir: str | Path):
     local = os.environ.get(LOCAL_COPY_ENV)
     if local:
         log.info("loading the local copy %s", local)
-        return load_local(local), {"source": "local", "path": str(Path(local).resolve())}
+        return load_local(local), {"source": "local copy"}
     log.info("no %s set: downloading the official archive into %s", LOCAL_COPY_ENV, cache_dir)
-    return load_official(cache_dir), {"source": "official", "path": str(cache_dir)}
+    return load_official(cache_dir), {"source": "official archive"}
 
 
 def load_raw(directory: str | Path):

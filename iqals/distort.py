@@ -1,6 +1,6 @@
 """Blur, noise and JPEG at three levels: one fixed, seeded realisation per image, type and level.
 
-Batched over the whole image stack (PROTOCOL.md, "Where the paper is silent"):
+Over a whole image stack (PROTOCOL.md, "Where the paper is silent"):
 - blur: Gaussian, kernel size 2*ceil(truncate*sigma)+1, border from params (MATLAB imgaussfilt);
 - noise: x/255 + N(0, v), clipped to [0, 1], rounded to uint8 (MATLAB imnoise);
 - JPEG: OpenCV's libjpeg(-turbo) encoder at the given quality and chroma subsampling.
@@ -12,27 +12,39 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .params import DISTORTIONS, Distort
 from .seeds import derive_seed
 
-CHUNK = 4096  # images per batch: bounds the float working memory
-_TORCH_PAD = {"replicate": "replicate", "reflect": "reflect", "constant": "constant"}
+WORKERS = 4   # threads: OpenCV releases the GIL, so a per-image loop uses every core
+_CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101,
+              "constant": cv2.BORDER_CONSTANT}
 _CV_SUBSAMPLING = {"420": "IMWRITE_JPEG_SAMPLING_FACTOR_420",
                    "422": "IMWRITE_JPEG_SAMPLING_FACTOR_422",
                    "444": "IMWRITE_JPEG_SAMPLING_FACTOR_444"}
 
 
-def _round_uint8(x: torch.Tensor | np.ndarray):
+def _round_uint8(x: np.ndarray) -> np.ndarray:
     """Round half up and saturate, as MATLAB's uint8 conversion does for non-negative values."""
-    if isinstance(x, torch.Tensor):
-        return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
     return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
 
 
+def _per_image(fn, images: np.ndarray) -> np.ndarray:
+    """fn applied to every image of a stack, in threads over contiguous slices."""
+    out = np.empty_like(images)
+    step = max(1, math.ceil(len(images) / (4 * WORKERS)))
+
+    def work(lo: int) -> None:
+        for j in range(lo, min(lo + step, len(images))):
+            out[j] = fn(images[j])
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(work, range(0, len(images), step)))
+    return out
+
+
 def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
+    """MATLAB imgaussfilt's kernel: size 2*ceil(truncate*sigma)+1, normalised to sum 1."""
     radius = math.ceil(truncate * sigma)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-(x**2) / (2 * sigma**2))
@@ -40,28 +52,29 @@ def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
 
 
 def blur(images: np.ndarray, sigma: float, truncate: float, border: str) -> np.ndarray:
-    """Separable Gaussian blur of a (N, H, W, 3) uint8 stack."""
-    k = torch.from_numpy(gaussian_kernel(sigma, truncate)).to(torch.float64)
-    r = len(k) // 2
-    out = np.empty_like(images)
-    for i in range(0, len(images), CHUNK):
-        x = torch.from_numpy(images[i:i + CHUNK]).permute(0, 3, 1, 2).to(torch.float64)
-        n, c, h, w = x.shape
-        x = F.pad(x.reshape(n * c, 1, h, w), (r, r, r, r), mode=_TORCH_PAD[border])
-        x = F.conv2d(x, k.view(1, 1, 1, -1))
-        x = F.conv2d(x, k.view(1, 1, -1, 1))
-        out[i:i + CHUNK] = _round_uint8(x.reshape(n, c, h, w).permute(0, 2, 3, 1)).numpy()
-    return out
+    """Gaussian blur of a (N, H, W, 3) uint8 stack, filtered in float64, then rounded.
+
+    `reflect` mirrors without repeating the edge pixel (OpenCV's BORDER_REFLECT_101).
+    """
+    k, b = gaussian_kernel(sigma, truncate), _CV_BORDER[border]
+    return _per_image(lambda im: _round_uint8(
+        cv2.sepFilter2D(im.astype(np.float64), cv2.CV_64F, k, k, borderType=b)), images)
 
 
-def noise(images: np.ndarray, var: float, seed: int) -> np.ndarray:
-    """Additive white Gaussian noise of variance `var` on the [0, 1] scale."""
-    rng = np.random.default_rng(seed)
+def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = None) -> np.ndarray:
+    """Additive white Gaussian noise of variance `var` on the [0, 1] scale.
+
+    Image i's noise comes from a counter-based stream keyed by (seed, index[i]), its position in
+    the official set, so an image gets the same noise in a subset as in the full set.
+    """
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    if index.shape != (len(images),):
+        raise ValueError(f"noise: index has shape {index.shape}, expected ({len(images)},)")
+    sd = math.sqrt(var)
     out = np.empty_like(images)
-    for i in range(0, len(images), CHUNK):
-        x = images[i:i + CHUNK].astype(np.float64) / 255.0
-        x += rng.standard_normal(x.shape) * math.sqrt(var)
-        out[i:i + CHUNK] = _round_uint8(np.clip(x, 0.0, 1.0) * 255.0)
+    for i, (im, j) in enumerate(zip(images, index)):
+        z = np.random.Generator(np.random.Philox(key=[seed, int(j)])).standard_normal(im.shape)
+        out[i] = _round_uint8(np.clip(im / 255.0 + sd * z, 0.0, 1.0) * 255.0)
     return out
 
 
@@ -75,29 +88,24 @@ def jpeg_one(image: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
 
 
-def jpeg(images: np.ndarray, quality: int, subsampling: str, workers: int = 4) -> np.ndarray:
-    """JPEG round trip of a stack; OpenCV releases the GIL, so threads use every core."""
-    out = np.empty_like(images)
-    step = max(1, math.ceil(len(images) / (4 * workers)))
-
-    def work(lo: int) -> None:
-        for j in range(lo, min(lo + step, len(images))):
-            out[j] = jpeg_one(images[j], quality, subsampling)
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, range(0, len(images), step)))
-    return out
+def jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
+    """JPEG round trip of a stack."""
+    return _per_image(lambda im: jpeg_one(im, quality, subsampling), images)
 
 
-def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, progress=None) -> np.ndarray:
-    """All 3 types x 3 levels of a stack: uint8 (3, 3, N, H, W, 3), in DISTORTIONS order."""
+def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, index=None,
+                progress=None) -> np.ndarray:
+    """All 3 types x 3 levels of a stack: uint8 (3, 3, N, H, W, 3), in DISTORTIONS order.
+
+    `index`: each image's position in the official split (default 0..N-1), keys its noise.
+    """
     out = np.empty((len(DISTORTIONS), 3) + images.shape, dtype=np.uint8)
     for t, kind in enumerate(DISTORTIONS):
         for lv in range(3):
             if kind == "blur":
                 out[t, lv] = blur(images, cfg.blur_sigma[lv], cfg.blur_truncate, cfg.blur_border)
             elif kind == "noise":
-                out[t, lv] = noise(images, cfg.noise_var[lv], derive_seed(seed, "noise", split, lv))
+                out[t, lv] = noise(images, cfg.noise_var[lv], derive_seed(seed, "noise", split, lv), index)
             else:
                 out[t, lv] = jpeg(images, cfg.jpeg_quality[lv], cfg.jpeg_subsampling)
             if progress is not None:

@@ -24,6 +24,11 @@ TRAIN_SETS = {  # training set -> distortion types it mixes in (PROTOCOL.md, "tr
     "mix_all3": DISTORTIONS,
 }
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
+# Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
+# agree). Kept here so that validating params does not import the IQA code: the one-hot
+# training stages must not depend on it.
+IQA_METRICS = ("ssim", "gmsd", "fsim", "vif", "psnr")
+IQA_TRANSFORMS = ("identity", "linear", "exp_decay")
 SCORED_RULES = ("iqa_ls", "uniform_ls", "shuffled_ls")  # rules whose targets read the scores
 
 
@@ -202,8 +207,6 @@ def _optional_size(key, v):
 # ---------------------------------------------------------------- sections
 
 def _parse(raw: dict) -> Params:
-    from . import iqa  # the metric and transform registries live with their code
-
     if not isinstance(raw, dict):
         _fail("<top level>", raw, "a mapping of sections")
     known = {f.name for f in dataclasses.fields(Params)}
@@ -240,8 +243,8 @@ def _parse(raw: dict) -> Params:
     clip = _list("iqa.clip", s["clip"], 2, lo=0, hi=1)
     if clip[0] > clip[1]:
         _fail("iqa.clip", list(clip), "[low, high] with low <= high")
-    iqa_ = IQA(metric=_choice("iqa.metric", s["metric"], tuple(iqa.METRICS)),
-               transform=_choice("iqa.transform", s["transform"], tuple(iqa.TRANSFORMS)),
+    iqa_ = IQA(metric=_choice("iqa.metric", s["metric"], IQA_METRICS),
+               transform=_choice("iqa.transform", s["transform"], IQA_TRANSFORMS),
                transform_scale=_num("iqa.transform_scale", s["transform_scale"], lo=0, lo_open=True),
                clip=clip, ssim=ssim)
 

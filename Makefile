@@ -1,0 +1,34 @@
+# `make study`: set up .venv if needed, then run the whole DVC pipeline (dvc repro).
+# `make test`:  set up .venv if needed, then run the test suite.
+# `make bench`: speed benchmarks (bench/run.py), results in bench/results.md.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned here, not in pyproject: on the project's machines only this build ships a
+# torchvision that loads (see README, "Environment"). Override for another platform.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Use the local CIFAR-10 copy beside the checkout when there is one (README, "Data").
+CIFAR10_LOCAL ?= $(wildcard $(abspath ../shared/data/cifar10))
+export CIFAR10_LOCAL
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup study test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+study: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf data models logs checkpoints

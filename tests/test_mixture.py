@@ -1,0 +1,103 @@
+"""The per-epoch mixture draw and the targets of each label rule."""
+import numpy as np
+import pytest
+import torch
+
+from iqals import mixture
+from iqals.params import Strategy
+
+SHARES = (0.60, 0.15, 0.15, 0.10)
+
+
+def strat(train_set, labels="original", name="X"):
+    return Strategy(name=name, train_set=train_set, labels=labels)
+
+
+@pytest.mark.parametrize("n, want", [(50_000, [30_000, 7_500, 7_500, 5_000]), (2_000, [1_200, 300, 300, 200]),
+                                     (200, [120, 30, 30, 20])])
+def test_level_counts_are_exact(n, want):
+    assert mixture.level_counts(n, SHARES) == want
+
+
+@pytest.mark.parametrize("train_set", ["mix_blur", "mix_noise", "mix_jpeg", "mix_all3"])
+def test_epoch_draw_counts_and_types(train_set):
+    n = 2000
+    s = strat(train_set)
+    copy, image = mixture.epoch_draw(n, s, SHARES, seed=0, epoch=0)
+    assert sorted(image.tolist()) == list(range(n))  # every image exactly once per epoch
+    level = torch.where(copy == 0, 0, (copy - 1) % 3 + 1)
+    assert torch.bincount(level, minlength=4).tolist() == [1200, 300, 300, 200]
+    types = ((copy[copy > 0] - 1) // 3).tolist()
+    allowed = {("blur", "noise", "jpeg").index(d) for d in s.distortions}
+    assert set(types) == allowed
+    if train_set == "mix_all3":  # uniform type choice: each type near 800/3 ... of 800 slots
+        counts = np.bincount(types, minlength=3)
+        assert counts.sum() == 800 and counts.min() > 800 / 3 - 60
+
+
+def test_epoch_draw_is_reproducible_and_changes_between_epochs():
+    s = strat("mix_all3")
+    a = mixture.epoch_draw(500, s, SHARES, seed=3, epoch=1)
+    b = mixture.epoch_draw(500, s, SHARES, seed=3, epoch=1)
+    c = mixture.epoch_draw(500, s, SHARES, seed=3, epoch=2)
+    d = mixture.epoch_draw(500, s, SHARES, seed=4, epoch=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for other in (c, d):
+        assert not torch.equal(a[0][torch.argsort(a[1])], other[0][torch.argsort(other[1])])  # copies
+        assert not torch.equal(a[1], other[1])  # order
+
+
+def test_pristine_draws_only_pristine():
+    copy, _ = mixture.epoch_draw(300, strat("pristine"), SHARES, seed=0, epoch=0)
+    assert torch.all(copy == 0)
+
+
+def test_soft_targets_eq2_by_hand():
+    q = mixture.soft_targets(torch.tensor([2, 0]), torch.tensor([0.82, 1.0]))
+    want = torch.full((2, 10), 0.02)
+    want[0, 2] = 0.82
+    want[1] = 0
+    want[1, 0] = 1
+    torch.testing.assert_close(q, want)
+    torch.testing.assert_close(q.sum(1), torch.ones(2))
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    return rng.uniform(0.05, 1.0, size=(3, 3, 40))  # some below the 1/K floor
+
+
+def test_original_is_one_hot(params, scores):
+    q = mixture.true_class_probability(strat("mix_blur"), 40, None, params.iqa, SHARES, 0)
+    assert q.shape == (10, 40) and np.all(q == 1)
+
+
+def test_iqa_ls_uses_clipped_scores_of_its_own_copies(params, scores):
+    q = mixture.true_class_probability(strat("mix_noise", "iqa_ls"), 40, scores, params.iqa, SHARES, 0)
+    assert np.all(q[0] == 1)  # pristine stays one-hot
+    for lv in range(3):
+        np.testing.assert_array_equal(q[mixture.copy_index(1, lv)], np.clip(scores[1, lv], 0.1, 1.0))
+        assert np.all(q[mixture.copy_index(0, lv)] == 1)  # blur copies: not drawn by mix_noise
+
+
+def test_shuffled_keeps_distribution_breaks_link(params, scores):
+    s = strat("mix_all3", "shuffled_ls")
+    q = mixture.true_class_probability(s, 40, scores, params.iqa, SHARES, 0)
+    iq = mixture.true_class_probability(strat("mix_all3", "iqa_ls"), 40, scores, params.iqa, SHARES, 0)
+    np.testing.assert_array_equal(np.sort(q[1:].ravel()), np.sort(iq[1:].ravel()))
+    assert np.mean(q[1:] == iq[1:]) < 0.1
+    assert np.all(q[0] == 1)
+
+
+def test_uniform_epsilon_matches_mean_iqa_epsilon(params, scores):
+    s = strat("mix_blur", "uniform_ls")
+    q = mixture.true_class_probability(s, 40, scores, params.iqa, SHARES, 0)
+    t = np.clip(scores[0], 0.1, 1.0)  # blur levels
+    eps_by_hand = sum(SHARES[lv + 1] * np.mean(10 * (1 - t[lv]) / 9) for lv in range(3))
+    np.testing.assert_allclose(q, 1 - eps_by_hand * 9 / 10)  # every copy, pristine included
+
+
+def test_scored_rule_without_scores_is_an_error(params):
+    with pytest.raises(ValueError, match="needs scores"):
+        mixture.true_class_probability(strat("mix_blur", "iqa_ls", "S3"), 40, None, params.iqa, SHARES, 0)

@@ -1,0 +1,145 @@
+"""The DVC pipeline end to end on tiny generated data, and a training run killed with SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from iqals.params import load
+
+COPY = ["stages", "iqals", "reference", "dvc.yaml", "params.yaml"]
+TINY_STRATEGIES = {"onehot": ["S1", "S2"], "scored": ["S3", "U3", "R3"]}
+
+
+def test_dvc_groups_match_strategies(repo_root):
+    """train_onehot lists exactly the one-hot strategies; train_scored all the others."""
+    p = load(repo_root / "params.yaml")
+    groups = {k: v for d in yaml.safe_load((repo_root / "dvc.yaml").read_text())["vars"] for k, v in d.items()}
+    assert sorted(groups["onehot"]) == sorted(n for n, s in p.strategies.items() if not s.needs_scores)
+    assert sorted(groups["scored"]) == sorted(n for n, s in p.strategies.items() if s.needs_scores)
+
+
+def make_project(dest: Path, repo_root: Path, **train) -> dict:
+    """A copy of the pipeline with params shrunk to the tiny data; returns the environment."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPY:
+        src = repo_root / name
+        (shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, dest / name))
+    raw = yaml.safe_load((dest / "params.yaml").read_text())
+    raw["base"].update(train_size=100, test_size=None)
+    raw["train"].update({"epochs": 2, "lr_decay_epochs": 1, "batch_size": 50, **train})
+    keep = TINY_STRATEGIES["onehot"] + TINY_STRATEGIES["scored"]
+    raw["strategies"] = {k: v for k, v in raw["strategies"].items() if k in keep}
+    raw["report"].update(fig4_examples=[0, 1], fig4_strategies=["S1", "S2", "S3"])
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
+    dvc["vars"] = [{k: v} for k, v in TINY_STRATEGIES.items()]
+    (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(dest), PYTHONUNBUFFERED="1")
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root, tiny_cifar):
+    dest = tmp_path_factory.mktemp("project")
+    env = make_project(dest, repo_root)
+    env["CIFAR10_LOCAL"] = str(tiny_cifar)
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(["git", "init", "-q"], dest, env)
+    sh(dvc + ["init", "-q"], dest, env)
+    sh(dvc + ["config", "core.analytics", "false"], dest, env)
+    sh(dvc + ["config", "core.check_update", "false"], dest, env)
+    first = sh(dvc + ["repro"], dest, env, timeout=900)
+    return dest, env, dvc, first
+
+
+@pytest.mark.slow
+def test_repro_produces_everything(project):
+    dest, env, dvc, first = project
+    for stage in ["download", "distort", "score", "train_onehot@S1-0", "train_scored@R3-0", "evaluate@U3", "report"]:
+        assert f"Running stage '{stage}'" in first, stage
+    for f in ["data/raw/train.npz", "data/distorted/train.npy", "data/scores/test.npy", "models/S3/seed0.pt",
+              "logs/S3/seed0.tsv", "metrics/S3.json", "metrics/distort.json", "metrics/score.json",
+              "plots/table2.md", "plots/table2.csv", "plots/fig3.png", "plots/fig4.png", "plots/report.md"]:
+        assert (dest / f).is_file(), f
+    m = json.loads((dest / "metrics/S3.json").read_text())
+    assert m["test_images"] == 50 and 0 <= m["pristine"]["acc"] <= 1 and m["labels"] == "iqa_ls"
+    assert "S3 vs S2" in (dest / "plots/report.md").read_text()
+
+
+@pytest.mark.slow
+def test_second_repro_recomputes_nothing(project):
+    dest, env, dvc, _ = project
+    again = sh(dvc + ["repro"], dest, env)
+    assert "Running stage" not in again
+    assert "up to date" in sh(dvc + ["status"], dest, env)
+
+
+@pytest.mark.slow
+def test_changing_iqa_metric_touches_only_scored_stages(project):
+    dest, env, dvc, _ = project
+    params = dest / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["iqa"].update(metric="psnr", transform="linear", transform_scale=50.0)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        changed = set(json.loads(sh(dvc + ["status", "--json"], dest, env)))
+    finally:
+        params.write_text(original)
+    want = {"score"} | {f"train_scored@{s}-0" for s in TINY_STRATEGIES["scored"]}
+    assert {c.split(":")[-1] for c in changed} == want
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_is_exact(tmp_path, repo_root, tiny_cifar):
+    env = make_project(tmp_path, repo_root, epochs=12, lr_decay_epochs=6, batch_size=10)
+    env["CIFAR10_LOCAL"] = str(tiny_cifar)
+    py = [sys.executable, "-m"]
+    sh(py + ["stages.download"], tmp_path, env)
+    sh(py + ["stages.distort"], tmp_path, env)
+    train = py + ["stages.train", "--strategy", "S2", "--seed", "0"]
+    sh(train + ["--models", "ref", "--logs", "ref_logs", "--checkpoints", "ref_ck"], tmp_path, env)
+
+    args = ["--models", "run", "--logs", "run_logs", "--checkpoints", "run_ck"]
+    log = tmp_path / "run_logs" / "S2" / "seed0.tsv"
+    proc = subprocess.Popen(train + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:  # header + 2 epochs done
+            time.sleep(0.05)  # into the third epoch
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (tmp_path / "run" / "S2" / "seed0.pt").exists()
+    assert (tmp_path / "run_ck" / "S2" / "seed0.pt").exists()
+
+    out = sh(train + args, tmp_path, env)
+    assert "resuming from" in out
+    ref = torch.load(tmp_path / "ref" / "S2" / "seed0.pt", weights_only=False)
+    got = torch.load(tmp_path / "run" / "S2" / "seed0.pt", weights_only=False)
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    drop = lambda h: [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in h]  # noqa: E731
+    assert drop(ref["history"]) == drop(got["history"])
+    assert not list((tmp_path / "run" / "S2").glob(".*.tmp"))  # no half-written file left behind

@@ -1,0 +1,104 @@
+"""Training: determinism, exact resumption, divergence, the lr schedule (CPU, tiny data)."""
+import numpy as np
+import pytest
+import torch
+
+from iqals import distort, params as params_lib, train as train_lib
+from iqals.params import DISTORTIONS
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_arrays, params):
+    (x, y), _ = tiny_arrays
+    x, y = x[:100], y[:100]
+    d = distort.distort_all(x, params.distort, 0, "train")
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.3, 1.0, size=(len(DISTORTIONS), 3, len(y)))
+    return x, y, d, scores
+
+
+def small_params(raw_params, **train):
+    raw_params["train"].update({"epochs": 3, "lr_decay_epochs": 2, "batch_size": 25, **train})
+    return params_lib.parse(raw_params)
+
+
+def run(tmp_path, tiny, p, name="S3", tag="a", stop_after=None):
+    x, y, d, scores = tiny
+    s = p.strategies[name]
+    data = train_lib.prepare(s, x, y, d, scores if s.needs_scores else None, p, 0, torch.device("cpu"))
+    hist = train_lib.train(s, 0, data, p, torch.device("cpu"), tmp_path / tag / "model.pt",
+                           tmp_path / tag / "log.tsv", tmp_path / tag / "ck.pt", stop_after=stop_after)
+    return hist
+
+
+def weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_same_seed_same_weights(tmp_path, tiny, raw_params):
+    p = small_params(raw_params)
+    h1 = run(tmp_path, tiny, p, tag="a")
+    h2 = run(tmp_path, tiny, p, tag="b")
+    for k, v in weights(tmp_path / "a" / "model.pt").items():
+        assert torch.equal(v, weights(tmp_path / "b" / "model.pt")[k]), k
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
+    assert len(h1) == 3 and h1[-1]["lr"] == pytest.approx(0.01) and h1[0]["lr"] == pytest.approx(0.1)
+
+
+def test_resume_gives_identical_result(tmp_path, tiny, raw_params):
+    p = small_params(raw_params)
+    full = run(tmp_path, tiny, p, tag="full")
+    assert run(tmp_path, tiny, p, tag="cut", stop_after=1) is None  # interrupted after epoch 1
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    resumed = run(tmp_path, tiny, p, tag="cut")
+    for k, v in weights(tmp_path / "full" / "model.pt").items():
+        assert torch.equal(v, weights(tmp_path / "cut" / "model.pt")[k]), k
+    assert [r["loss"] for r in full] == [r["loss"] for r in resumed]
+    lines = (tmp_path / "cut" / "log.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:3] == ["epoch", "loss", "train_acc"] and len(lines) == 4
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, tiny, raw_params):
+    p1 = small_params(raw_params)
+    run(tmp_path, tiny, p1, tag="x", stop_after=1)
+    p2 = small_params(raw_params, lr=0.05)
+    hist = run(tmp_path, tiny, p2, tag="x")
+    assert len(hist) == 3 and hist[0]["lr"] == pytest.approx(0.05)  # started over
+
+
+def test_labels_change_the_result(tmp_path, tiny, raw_params):
+    p = small_params(raw_params, epochs=1, lr_decay_epochs=1)
+    a = run(tmp_path, tiny, p, name="S2", tag="a")
+    b = run(tmp_path, tiny, p, name="S3", tag="b")
+    assert a[0]["loss"] != b[0]["loss"]
+
+
+def test_nan_loss_stops_with_strategy_and_epoch(tmp_path, tiny, raw_params):
+    p = small_params(raw_params)
+    x, y, d, scores = tiny
+    s = p.strategies["S3"]
+    data = train_lib.prepare(s, x, y, d, scores, p, 0, torch.device("cpu"))
+    data.q_true[1:] = float("nan")
+    with pytest.raises(train_lib.TrainingError, match=r"strategy S3, seed 0: loss is nan in epoch 1"):
+        train_lib.train(s, 0, data, p, torch.device("cpu"), tmp_path / "m.pt", tmp_path / "l.tsv", tmp_path / "c.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_lr_schedule_is_staircase(params):
+    lrs = [train_lib.lr_at(e, params) for e in range(params.train.epochs)]
+    k = params.train.lr_decay_epochs
+    assert lrs == [params.train.lr * params.train.lr_decay ** (e // k) for e in range(params.train.epochs)]
+
+
+def test_losses():
+    logits = torch.tensor([[2.0, 0.0, 0.0]])
+    q = torch.tensor([[0.8, 0.1, 0.1]])
+    p = torch.softmax(logits, 1)
+    assert train_lib.loss_fn(logits, q, "squared").item() == pytest.approx(((p - q) ** 2).sum().item())
+    assert train_lib.loss_fn(logits, q, "cross_entropy").item() == pytest.approx(-(q * p.log()).sum().item())
+
+
+def test_precision_other_than_fp32_needs_gpu(tmp_path, tiny, raw_params):
+    p = small_params(raw_params, precision="bf16")
+    with pytest.raises(train_lib.TrainingError, match="needs a GPU"):
+        run(tmp_path, tiny, p)
