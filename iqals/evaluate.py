@@ -59,3 +59,13 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
 def summarize(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, float]:
     return {"acc": accuracy(probs, labels), "conf": float(true_confidence(probs, labels).mean()),
             "nll": nll(probs, labels), "ece": ece(probs, labels, bins)}
+
+
+def accuracy_grid(net: torch.nn.Module, stacks: np.ndarray, labels: np.ndarray, device: torch.device,
+                  batch: int) -> np.ndarray:
+    """Accuracy on each stack of a (A, B, N, 32, 32, 3) grid (e.g. corruption family x severity)."""
+    out = np.zeros(stacks.shape[:2])
+    for a in range(stacks.shape[0]):
+        for b in range(stacks.shape[1]):
+            out[a, b] = accuracy(predict(net, stacks[a, b], device, batch), labels)
+    return out

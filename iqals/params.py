@@ -29,6 +29,9 @@ LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # training stages must not depend on it.
 IQA_METRICS = ("ssim", "gmsd", "fsim", "vif", "psnr")
 IQA_TRANSFORMS = ("identity", "linear", "exp_decay")
+# CIFAR-10-C style corruption families of iqals/corruptions.py (evaluation only; a test checks).
+CORRUPTIONS = ("defocus_blur", "motion_blur", "shot_noise", "impulse_noise", "contrast", "fog",
+               "pixelate", "elastic_transform")
 SCORED_RULES = ("iqa_ls", "uniform_ls", "shuffled_ls")  # rules whose targets read the scores
 
 
@@ -135,6 +138,13 @@ class Report:
 
 
 @dataclass(frozen=True)
+class CorruptParams:
+    families: tuple[str, ...]
+    severities: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
 class Params:
     base: Base
     distort: Distort
@@ -145,6 +155,7 @@ class Params:
     strategies: dict[str, Strategy]
     evaluate: Evaluate
     report: Report
+    corrupt: CorruptParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,7 +215,31 @@ def _optional_size(key, v):
     return None if v is None else _num(key, v, lo=1, integer=True)
 
 
+def _unique_list(key: str, v, check) -> tuple:
+    if not isinstance(v, (list, tuple)) or len(v) == 0:
+        _fail(key, v, "a list of one or more values")
+    out = []
+    for i, x in enumerate(v):
+        x = check(f"{key}[{i}]", x)
+        if x in out:
+            _fail(f"{key}[{i}]", x, f"no repeats (already {key}[{out.index(x)}])")
+        out.append(x)
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- sections
+
+def parse_corrupt(raw) -> CorruptParams:
+    """The `corrupt` section of params.yaml, validated; ParamError names the offending key."""
+    s = _section({"corrupt": raw}, "corrupt", CorruptParams)
+    return CorruptParams(
+        families=_unique_list("corrupt.families", s["families"],
+                              lambda k, x: _choice(k, x, CORRUPTIONS)),
+        severities=_unique_list("corrupt.severities", s["severities"],
+                                lambda k, x: _num(k, x, lo=1, hi=5, integer=True)),
+        seed=_num("corrupt.seed", s["seed"], lo=0, integer=True),
+    )
+
 
 def _parse(raw: dict) -> Params:
     if not isinstance(raw, dict):
@@ -308,7 +343,8 @@ def _parse(raw: dict) -> Params:
     report = Report(fig4_examples=ex, fig4_strategies=tuple(names))
 
     return Params(base=base, distort=distort, iqa=iqa_, mixture=mixture, model=model,
-                  train=train, strategies=strategies, evaluate=evaluate, report=report)
+                  train=train, strategies=strategies, evaluate=evaluate, report=report,
+                  corrupt=parse_corrupt(raw.get("corrupt")))
 
 
 def parse(raw: dict) -> Params:

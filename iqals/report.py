@@ -155,6 +155,16 @@ def calibration(metrics: dict, preds: dict, test_scores: np.ndarray) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def unseen(strategies: dict[str, Strategy], metrics: dict, families) -> pd.DataFrame:
+    """Mean accuracy per corruption family never seen in training (CIFAR-10-C style)."""
+    rows = []
+    for name, s in strategies.items():
+        u = metrics[name]["unseen"]
+        rows.append({"strategy": name, "labels": s.labels, "train_set": s.train_set,
+                     **{f: u[f]["acc"] for f in families}, "mean": u["mean"]})
+    return pd.DataFrame(rows)
+
+
 # ------------------------------------------------------------------ figures
 
 FIG3_PANELS = [("(a) blur", "blur", ["S1", "S2", "S3"]), ("(b) noise", "noise", ["S1", "S4", "S5"]),

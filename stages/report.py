@@ -1,7 +1,7 @@
 """Stage report: metrics/ and data/predictions -> plots/ (Table 2, claims, controls, figures).
 
 Writes plots/table2.{csv,md}, plots/report.md (everything, with the parameters that made it),
-plots/paired_tests.csv, plots/controls.csv, plots/calibration.csv, plots/fig3.png,
+plots/paired_tests.csv, plots/controls.csv, plots/calibration.csv, plots/unseen.csv, plots/fig3.png,
 plots/fig4.png. `--sync-readme` copies plots/report.md into README.md between its markers.
 """
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main() -> None:
     save_csv(ctrl, out / "controls.csv")
     calib = rep.calibration(metrics, preds, test_scores)
     save_csv(calib, out / "calibration.csv")
+    unseen = rep.unseen(p.strategies, metrics, p.corrupt.families)
+    save_csv(unseen, out / "unseen.csv")
 
     save_fig(rep.fig3(metrics, plt), out / "fig3.png")
     blurred = np.load(Path(args.distorted) / "test.npy", mmap_mode="r")[0]
@@ -119,6 +121,10 @@ def main() -> None:
         rep.markdown(calib[["strategy", "labels", "train_set", "spearman_conf_quality",
                             "pristine_ece", "pristine_nll"]]), "",
         f"Targets clipped to iqa.clip on the training set: {clipped}.", "",
+        "### Corruptions never seen in training (CIFAR-10-C style, severities "
+        f"{list(p.corrupt.severities)})", "",
+        "Accuracy per family, mean over severities and seeds (plots/unseen.csv).", "",
+        rep.markdown(unseen), "",
         "![Figure 3](plots/fig3.png)", "", "![Figure 4](plots/fig4.png)", "",
     ]
     write_text(out / "report.md", "\n".join(md))

@@ -41,6 +41,7 @@ def make_project(dest: Path, repo_root: Path, **train) -> dict:
     keep = TINY_STRATEGIES["onehot"] + TINY_STRATEGIES["scored"]
     raw["strategies"] = {k: v for k, v in raw["strategies"].items() if k in keep}
     raw["report"].update(fig4_examples=[0, 1], fig4_strategies=["S1", "S2", "S3"])
+    raw["corrupt"].update(families=["contrast", "pixelate"], severities=[1, 5])
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
     dvc["vars"] = [{k: v} for k, v in TINY_STRATEGIES.items()]
@@ -104,7 +105,8 @@ def test_changing_iqa_metric_touches_only_scored_stages(project):
         changed = set(json.loads(sh(dvc + ["status", "--json"], dest, env)))
     finally:
         params.write_text(original)
-    want = {"score"} | {f"train_scored@{s}-0" for s in TINY_STRATEGIES["scored"]}
+    # the report names the measure it used, so it reruns too; no one-hot training stage does
+    want = {"score", "report"} | {f"train_scored@{s}-0" for s in TINY_STRATEGIES["scored"]}
     assert {c.split(":")[-1] for c in changed} == want
 
 

@@ -1,0 +1,190 @@
+"""All speed benchmarks, each against a reference implementation timed in the same process.
+
+    PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,dvc]
+
+- ssim:       iqa.score_all (the score stage) vs skimage's SSIM in a per-image loop (bench_ssim)
+- distort:    the batched distortions vs a per-image loop with the same libraries (bench_distort)
+- train_cpu:  iqals.train's loop vs a plain DataLoader loop with stock layers (bench_train)
+- train_cuda: the same on the GPU, run when torch sees one; alone:
+              `python -m bench.run --only train_cuda` (or `python -m bench.bench_train --device cuda`)
+- dvc:        a no-op `dvc repro` on a finished tiny pipeline vs its full run (bench_dvc)
+
+Writes bench/results.json and bench/results.md (the committed results); each entry carries the
+machine, versions and date it was measured on. With --only, the other entries already in
+bench/results.json are kept, so a GPU run can add its row to CPU results.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+OUT = REPO_ROOT / "bench" / "out"
+RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
+RESULTS_MD = REPO_ROOT / "bench" / "results.md"
+ALL = ("ssim", "distort", "train_cpu", "train_cuda", "dvc")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine() -> dict:
+    import cv2
+    import dvc
+    import numpy as np
+    import torch
+
+    from bench.bench_train import cpu_name
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = commit + ("+changes" if dirty else "") if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = {
+        "date": _now(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__, "dvc": dvc.__version__,
+        "commit": commit,
+    }
+    try:
+        import skimage
+        info["scikit-image"] = skimage.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_one(name: str, quick: bool) -> dict:
+    if name == "ssim":
+        from bench import bench_ssim
+        return bench_ssim.main(n=500 if quick else 2000, loop_n=100 if quick else 300,
+                               repeats=2 if quick else 3, out=OUT / "bench_ssim.json")
+    if name == "distort":
+        from bench import bench_distort
+        return bench_distort.main(n=1000 if quick else 5000, out=OUT / "bench_distort.json")
+    if name == "train_cpu":
+        from bench import bench_train
+        return bench_train.main("cpu", quick=quick, out=OUT / "bench_train_cpu.json")
+    if name == "train_cuda":
+        import torch
+        if not torch.cuda.is_available():
+            return {"skipped": "no CUDA device; on a GPU run: python -m bench.run --only train_cuda"}
+        from bench import bench_train
+        return bench_train.main("cuda", quick=quick, out=OUT / "bench_train_cuda.json")
+    if name == "dvc":
+        from bench import bench_dvc
+        return bench_dvc.main(repeats=2 if quick else 3, out=OUT / "bench_dvc.json")
+    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(ALL)}")
+
+
+def rows(name: str, r: dict) -> list[tuple]:
+    """(benchmark, ours, reference, ratio, max abs diff) rows for results.md."""
+    if "error" in r:
+        return [(name, "failed: " + r["error"].splitlines()[-1][:120], "", "", "")]
+    if "skipped" in r:
+        return [(name, "not run: " + r["skipped"], "", "", "")]
+    if name == "ssim":
+        us, sp, md = r["us_per_image"], r["speedup"], r["max_abs_diff_vs_skimage"]
+        return [(f"SSIM, score_all ({r['n']} images x 9)", f"{us['score_all']:.2f} µs/pair",
+                 f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['score_all']}x", f"{md['score_all']:.1e}"),
+                (f"SSIM, one call per version", f"{us['single_pair']:.2f} µs/pair",
+                 f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['single_pair']}x", f"{md['single_pair']:.1e}")]
+    if name == "distort":
+        return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['batched_s']:.3f} s", f"{t['loop_s']:.3f} s (per-image loop)",
+                 f"{t['speedup']}x", str(t.get("max_abs_diff", "n/a (other random stream)")))
+                for k, t in r["types"].items()]
+    if name.startswith("train"):
+        ips, d = r["images_per_s"], r["max_abs_diff"]
+        where = f"{r['device']}, {r['device_name']}"
+        diff = f"logits {d['logits']:.1e}, grads {d['gradients']:.1e}"
+        ref = f"{ips['reference']:.0f} img/s (DataLoader, stock layers)"
+        return [(f"training step ({where}), {r['n']} img/epoch", f"{ips['ours']:.0f} img/s", ref, f"{r['ratio']}x", diff),
+                (f"training, whole train() call ({r['device']})", f"{ips['ours_whole_call']:.0f} img/s", ref,
+                 f"{r['ratio_whole_call']}x", ""),
+                (f"paper schedule, 9 x 2000 epochs x 50k ({r['device']})", f"{r['paper_schedule_hours']['ours']:,} h "
+                 f"({r['epoch_s_at_50000']['ours']} s/epoch)", f"{r['paper_schedule_hours']['reference']:,} h "
+                 f"({r['epoch_s_at_50000']['reference']} s/epoch)", f"{r['ratio']}x", "")]
+    if name == "dvc":
+        return [(f"no-op dvc repro, finished tiny pipeline ({r['stages_in_full_run']} stages)",
+                 f"{r['noop_repro_s']} s, {r['stages_rerun_by_noop']} stages rerun",
+                 f"{r['full_repro_s']} s (full repro)", f"{r['ratio_full_over_noop']}x", "")]
+    return [(name, json.dumps(r)[:120], "", "", "")]
+
+
+def write_md(results: dict) -> str:
+    lines = ["# Benchmarks", "",
+             "Written by `python -m bench.run` (bench/run.py); each ratio is measured in one run against the",
+             "reference implementation in the same process. Other processes on the machine slow both sides;",
+             "the JSON (bench/results.json) has every repeat and the load average.", "",
+             "| benchmark | ours | reference | ratio | max abs diff |", "|---|---|---|---|---|"]
+    for name in ALL:
+        if name in results:
+            lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows(name, results[name]["result"])]
+    lines += ["", "## Machines", ""]
+    seen = {}
+    for name in ALL:
+        if name in results:
+            m = results[name]["machine"]
+            key = json.dumps({k: v for k, v in m.items() if k != "date"}, sort_keys=True)
+            quick = ", --quick" if results[name].get("quick") else ""
+            seen.setdefault(key, (m, []))[1].append(f"{name} ({m['date']}, {results[name]['seconds']:.0f} s{quick})")
+    for m, names in seen.values():
+        lines.append(f"- {', '.join(names)}: CPU {m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
+                     f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; {m['os']}; Python {m['python']}, "
+                     f"torch {m['torch']}, numpy {m['numpy']}, OpenCV {m['opencv']}, dvc {m['dvc']}"
+                     f"{', scikit-image ' + m['scikit-image'] if m.get('scikit-image') else ''}; commit {m['commit']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(only: list[str] | None = None, quick: bool = False) -> dict:
+    names = list(only or ALL)
+    results = {}
+    if only and RESULTS_JSON.exists():
+        results = json.loads(RESULTS_JSON.read_text()).get("benchmarks", {})
+    info = machine()
+    failed = []
+    t_all = time.perf_counter()
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        t = time.perf_counter()
+        try:
+            r = run_one(name, quick)
+        except Exception:  # noqa: BLE001 - record and go on with the others
+            traceback.print_exc()
+            r = {"error": traceback.format_exc()}
+            failed.append(name)
+        results[name] = {"machine": dict(info, date=_now()), "quick": quick,
+                         "seconds": round(time.perf_counter() - t, 1), "result": r}
+    total = time.perf_counter() - t_all
+    RESULTS_JSON.write_text(json.dumps({"benchmarks": {k: results[k] for k in ALL if k in results}}, indent=2) + "\n")
+    RESULTS_MD.write_text(write_md(results))
+    print(f"\n{write_md(results)}\nall done in {total:.0f} s; wrote {RESULTS_JSON.relative_to(REPO_ROOT)} and "
+          f"{RESULTS_MD.relative_to(REPO_ROOT)}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+    return results
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
+    args = ap.parse_args()
+    main(args.only.split(",") if args.only else None, args.quick)

@@ -1,0 +1,296 @@
+"""CIFAR-10-C style corruptions of the test set, for evaluation only (never used in training).
+
+Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions
+and Perturbations", ICLR 2019; their generation script for CIFAR-10-C,
+github.com/hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py ("the original" below).
+Every function ports one function of the original, with its 32x32 severity constants
+(FAMILIES below, severities 1..5), not the ImageNet (224x224) constants that the
+`imagecorruptions` package carries. Deliberate differences from the original:
+
+- randomness: each image draws from its own counter-based stream keyed by (seed, family,
+  severity) and the image's position in the official test set (`index`), instead of the
+  global np.random state; the output is a function of the seed, and an image is corrupted the
+  same way in a subset as in the full set;
+- motion_blur: the original calls ImageMagick (Wand) MotionBlurImage; here is a float64 port of
+  that function's kernel (see `motion_blur`), not ImageMagick itself;
+- impulse_noise: per-value Bernoulli salt-and-pepper, as scikit-image >= 0.19 random_noise
+  does (the 2019 version picked a fixed number of coordinates with replacement);
+- pixelate: Pillow's BOX resampling reproduced in numpy (`_pil_box_matrix`), so the pipeline
+  does not depend on Pillow; a test checks it against Pillow;
+- the final float -> uint8 conversion rounds half up (the original truncates with np.uint8,
+  which turns e.g. 0.8 * 255 = 203.99999... into 203).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from .params import CORRUPTIONS, CorruptParams, ParamError, parse_corrupt  # noqa: F401 (re-exported)
+from .seeds import derive_seed
+
+SIZE = 32  # the constants below are for 32x32 images (CIFAR-10); other sizes are refused
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+# ------------------------------------------------------------------ helpers of the original
+
+def _disk(radius: float, alias_blur: float) -> np.ndarray:
+    """make_cifar_c.py disk(): a normalised disk, anti-aliased by a 3x3 Gaussian (radius <= 8)."""
+    L = np.arange(-8, 8 + 1)
+    X, Y = np.meshgrid(L, L)
+    d = np.array((X**2 + Y**2) <= radius**2, dtype=np.float32)
+    d /= d.sum()
+    k = cv2.GaussianBlur(d, ksize=(3, 3), sigmaX=alias_blur)
+    rows, cols = np.nonzero(k)  # crop the zeros of the 17x17 support (same filter, faster)
+    r = max(8 - rows.min(), rows.max() - 8, 8 - cols.min(), cols.max() - 8)
+    return k[8 - r:9 + r, 8 - r:9 + r].astype(np.float64)
+
+
+def _plasma_fractal(rng: np.random.Generator, wibbledecay: float, mapsize: int = SIZE) -> np.ndarray:
+    """make_cifar_c.py plasma_fractal(): diamond-square heightmap in [0, 1] (np.random -> rng)."""
+    m = np.empty((mapsize, mapsize), dtype=np.float64)
+    m[0, 0] = 0
+    step, wibble = mapsize, 100.0
+
+    def wibbledmean(a):
+        return a / 4 + wibble * rng.uniform(-wibble, wibble, a.shape)
+
+    while step >= 2:
+        h = step // 2
+        corner = m[0:mapsize:step, 0:mapsize:step]  # fillsquares
+        sq = corner + np.roll(corner, shift=-1, axis=0)
+        sq += np.roll(sq, shift=-1, axis=1)
+        m[h:mapsize:step, h:mapsize:step] = wibbledmean(sq)
+        dr = m[h:mapsize:step, h:mapsize:step]  # filldiamonds
+        ul = m[0:mapsize:step, 0:mapsize:step]
+        m[0:mapsize:step, h:mapsize:step] = wibbledmean(
+            dr + np.roll(dr, 1, axis=0) + ul + np.roll(ul, -1, axis=1))
+        m[h:mapsize:step, 0:mapsize:step] = wibbledmean(
+            dr + np.roll(dr, 1, axis=1) + ul + np.roll(ul, -1, axis=0))
+        step //= 2
+        wibble /= wibbledecay
+    m -= m.min()
+    return m / m.max()
+
+
+def _pil_box_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of Pillow's BOX resampling (libImaging/Resample.c precompute_coeffs).
+
+    Output pixel k has centre (k + 0.5) * scale in input coordinates; input pixel j gets weight 1
+    when (j + 0.5 - centre) / filterscale lies in (-0.5, 0.5], then the row is normalised.
+    Downscaling averages the pixels whose centres fall in a window one output pixel wide (not
+    exact area coverage, unlike OpenCV's INTER_AREA); upscaling is nearest neighbour.
+    """
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 0.5 * fscale
+    w = np.zeros((n_out, n_in))
+    for k in range(n_out):
+        centre = (k + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        for j in range(lo, hi):
+            t = (j - centre + 0.5) / fscale
+            w[k, j] = 1.0 if -0.5 < t <= 0.5 else 0.0
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _pil_resize_box(x: np.ndarray, n_out: int) -> np.ndarray:
+    """Pillow Image.resize((n_out, n_out), BOX) of uint8-valued (N, H, W, C): horizontal pass,
+    rounding to 8 bits, then vertical pass, rounding (Pillow's order and its 8-bit intermediate)."""
+    a = _pil_box_matrix(x.shape[2], n_out)
+    t = np.floor(np.einsum("kj,nijc->nikc", a, x) + 0.5)
+    a = _pil_box_matrix(x.shape[1], n_out)
+    return np.floor(np.einsum("ki,nijc->nkjc", a, t) + 0.5)
+
+
+# ------------------------------------------------------------------ the corruptions
+# Each takes x: float64 (n, 32, 32, 3) in [0, 1], the severity's constant c and one Generator
+# per image, and returns float64 (n, 32, 32, 3) in [0, 255], as the original's functions do.
+
+def defocus_blur(x, c, rngs):
+    """make_cifar_c.py defocus_blur: disk(radius=c[0], alias_blur=c[1]), cv2.filter2D per channel
+    (border BORDER_REFLECT_101 = scipy's 'mirror')."""
+    k = _disk(*c)[None, :, :, None]
+    return np.clip(ndimage.correlate(x, k, mode="mirror"), 0, 1) * 255
+
+
+def _motion_kernel(radius: float, sigma: float, angle_deg: float) -> tuple[np.ndarray, list]:
+    """ImageMagick MotionBlurImage (effect.c): width = 2*ceil(radius)+1 taps of a one-sided
+    Gaussian exp(-i^2 / (2 sigma^2)), normalised; tap i reads the pixel at
+    (x + ceil(i cos(a) - 0.5), y + ceil(i sin(a) - 0.5))."""
+    width = int(2 * math.ceil(radius) + 1)
+    i = np.arange(width, dtype=np.float64)
+    w = np.exp(-(i * i) / (2 * sigma * sigma))
+    px, py = width * math.sin(math.radians(angle_deg)), width * math.cos(math.radians(angle_deg))
+    h = math.hypot(px, py)
+    offs = [(math.ceil(k * py / h - 0.5), math.ceil(k * px / h - 0.5)) for k in range(width)]  # (dx, dy)
+    return w / w.sum(), offs
+
+
+def motion_blur(x, c, rngs):
+    """make_cifar_c.py motion_blur: Wand motion_blur(radius=c[0], sigma=c[1],
+    angle=U(-45, 45)). Port of ImageMagick's line kernel; borders as its default 'edge' virtual
+    pixels (replicate); rounded to 8 bits as ImageMagick's PNG output is."""
+    r = int(2 * math.ceil(c[0]))  # largest offset is width - 1
+    pad = np.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    out = np.empty_like(x)
+    for n, rng in enumerate(rngs):
+        w, offs = _motion_kernel(c[0], c[1], rng.uniform(-45, 45))
+        acc = np.zeros(x.shape[1:])
+        for wi, (dx, dy) in zip(w, offs):
+            acc += wi * pad[n, r + dy:r + dy + x.shape[1], r + dx:r + dx + x.shape[2]]
+        out[n] = acc
+    return np.floor(np.clip(out, 0, 1) * 255 + 0.5)
+
+
+def shot_noise(x, c, rngs):
+    """make_cifar_c.py shot_noise: Poisson(x * c) / c."""
+    return np.stack([np.clip(rng.poisson(xi * c) / c, 0, 1) * 255 for xi, rng in zip(x, rngs)])
+
+
+def impulse_noise(x, c, rngs):
+    """make_cifar_c.py impulse_noise: skimage random_noise(mode='s&p', amount=c): each value is
+    replaced with probability c, by 1 or 0 with equal odds (salt_vs_pepper = 0.5)."""
+    out = x.copy()
+    for xi, rng in zip(out, rngs):
+        flipped, salted = rng.random(xi.shape) < c, rng.random(xi.shape) < 0.5
+        xi[flipped & salted], xi[flipped & ~salted] = 1.0, 0.0
+    return out * 255
+
+
+def contrast(x, c, rngs):
+    """make_cifar_c.py contrast: (x - channel mean) * c + channel mean."""
+    means = x.mean(axis=(1, 2), keepdims=True)
+    return np.clip((x - means) * c + means, 0, 1) * 255
+
+
+def fog(x, c, rngs):
+    """make_cifar_c.py fog: x + c[0] * plasma_fractal(wibbledecay=c[1]), rescaled by the
+    image's maximum."""
+    out = np.empty_like(x)
+    for n, rng in enumerate(rngs):
+        max_val = x[n].max()
+        f = x[n] + c[0] * _plasma_fractal(rng, c[1])[:SIZE, :SIZE, None]
+        out[n] = np.clip(f * max_val / (max_val + c[0]), 0, 1) * 255
+    return out
+
+
+def pixelate(x, c, rngs):
+    """make_cifar_c.py pixelate: PIL resize to int(32 c) with BOX, then back to 32 with BOX."""
+    small = _pil_resize_box(np.floor(x * 255 + 0.5), int(SIZE * c))
+    return _pil_resize_box(small, SIZE)
+
+
+def elastic_transform(x, c, rngs):
+    """make_cifar_c.py elastic_transform (after gist erniejunior/601cdf56d2b424757de5): a random
+    affine map (corner shifts U(-c[2], c[2])), then a displacement field of U(-1, 1) noise
+    smoothed by a Gaussian of sigma c[1] (truncate 3, reflect) times alpha c[0]; bilinear."""
+    alpha, sigma, shift = c
+    shape = x.shape[1:]
+    centre = np.float32(shape[:2]) // 2
+    size = min(shape[:2]) // 3
+    pts1 = np.float32([centre + size, [centre[0] + size, centre[1] - size], centre - size])
+    xx, yy, zz = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]), np.arange(shape[2]))
+    out = np.empty_like(x)
+    for n, rng in enumerate(rngs):
+        pts2 = pts1 + rng.uniform(-shift, shift, size=pts1.shape).astype(np.float32)
+        m = cv2.getAffineTransform(pts1, pts2)
+        im = cv2.warpAffine(x[n].astype(np.float32), m, shape[1::-1], borderMode=cv2.BORDER_REFLECT_101)
+        dx, dy = ((ndimage.gaussian_filter(rng.uniform(-1, 1, size=shape[:2]), sigma, mode="reflect",
+                                           truncate=3) * alpha).astype(np.float32)[..., None]
+                  for _ in range(2))
+        coords = np.stack([yy + dy, xx + dx, zz.astype(np.float32)])
+        out[n] = np.clip(ndimage.map_coordinates(im, coords, order=1, mode="reflect"), 0, 1) * 255
+    return out
+
+
+# family -> (function, constants of severities 1..5), all from make_cifar_c.py (CIFAR-10 values)
+FAMILIES: dict[str, tuple[Callable, tuple[Any, ...]]] = {
+    # (disk radius, anti-alias Gaussian sigma)
+    "defocus_blur": (defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
+    # (ImageMagick radius, sigma); angle U(-45, 45) degrees
+    "motion_blur": (motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),
+    # photons per unit intensity (fewer = noisier)
+    "shot_noise": (shot_noise, (500, 250, 100, 75, 50)),
+    # fraction of values replaced by salt or pepper
+    "impulse_noise": (impulse_noise, (0.01, 0.02, 0.03, 0.05, 0.07)),
+    # contrast factor around the channel mean
+    "contrast": (contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
+    # (fog strength, plasma wibble decay)
+    "fog": (fog, ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))),
+    # side of the intermediate image, as a fraction of 32
+    "pixelate": (pixelate, (0.95, 0.9, 0.85, 0.75, 0.65)),
+    # (alpha, sigma, affine shift), in pixels: IMSIZE * (...) with IMSIZE = 32
+    "elastic_transform": (elastic_transform, (
+        (SIZE * 0, SIZE * 0, SIZE * 0.08),
+        (SIZE * 0.05, SIZE * 0.2, SIZE * 0.07),
+        (SIZE * 0.08, SIZE * 0.06, SIZE * 0.06),
+        (SIZE * 0.1, SIZE * 0.04, SIZE * 0.05),
+        (SIZE * 0.1, SIZE * 0.03, SIZE * 0.03))),
+}
+
+
+# ------------------------------------------------------------------ stacks
+
+def _check_images(images: np.ndarray) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+            or images.shape[1:] != (SIZE, SIZE, 3):
+        raise ValueError(f"corrupt: expected uint8 images of shape (N, {SIZE}, {SIZE}, 3), got "
+                         f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
+
+
+def _generators(seed: int, family: str, severity: int, index: np.ndarray) -> list[np.random.Generator]:
+    stream = derive_seed(seed, "corrupt", family, severity)
+    return [np.random.Generator(np.random.Philox(key=[stream, int(j)])) for j in index]
+
+
+def corrupt(images: np.ndarray, family: str, severity: int, seed: int,
+            index: np.ndarray | None = None) -> np.ndarray:
+    """One family at one severity (1..5) of a uint8 (N, 32, 32, 3) stack -> uint8, same shape.
+
+    `index`: each image's position in the official split (default 0..N-1); image i's random
+    draws come from a Philox stream keyed by (derive_seed(seed, "corrupt", family, severity),
+    index[i]), so the result depends on the seed and on nothing else (not on N, not on the
+    order of the families).
+    """
+    _check_images(images)
+    if family not in FAMILIES:
+        raise ValueError(f"corrupt: unknown family {family!r}; known: {list(FAMILIES)}")
+    if severity not in SEVERITIES:
+        raise ValueError(f"corrupt: severity {severity!r} not in {list(SEVERITIES)}")
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    if index.shape != (len(images),):
+        raise ValueError(f"corrupt: index has shape {index.shape}, expected ({len(images)},)")
+    fn, consts = FAMILIES[family]
+    out = fn(images / 255.0, consts[severity - 1], _generators(seed, family, severity, index))
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def corrupt_all(images: np.ndarray, families, severities, seed: int, index: np.ndarray | None = None,
+                progress=None) -> np.ndarray:
+    """Every family x severity: uint8 (F, S, N, 32, 32, 3), in the given orders."""
+    _check_images(images)
+    out = np.empty((len(families), len(severities)) + images.shape, dtype=np.uint8)
+    for f, family in enumerate(families):
+        for s, severity in enumerate(severities):
+            out[f, s] = corrupt(images, family, severity, seed, index)
+            if progress is not None:
+                progress.update(1)
+    return out
+
+
+def psnr(ref: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB over all RGB values of (N, H, W, 3) stacks, capped at 100 dB for
+    identical images (the convention of iqals.iqa.psnr)."""
+    mse = ((ref.astype(np.float64) - dist.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    with np.errstate(divide="ignore"):
+        return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)), 100.0)
+
+
+__all__ = ["FAMILIES", "SEVERITIES", "CorruptParams", "ParamError", "corrupt", "corrupt_all",
+           "parse_corrupt", "psnr"]

@@ -1,0 +1,280 @@
+"""CIFAR-10-C style corruptions (iqals/corruptions.py) and their params section."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from iqals import corruptions as C
+from iqals.params import ParamError
+from tests.conftest import natural_images
+
+RANDOM = ("motion_blur", "shot_noise", "impulse_noise", "fog", "elastic_transform")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return natural_images(16, 0)
+
+
+@pytest.fixture(scope="module")
+def every(images):
+    """family -> uint8 (5, 16, 32, 32, 3), seed 0."""
+    return {f: C.corrupt_all(images, [f], C.SEVERITIES, seed=0)[0] for f in C.FAMILIES}
+
+
+def mad(a, b):
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def test_families_table():
+    assert set(RANDOM) < set(C.FAMILIES) and len(C.FAMILIES) == 8
+    for name, (fn, consts) in C.FAMILIES.items():
+        assert callable(fn) and len(consts) == 5, name
+
+
+def test_constants_are_make_cifar_c():
+    """The CIFAR-10 constants of make_cifar_c.py (hendrycks/robustness), written out again."""
+    expected = {
+        "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+        "motion_blur": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+        "shot_noise": [500, 250, 100, 75, 50],
+        "impulse_noise": [.01, .02, .03, .05, .07],
+        "contrast": [.75, .5, .4, .3, 0.15],
+        "fog": [(.2, 3), (.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+        "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
+        "elastic_transform": [(0, 0, 2.56), (1.6, 6.4, 2.24), (2.56, 1.92, 1.92), (3.2, 1.28, 1.6),
+                              (3.2, 0.96, 0.96)],
+    }
+    assert list(C.FAMILIES) == list(expected)
+    for f, consts in expected.items():
+        np.testing.assert_allclose(np.array(C.FAMILIES[f][1], float), np.array(consts, float), err_msg=f)
+
+
+def test_shape_dtype_and_all_stack(images, every):
+    for f, out in every.items():
+        assert out.dtype == np.uint8 and out.shape == (5,) + images.shape, f
+        assert all(mad(o, images) > 0 for o in out), f
+    stack = C.corrupt_all(images[:3], ["fog", "contrast"], [2, 5], seed=0)
+    assert stack.shape == (2, 2, 3, 32, 32, 3)
+    np.testing.assert_array_equal(stack[0, 1], every["fog"][4, :3])  # prefix of the stack: same images
+
+
+def test_deterministic_and_seeded(images, every):
+    for f in C.FAMILIES:
+        for s in (1, 5):
+            again = C.corrupt(images, f, s, seed=0)
+            np.testing.assert_array_equal(again, every[f][s - 1], err_msg=f)
+            other = C.corrupt(images, f, s, seed=1)
+            if f in RANDOM:
+                assert not np.array_equal(other, again), f
+            else:
+                np.testing.assert_array_equal(other, again, err_msg=f)
+
+
+def test_index_keys_the_stream(images):
+    """Image i's draws depend on its official position, not on its place in the stack."""
+    full = C.corrupt(images, "shot_noise", 3, seed=7)
+    part = C.corrupt(images[5:9], "shot_noise", 3, seed=7, index=np.arange(5, 9))
+    np.testing.assert_array_equal(part, full[5:9])
+    assert not np.array_equal(C.corrupt(images[5:9], "shot_noise", 3, seed=7), part)
+
+
+def test_distortion_grows_with_severity(images, every):
+    for f, out in every.items():
+        if f == "elastic_transform":
+            continue  # pixel distortion falls with severity there: see test_elastic_...
+        d = [mad(o, images) for o in out]
+        for s in range(4):
+            if f == "motion_blur" and s == 2:
+                # make_cifar_c.py's (6, 2) and (8, 2) differ only in the kernel length; taps
+                # beyond the 13th weigh exp(-13^2 / 8) ~ 7e-10: the same blur, other angles
+                assert abs(d[3] - d[2]) < 0.06 * d[2], d
+                continue
+            assert d[s + 1] > d[s], (f, d)
+
+
+def test_elastic_local_warp_grows_affine_part_shrinks():
+    """Warp a coordinate ramp; the corrupted R, G values give each pixel's source position.
+    make_cifar_c.py's constants shrink the random affine part (2.56 -> 0.96 px corner shifts)
+    while the elastic (non-affine) displacement grows from none at severity 1."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    ramp = np.stack([xx * 7 + 20, yy * 7 + 20, np.full_like(xx, 128)], -1).astype(np.uint8)
+    m = slice(5, 27)  # interior: away from the reflected borders
+    a = np.stack([xx[m, m].ravel(), yy[m, m].ravel(), np.ones(22 * 22)], 1)
+    local, affine = [], []
+    for s in C.SEVERITIES:
+        y = C.corrupt(np.repeat(ramp[None], 12, 0), "elastic_transform", s, seed=0).astype(float)
+        res, aff = [], []
+        for n in range(12):
+            for src, base in (((y[n, ..., 0] - 20) / 7, xx), ((y[n, ..., 1] - 20) / 7, yy)):
+                b = src[m, m].ravel()
+                fit = a @ np.linalg.lstsq(a, b, rcond=None)[0]
+                res.append(np.sqrt(np.mean((b - fit) ** 2)))
+                aff.append(np.sqrt(np.mean((fit - base[m, m].ravel()) ** 2)))
+        local.append(np.mean(res))
+        affine.append(np.mean(aff))
+    assert local[0] < 0.1  # severity 1 is a pure affine map (residual: 8-bit rounding)
+    assert local[1] < local[0] + 0.05 < local[2] < local[3] < local[4], local
+    assert affine[0] > affine[1] > affine[2] > affine[3] > affine[4], affine
+
+
+def test_contrast_by_hand(images):
+    for s, c in enumerate(C.FAMILIES["contrast"][1], 1):
+        x = images / 255.0
+        mean = x.mean(axis=(1, 2), keepdims=True)
+        ref = np.floor(np.clip((x - mean) * c + mean, 0, 1) * 255 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(C.corrupt(images, "contrast", s, seed=0), ref)
+
+
+def test_pixelate_by_hand(images):
+    """Pillow BOX down: average of the pixels whose centres lie in the output pixel's window;
+    BOX up: nearest neighbour, OpenCV's INTER_NEAREST_EXACT."""
+    def box_down(img, n):  # one axis (axis 0) at a time, rounded to 8 bits after each, as Pillow
+        scale = img.shape[0] / n
+        out = np.empty((n,) + img.shape[1:])
+        for k in range(n):
+            centres = np.arange(img.shape[0]) + 0.5
+            pick = (centres > k * scale) & (centres <= (k + 1) * scale)
+            out[k] = img[pick].mean(axis=0)
+        return np.floor(out + 0.5)
+
+    for s, c in enumerate(C.FAMILIES["pixelate"][1], 1):
+        n = int(32 * c)
+        got = C.corrupt(images, "pixelate", s, seed=0)
+        for img, g in zip(images, got):
+            small = box_down(box_down(img.astype(float).transpose(1, 0, 2), n).transpose(1, 0, 2), n)
+            ref = cv2.resize(small.astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST_EXACT)
+            np.testing.assert_array_equal(g, ref)
+
+
+def test_pixelate_matches_pillow(images):
+    Image = pytest.importorskip("PIL.Image")  # the original's resampler, if installed
+    for s, c in enumerate(C.FAMILIES["pixelate"][1], 1):
+        n = int(32 * c)
+        ref = np.stack([np.asarray(Image.fromarray(im).resize((n, n), Image.BOX).resize((32, 32), Image.BOX))
+                        for im in images])
+        np.testing.assert_array_equal(C.corrupt(images, "pixelate", s, seed=0), ref)
+
+
+def test_defocus_as_the_original(images):
+    """make_cifar_c.py: 17x17 disk kernel, 3x3 Gaussian anti-alias, cv2.filter2D per channel."""
+    for s, (radius, alias) in enumerate(C.FAMILIES["defocus_blur"][1], 1):
+        L = np.arange(-8, 9)
+        X, Y = np.meshgrid(L, L)
+        disk = ((X**2 + Y**2) <= radius**2).astype(np.float32)
+        kernel = cv2.GaussianBlur(disk / disk.sum(), (3, 3), alias)
+        got = C.corrupt(images, "defocus_blur", s, seed=0)
+        for img, g in zip(images, got):
+            ref = np.stack([cv2.filter2D(img[..., d] / 255.0, -1, kernel) for d in range(3)], -1)
+            ref = np.clip(ref, 0, 1) * 255
+            assert np.abs(g - ref).max() <= 0.5 + 1e-6
+
+
+def test_motion_kernel_as_imagemagick():
+    w, offs = C._motion_kernel(6, 2, 0.0)
+    assert len(w) == 13 and offs == [(i, 0) for i in range(13)]  # one-sided, along +x
+    np.testing.assert_allclose(w, np.exp(-np.arange(13) ** 2 / 8) / np.exp(-np.arange(13) ** 2 / 8).sum())
+    _, offs = C._motion_kernel(6, 2, 45.0)
+    assert offs[1] == (1, 1) and offs[12] == (math.ceil(12 / math.sqrt(2) - 0.5),) * 2
+
+
+def test_impulse_fraction(images):
+    x = images[None].repeat(4, 0).reshape(-1, 32, 32, 3)  # 64 images
+    x = np.clip(x, 1, 254)  # no value is already salt or pepper
+    for s, amount in enumerate(C.FAMILIES["impulse_noise"][1], 1):
+        got = C.corrupt(x, "impulse_noise", s, seed=3, index=np.arange(len(x)))
+        changed = got != x
+        assert abs(changed.mean() - amount) < 4 * math.sqrt(amount / changed.size) + 1e-3
+        assert set(np.unique(got[changed])) <= {0, 255}
+        assert abs((got[changed] == 255).mean() - 0.5) < 0.05
+
+
+def test_shot_noise_unbiased(images):
+    x = np.full((64, 32, 32, 3), 128, np.uint8)
+    for s, c in enumerate(C.FAMILIES["shot_noise"][1], 1):
+        got = C.corrupt(x, "shot_noise", s, seed=0).astype(float) / 255
+        assert abs(got.mean() - 128 / 255) < 0.01
+        np.testing.assert_allclose(got.var(), (128 / 255) / c, rtol=0.15)  # Poisson: var = mean / c
+
+
+def test_bad_input():
+    x = natural_images(2, 0)
+    with pytest.raises(ValueError, match="uint8"):
+        C.corrupt(x.astype(np.float32), "fog", 1, 0)
+    with pytest.raises(ValueError, match="shape"):
+        C.corrupt(x[:, :16], "fog", 1, 0)
+    with pytest.raises(ValueError, match="frost"):
+        C.corrupt(x, "frost", 1, 0)
+    with pytest.raises(ValueError, match="severity"):
+        C.corrupt(x, "fog", 6, 0)
+
+
+GOOD = {"families": ["fog", "contrast"], "severities": [1, 2, 3, 4, 5], "seed": 0}
+
+
+def test_family_names_agree_with_params():
+    from iqals.params import CORRUPTIONS
+
+    assert tuple(C.FAMILIES) == CORRUPTIONS
+
+
+def test_parse_corrupt_good():
+    p = C.parse_corrupt(GOOD)
+    assert p == C.CorruptParams(("fog", "contrast"), (1, 2, 3, 4, 5), 0)
+    assert C.parse_corrupt({**GOOD, "families": list(C.FAMILIES)}).families == tuple(C.FAMILIES)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"families": ["fog", "contrast", "frost"]}, r"corrupt\.families\[2\] = 'frost': expected one of \["),
+    ({"families": []}, r"corrupt\.families = \[\]: expected a list of one or more"),
+    ({"families": "fog"}, r"corrupt\.families = 'fog': expected a list"),
+    ({"families": ["fog", "contrast", "fog"]},
+     r"corrupt\.families\[2\] = 'fog': expected no repeats \(already corrupt\.families\[0\]\)"),
+    ({"severities": [0, 1]}, r"corrupt\.severities\[0\] = 0: expected an integer in \[1, 5\]"),
+    ({"severities": [1, 6]}, r"corrupt\.severities\[1\] = 6: expected an integer in \[1, 5\]"),
+    ({"severities": [2.5]}, r"corrupt\.severities\[0\] = 2\.5: expected an integer"),
+    ({"severities": []}, r"corrupt\.severities = \[\]: expected a list of one or more"),
+    ({"severities": [1, 2, 2]}, r"corrupt\.severities\[2\] = 2: expected no repeats"),
+    ({"seed": -1}, r"corrupt\.seed = -1: expected an integer"),
+    ({"seed": True}, r"corrupt\.seed = True"),
+    ({"extra": 1}, r"corrupt\.extra = 1: expected no such key"),
+])
+def test_parse_corrupt_rejects(change, message):
+    with pytest.raises(ParamError, match=message):
+        C.parse_corrupt({**GOOD, **change})
+
+
+def test_parse_corrupt_missing():
+    with pytest.raises(ParamError, match=r"corrupt\.seed = None: expected a value \(key is missing\)"):
+        C.parse_corrupt({"families": ["fog"], "severities": [1]})
+    with pytest.raises(ParamError, match=r"params\.yaml: corrupt = None: expected a mapping"):
+        C.parse_corrupt(None)
+
+
+def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
+    """stages/corrupt.py on 6 images: outputs, shapes and the PSNR summary."""
+    import json
+    import sys
+
+    import yaml
+
+    from stages import corrupt as stage
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    x = natural_images(6, 2)
+    np.savez(raw / "test.npz", images=x, labels=np.arange(6) % 10)
+    raw_params["corrupt"] = {**GOOD, "severities": [1, 5]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["corrupt"])
+    stage.main()
+    out = np.load(tmp_path / "data" / "corrupted" / "test.npy")
+    assert out.shape == (2, 2, 6, 32, 32, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[1, 1], C.corrupt(x, "contrast", 5, seed=0))
+    m = json.loads((tmp_path / "metrics" / "corrupt.json").read_text())
+    assert m["families"] == ["fog", "contrast"] and m["severities"] == [1, 5] and m["test_images"] == 6
+    assert m["levels"]["fog"]["psnr_db"]["1"] > m["levels"]["fog"]["psnr_db"]["5"] > 0

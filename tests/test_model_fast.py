@@ -1,0 +1,143 @@
+"""The network's fast layers against the stock PyTorch ops they replace, in value and gradient.
+
+iqals/model.py computes the LRN with a band matrix over channels and a hand-written backward,
+pools with ceil_mode instead of padding with -inf, pools before the first relu, and runs on
+channels-last memory. None of it may change the numbers beyond float rounding.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from iqals import model
+
+CL = torch.channels_last
+
+
+def _value_and_grad(f, x, g):
+    x = x.detach().requires_grad_()
+    y = f(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    return y.detach(), dx
+
+
+def _reference_pool(x):
+    """The definition: TF SAME 3x3/2, one -inf row and column padded at the end."""
+    return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), kernel_size=3, stride=2)
+
+
+@pytest.mark.parametrize("size,alpha,beta,k", [(9, 1e-3, 0.75, 1.0), (4, 0.3, 0.5, 2.0),
+                                               (5, 2.0, 0.9, 0.5), (1, 0.1, 0.75, 1.0)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_lrn_equals_stock_in_value_and_gradient_float64(size, alpha, beta, k, layout):
+    torch.manual_seed(size)
+    x = torch.relu(torch.randn(3, 16, 5, 6, dtype=torch.float64)) * 3
+    x[0, :, 0, 0] = 0  # a zero column: the relu'd inputs the network feeds it
+    g = torch.randn_like(x)
+    if layout == "channels_last":
+        x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
+    ours = model.LocalResponseNorm(size, alpha, beta, k)
+    stock = nn.LocalResponseNorm(size, alpha, beta, k)
+    y, dx = _value_and_grad(ours, x, g)
+    y_ref, dx_ref = _value_and_grad(stock, x, g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-14)
+    assert y.is_contiguous(memory_format=CL if layout == "channels_last" else torch.contiguous_format)
+
+
+def test_lrn_gradcheck():
+    x = (torch.rand(2, 12, 3, 3, dtype=torch.float64) * 4).requires_grad_()
+    lrn = model.LocalResponseNorm(9, 0.5, 0.75, 1.0)
+    assert torch.autograd.gradcheck(lrn, (x,))
+    assert torch.autograd.gradcheck(lrn, (x.detach().contiguous(memory_format=CL).requires_grad_(),))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_lrn_equals_stock_float32_at_network_scale(params, layout):
+    """The network's LRN on conv-like activations (64 channels, 16 x 16), float32."""
+    m = params.model
+    torch.manual_seed(1)
+    x = torch.relu(torch.randn(8, 64, 16, 16)) * 4
+    g = torch.randn_like(x)
+    if layout == "channels_last":
+        x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
+    y, dx = _value_and_grad(model.LocalResponseNorm(m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k), x, g)
+    y_ref, dx_ref = _value_and_grad(nn.LocalResponseNorm(m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k), x, g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_other_ranks_fall_back_to_stock():
+    x = torch.rand(2, 7, 5)
+    torch.testing.assert_close(model.LocalResponseNorm(3, 0.5)(x), nn.LocalResponseNorm(3, 0.5)(x))
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (16, 16), (8, 8), (7, 9), (5, 4)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pool_same_equals_minus_inf_padding_in_value_and_gradient(hw, layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, *hw, dtype=torch.float64)
+    x[:, :, :2, :2] = 0.5  # ties: both must route the gradient to the same (first) maximum
+    g = torch.randn_like(_reference_pool(x))
+    if layout == "channels_last":
+        x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
+    y, dx = _value_and_grad(model._pool_same, x, g)
+    y_ref, dx_ref = _value_and_grad(_reference_pool, x, g)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(dx, dx_ref)
+
+
+def test_standardize_equals_two_pass_formula():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    x[3] = 200
+    f = x.float()
+    n = f[0].numel()
+    want = (f - f.mean((1, 2, 3), keepdim=True)) / f.std((1, 2, 3), keepdim=True, correction=0).clamp_min(n ** -0.5)
+    torch.testing.assert_close(model.standardize(x), want, rtol=1e-6, atol=1e-5)
+    before = f.clone()
+    model.standardize(f)  # a float input is not modified in place
+    assert torch.equal(f, before)
+
+
+class StockNet(model.Net):
+    """Table 1 written with the stock ops in the stock order: the definition the fast path must meet."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.lrn = nn.LocalResponseNorm(*a)
+
+    def forward(self, x):
+        x = self.lrn(_reference_pool(F.relu(self.conv1(x))))
+        x = _reference_pool(self.lrn(F.relu(self.conv2(x))))
+        return self.out(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-4, 1e-6)])
+def test_network_equals_stock_network_in_logits_and_every_gradient(params, dtype, rtol, atol):
+    m = params.model
+    ours = model.build(m, seed=3).to(dtype)
+    stock = StockNet(m.lrn_size, m.lrn_alpha, m.lrn_beta, m.lrn_k).to(dtype)
+    stock.load_state_dict(ours.state_dict())
+    x = model.standardize(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)).to(dtype)
+    q = torch.softmax(torch.randn(6, 10, dtype=dtype), 1)
+    losses = []
+    for net in (ours, stock):
+        logits = net(x)
+        loss = ((logits.softmax(1) - q) ** 2).sum(1).mean()
+        loss.backward()
+        losses.append((logits.detach(), loss.detach()))
+    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(losses[0][1], losses[1][1], rtol=rtol, atol=atol)
+    for (name, a), b in zip(ours.named_parameters(), stock.parameters()):
+        scale = b.grad.abs().max().item()
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol * max(scale, 1.0), msg=name)
+
+
+def test_state_dict_is_unchanged_by_the_fast_layers(params):
+    """Checkpoints and saved models keep their keys: the band matrix is not a buffer."""
+    keys = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias",
+            "fc2.weight", "fc2.bias", "out.weight", "out.bias"]
+    net = model.build(params.model, seed=0)
+    net(torch.zeros(1, 3, 32, 32))
+    assert list(net.state_dict()) == keys
+    assert isinstance(net.lrn, nn.LocalResponseNorm)
