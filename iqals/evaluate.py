@@ -25,7 +25,7 @@ def predict(net: torch.nn.Module, images: np.ndarray, device: torch.device, batc
     net.eval()
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(device).permute(0, 3, 1, 2)
+        x = torch.tensor(images[i:i + batch]).to(device).permute(0, 3, 1, 2)  # a copy: may be a read-only mmap
         out.append(net(model_lib.standardize(x)).double().softmax(1).cpu())
     return torch.cat(out).numpy()
 
