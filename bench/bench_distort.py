@@ -13,7 +13,6 @@ holds fewer), else N synthetic natural-looking images.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ from iqals import distort  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.params import load  # noqa: E402
 from iqals.seeds import derive_seed  # noqa: E402
+from iqals.io import write_json  # noqa: E402
 
 _CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101,
               "constant": cv2.BORDER_CONSTANT}
@@ -144,9 +144,7 @@ def main(n: int | None = None, out: str | Path | None = None) -> dict:
         md = r.get("max_abs_diff", "n/a")
         print(f"{kind:6} {r['batched_s']:10.3f} {r['loop_s']:9.3f} {r['speedup']:8.2f} {md!s:>11}")
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
     return result
 
 

@@ -19,7 +19,6 @@ N synthetic natural-looking images.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ from bench.bench_distort import synthetic_images  # noqa: E402
 from iqals import distort, iqa  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.params import load  # noqa: E402
+from iqals.io import write_json  # noqa: E402
 
 
 def bench_images(n: int) -> tuple[np.ndarray, str]:
@@ -117,9 +117,7 @@ def main(n: int | None = None, loop_n: int = 300, repeats: int = 3, out: str | P
     k = "score_all_1_thread"
     print(f"{'score_all, 1 thread':20} {us[k]:9.3f} {result['speedup'][k]:9.1f}")
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
     return result
 
 

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import platform
 import statistics
@@ -55,6 +54,7 @@ from iqals import model as model_lib  # noqa: E402
 from iqals import train as train_lib  # noqa: E402
 from iqals.mixture import epoch_draw, soft_targets  # noqa: E402
 from iqals.params import DISTORTIONS, NUM_CLASSES, load  # noqa: E402
+from iqals.io import write_json  # noqa: E402
 
 STRATEGY = "S3"
 PAPER = {"strategies": 9, "epochs": 2000, "images": 50_000}
@@ -232,9 +232,7 @@ def main(device: str = "cpu", n: int | None = None, epochs: int | None = None, q
     print(f"ratio ours/reference: {result['ratio']:.2f} (whole call {result['ratio_whole_call']:.2f}); "
           f"max |diff| logits {diff['logits']:.2e}, gradients {diff['gradients']:.2e}")
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
     return result
 
 

@@ -30,6 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from iqals.io import write_text  # noqa: E402
+from iqals.readme import replace_block  # noqa: E402
+
 OUT = REPO_ROOT / "bench" / "out"
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
 RESULTS_MD = REPO_ROOT / "bench" / "results.md"
@@ -129,15 +132,14 @@ def rows(name: str, r: dict) -> list[tuple]:
 
 
 def write_md(results: dict) -> str:
-    lines = ["# Benchmarks", "",
-             "Written by `python -m bench.run` (bench/run.py); each ratio is measured in one run against the",
+    lines = ["Written by `python -m bench.run` (bench/run.py); each ratio is measured in one run against the",
              "reference implementation in the same process. Other processes on the machine slow both sides;",
              "the JSON (bench/results.json) has every repeat and the load average.", "",
              "| benchmark | ours | reference | ratio | max abs diff |", "|---|---|---|---|---|"]
     for name in ALL:
         if name in results:
             lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows(name, results[name]["result"])]
-    lines += ["", "## Machines", ""]
+    lines += ["", "Machines:", ""]
     seen = {}
     for name in ALL:
         if name in results:
@@ -173,8 +175,9 @@ def main(only: list[str] | None = None, quick: bool = False) -> dict:
         results[name] = {"machine": dict(info, date=_now()), "quick": quick,
                          "seconds": round(time.perf_counter() - t, 1), "result": r}
     total = time.perf_counter() - t_all
-    RESULTS_JSON.write_text(json.dumps({"benchmarks": {k: results[k] for k in ALL if k in results}}, indent=2) + "\n")
-    RESULTS_MD.write_text(write_md(results))
+    write_text(RESULTS_JSON, json.dumps({"benchmarks": {k: results[k] for k in ALL if k in results}}, indent=2) + "\n")
+    write_text(RESULTS_MD, write_md(results))
+    replace_block(REPO_ROOT / "README.md", "bench", write_md(results))  # README's copy, verbatim
     print(f"\n{write_md(results)}\nall done in {total:.0f} s; wrote {RESULTS_JSON.relative_to(REPO_ROOT)} and "
           f"{RESULTS_MD.relative_to(REPO_ROOT)}")
     if failed:

@@ -119,16 +119,31 @@ def paired_tests(strategies: dict[str, Strategy], preds: dict[str, dict]) -> pd.
     return pd.DataFrame(rows)
 
 
-def controls(strategies: dict[str, Strategy], metrics: dict) -> pd.DataFrame:
-    """Per mix: accuracy of each label rule on pristine and averaged over the mix's own levels."""
+def mix_epsilons(strategies: dict[str, Strategy], scores: np.ndarray, cfg, shares) -> dict[str, float]:
+    """Per training mix, the mean per-sample IQA-LS epsilon K(1 - T(s))/(K - 1) over an epoch:
+    the epsilon the uniform_ls control smooths every image with."""
+    from .mixture import mean_epsilon, true_class_probability
+
+    out = {}
+    for s in strategies.values():
+        if s.train_set != "pristine" and s.train_set not in out:
+            probe = Strategy(name="probe", train_set=s.train_set, labels="iqa_ls")
+            q = true_class_probability(probe, scores.shape[-1], scores, cfg, shares, 0)
+            out[s.train_set] = mean_epsilon(q, probe, shares)
+    return out
+
+
+def controls(strategies: dict[str, Strategy], metrics: dict, epsilons: dict[str, float]) -> pd.DataFrame:
+    """Per mix: accuracy of each label rule on pristine and averaged over the mix's own levels,
+    beside the mix's mean IQA-LS epsilon (= the uniform_ls control's epsilon)."""
     rows = []
     for name, s in strategies.items():
         if name not in metrics or s.train_set == "pristine":
             continue
         m = metrics[name]
         own = relevant_sets(s.train_set)[1:]
-        rows.append({"train_set": s.train_set, "labels": s.labels, "strategy": name,
-                     "pristine": m["pristine"]["acc"], "pristine_std": m["pristine"]["acc_std"],
+        rows.append({"train_set": s.train_set, "epsilon": epsilons[s.train_set], "labels": s.labels,
+                     "strategy": name, "pristine": m["pristine"]["acc"], "pristine_std": m["pristine"]["acc_std"],
                      "own_levels": float(np.mean([m[t]["acc"] for t in own])),
                      "all_distorted": float(np.mean([m[t]["acc"] for t in TEST_SETS[1:]])),
                      "ece_mean": float(np.mean([m[t]["ece"] for t in TEST_SETS])),

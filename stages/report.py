@@ -20,11 +20,11 @@ import pandas as pd  # noqa: E402
 
 from iqals import report as rep  # noqa: E402
 from iqals.data import CLASSES, load_npz  # noqa: E402
-from iqals.io import atomic_path, read_json, write_text  # noqa: E402
+from iqals.io import atomic_path, read_json, write_text
+from iqals.readme import replace_block  # noqa: E402
 from stages.common import run, setup  # noqa: E402
 
 log = logging.getLogger("report")
-README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 
 
 def save_fig(fig, path: Path) -> None:
@@ -36,15 +36,6 @@ def save_fig(fig, path: Path) -> None:
 def save_csv(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.5g")
-
-
-def sync_readme(report_md: Path, readme: Path) -> None:
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{readme}: markers {README_BEGIN} / {README_END} not found")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    write_text(readme, head + README_BEGIN + "\n" + report_md.read_text() + README_END + tail)
 
 
 def main() -> None:
@@ -60,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.sync_readme:
-        return sync_readme(out / "report.md", Path(args.sync_readme))
+        return replace_block(args.sync_readme, "report", (out / "report.md").read_text())
     p = setup("report")
     names = list(p.strategies)
     missing = [n for n in names if not (Path(args.metrics) / f"{n}.json").is_file()]
@@ -82,7 +73,8 @@ def main() -> None:
     write_text(out / "table2.md", t2_md)
     tests = rep.paired_tests(p.strategies, preds)
     save_csv(tests, out / "paired_tests.csv")
-    ctrl = rep.controls(p.strategies, metrics)
+    eps = rep.mix_epsilons(p.strategies, np.load(Path(args.scores) / "train.npy"), p.iqa, p.mixture.shares)
+    ctrl = rep.controls(p.strategies, metrics, eps)
     save_csv(ctrl, out / "controls.csv")
     calib = rep.calibration(metrics, preds, test_scores)
     save_csv(calib, out / "calibration.csv")
@@ -110,7 +102,8 @@ def main() -> None:
         "", *rep.claim_lines(p.strategies, metrics, paper), "",
         "### Controls: is it the quality signal or just smoothing?", "",
         "Accuracy on pristine and averaged over the mix's own distorted test sets; ECE and NLL "
-        "averaged over the ten test sets.", "",
+        "averaged over the ten test sets; epsilon: the mix's mean per-sample IQA-LS epsilon "
+        "K(1 - T(s))/(K - 1) over an epoch, with which uniform_ls smooths every image.", "",
         rep.markdown(ctrl), "",
         f"Paired tests against the one-hot twin (McNemar exact test on per-image correctness, "
         f"pooled over seeds; paired t-test over seeds when there are two or more): "

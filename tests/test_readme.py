@@ -3,7 +3,6 @@ import re
 
 import pytest
 
-from stages.report import README_BEGIN, README_END
 
 
 def test_readme_opens_with_study_and_test_commands(repo_root):
@@ -17,10 +16,14 @@ def test_readme_opens_with_study_and_test_commands(repo_root):
     assert "make test" in (repo_root / ".ci" / "run").read_text()
 
 
-def test_readme_results_are_the_committed_report(repo_root):
-    report = repo_root / "plots" / "report.md"
-    if not report.exists():
-        pytest.skip("no committed report yet")
-    text = (repo_root / "README.md").read_text()
-    block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
-    assert block.strip() == report.read_text().strip()
+def block(text: str, name: str) -> str:
+    return text.split(f"<!-- {name}:begin -->", 1)[1].split(f"<!-- {name}:end -->", 1)[0].strip()
+
+
+@pytest.mark.parametrize("name, source", [("report", "plots/report.md"), ("bench", "bench/results.md")])
+def test_readme_sections_are_the_committed_results(repo_root, name, source):
+    """The README's results were copied from what the pipeline / benchmarks wrote, unedited."""
+    path = repo_root / source
+    if not path.exists():
+        pytest.skip(f"no committed {source} yet")
+    assert block((repo_root / "README.md").read_text(), name) == path.read_text().strip()
