@@ -6,8 +6,10 @@ batch out of it, standardises it, and builds the soft targets from a small proba
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import mixture, seeds
 from . import model as model_lib
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, soft_targets, true_class_probability
@@ -73,12 +76,18 @@ def loss_fn(logits: torch.Tensor, q: torch.Tensor, kind: str) -> torch.Tensor:
     return -(q * logits.float().log_softmax(1)).sum(1).mean()
 
 
-def _fingerprint(run: str, data: TrainData, p: Params, strategy: Strategy) -> str:
+def _fingerprint(run: str, data: TrainData, p: Params, strategy: Strategy, device: torch.device) -> str:
+    """What a checkpoint must match to be resumed: run, inputs, parameters, the training code
+    itself (so a finished checkpoint never stands in for a run of changed code), torch, device."""
     cfg = {"run": run, "data": data.fingerprint, "train": asdict(p.train), "model": asdict(p.model),
-           "mixture": asdict(p.mixture), "strategy": asdict(strategy)}
+           "mixture": asdict(p.mixture), "strategy": asdict(strategy), "torch": torch.__version__,
+           "device": device.type}
     cfg["train"].pop("checkpoint_every")
     cfg["train"].pop("seeds")
-    return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+    h = hashlib.sha256(repr(cfg).encode())
+    for module in (model_lib, mixture, seeds, sys.modules[__name__]):
+        h.update(Path(inspect.getsourcefile(module)).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
@@ -110,7 +119,7 @@ def train(strategy: Strategy, seed: int, data: TrainData, p: Params, device: tor
     ], lr=cfg.lr)
     step_net = torch.compile(net) if cfg.compile else net
 
-    fingerprint = _fingerprint(run, data, p, strategy)
+    fingerprint = _fingerprint(run, data, p, strategy, device)
     start, history = 0, []
     if checkpoint.exists():
         ck = torch.load(checkpoint, map_location=device, weights_only=False)

@@ -102,3 +102,20 @@ def test_precision_other_than_fp32_needs_gpu(tmp_path, tiny, raw_params):
     p = small_params(raw_params, precision="bf16")
     with pytest.raises(train_lib.TrainingError, match="needs a GPU"):
         run(tmp_path, tiny, p)
+
+
+def test_checkpoint_of_other_code_is_not_resumed(tmp_path, tiny, raw_params, monkeypatch):
+    """A finished checkpoint must not stand in for a run of changed training code."""
+    p = small_params(raw_params)
+    run(tmp_path, tiny, p, tag="x")
+    real = train_lib.Path.read_bytes
+    monkeypatch.setattr(train_lib.Path, "read_bytes",
+                        lambda self: real(self) + (b"# edited" if self.name == "model.py" else b""))
+    x, y, d, scores = tiny
+    s = p.strategies["S3"]
+    data = train_lib.prepare(s, x, y, d, scores, p, 0, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(train_lib.log, "info", lambda msg, *a: calls.append(msg % a))
+    train_lib.train(s, 0, data, p, torch.device("cpu"), tmp_path / "x" / "model.pt", tmp_path / "x" / "log.tsv",
+                    tmp_path / "x" / "ck.pt")
+    assert any("ignoring" in c for c in calls) and not any("resuming" in c for c in calls)
