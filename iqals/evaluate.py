@@ -5,17 +5,15 @@ import numpy as np
 import torch
 
 from . import model as model_lib
-from .params import DISTORTIONS
-
-TEST_SETS = ("pristine",) + tuple(f"{d}_{lv}" for d in DISTORTIONS for lv in (1, 2, 3))  # Table 2 order
+from .params import DISTORTIONS, LEVELS, TEST_SETS, test_set_name
 
 
 def test_sets(pristine: np.ndarray, distorted: np.ndarray) -> dict[str, np.ndarray]:
     """Name -> uint8 (N, 32, 32, 3) stack, in Table 2's column order."""
     out = {"pristine": pristine}
-    for t, d in enumerate(DISTORTIONS):
-        for lv in range(3):
-            out[f"{d}_{lv + 1}"] = distorted[t, lv]
+    for t in range(len(DISTORTIONS)):
+        for lv in range(LEVELS):
+            out[test_set_name(t, lv)] = distorted[t, lv]
     return out
 
 

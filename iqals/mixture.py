@@ -1,7 +1,7 @@
 """What a strategy trains on: the per-epoch draw of copies and the target of each copy.
 
-Copies of the training set are numbered 0 = pristine, 1 + 3*t + l = distortion type t
-(DISTORTIONS order) at level l + 1. Everything here is index bookkeeping on small tensors;
+Copies of the training set are numbered as params.copy_index gives: 0 = pristine, then each
+distortion type (DISTORTIONS order) at each level. Everything here is index bookkeeping on small tensors;
 the images themselves never leave the device (iqals/train.py).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .params import DISTORTIONS, NUM_CLASSES, IQA, Strategy
+from .params import DISTORTIONS, IQA, LEVELS, NUM_CLASSES, NUM_COPIES, Strategy, copy_index
 from .seeds import derive_seed
 
 
@@ -17,10 +17,6 @@ def level_counts(n: int, shares: tuple[float, ...]) -> list[int]:
     """Exact counts per epoch: floor(share * n) for levels 1-3, the rest pristine (PROTOCOL.md)."""
     levels = [int(np.floor(s * n + 1e-9)) for s in shares[1:]]
     return [n - sum(levels)] + levels
-
-
-def copy_index(dtype: int, level: int) -> int:
-    return 1 + 3 * dtype + level
 
 
 def epoch_draw(n: int, strategy: Strategy, shares, seed: int, epoch: int):
@@ -42,7 +38,7 @@ def epoch_draw(n: int, strategy: Strategy, shares, seed: int, epoch: int):
             if level == 0:
                 continue
             t = torch.tensor(types)[torch.randint(len(types), (count,), generator=g)]
-            copy[idx] = 1 + 3 * t + (level - 1)
+            copy[idx] = copy_index(t, level - 1)
     order = torch.randperm(n, generator=g)
     return copy[order], order
 
@@ -56,18 +52,18 @@ def true_class_probability(strategy: Strategy, n: int, scores: np.ndarray | None
     pristine included, equal to the mean IQA-LS epsilon K(1 - T)/(K - 1) over the epoch mixture.
     `scores` is float64 (3 types, 3 levels, n) from the score stage.
     """
-    q = np.ones((1 + 3 * len(DISTORTIONS), n))
+    q = np.ones((NUM_COPIES, n))
     if strategy.labels == "original":
         return q
-    if scores is None or scores.shape != (len(DISTORTIONS), 3, n):
+    if scores is None or scores.shape != (len(DISTORTIONS), LEVELS, n):
         raise ValueError(f"strategy {strategy.name} ({strategy.labels}) needs scores of shape "
-                         f"(3, 3, {n}), got {None if scores is None else scores.shape}")
+                         f"{(len(DISTORTIONS), LEVELS, n)}, got {None if scores is None else scores.shape}")
     from .iqa import target_probability  # here, so one-hot training never imports IQA code
 
     t = target_probability(scores, cfg)
-    used = [copy_index(DISTORTIONS.index(d), lv) for d in strategy.distortions for lv in range(3)]
+    used = [copy_index(DISTORTIONS.index(d), lv) for d in strategy.distortions for lv in range(LEVELS)]
     for d in strategy.distortions:
-        for lv in range(3):
+        for lv in range(LEVELS):
             q[copy_index(DISTORTIONS.index(d), lv)] = t[DISTORTIONS.index(d), lv]
     if strategy.labels == "shuffled_ls":
         rng = np.random.default_rng(derive_seed(seed, "shuffle", strategy.name))
@@ -81,7 +77,7 @@ def mean_epsilon(q: np.ndarray, strategy: Strategy, shares) -> float:
     """Mean per-sample IQA-LS epsilon K(1 - q)/(K - 1) over one epoch's expected mixture."""
     k = NUM_CLASSES
     eps = 0.0  # pristine share contributes epsilon 0
-    for lv in range(3):
+    for lv in range(LEVELS):
         rows = [copy_index(DISTORTIONS.index(d), lv) for d in strategy.distortions]
         eps += shares[lv + 1] * float(np.mean(k * (1 - q[rows]) / (k - 1)))
     return eps

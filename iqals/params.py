@@ -16,6 +16,24 @@ import yaml
 
 NUM_CLASSES = 10  # CIFAR-10
 DISTORTIONS = ("blur", "noise", "jpeg")
+LEVELS = 3  # distortion levels per type (level 1 mildest)
+# The copies of an image set, one layout everywhere: 0 = pristine, then every type at every level
+# (copy_index). Arrays of distorted images and of scores are (len(DISTORTIONS), LEVELS, N, ...).
+NUM_COPIES = 1 + len(DISTORTIONS) * LEVELS
+
+
+def copy_index(dtype: int, level: int) -> int:
+    """Copy number of distortion type `dtype` (DISTORTIONS index) at 0-based `level`."""
+    return 1 + LEVELS * dtype + level
+
+
+def test_set_name(dtype: int, level: int) -> str:
+    """Name of the test set of type `dtype` at 0-based `level`, e.g. blur_1 (Table 2 columns)."""
+    return f"{DISTORTIONS[dtype]}_{level + 1}"
+
+
+# Table 2's columns, in order: copy_index(t, lv) is the position of test_set_name(t, lv)
+TEST_SETS = ("pristine",) + tuple(test_set_name(t, lv) for t in range(len(DISTORTIONS)) for lv in range(LEVELS))
 TRAIN_SETS = {  # training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
     "pristine": (),
     "mix_blur": ("blur",),

@@ -23,7 +23,7 @@ from . import mixture, seeds
 from . import model as model_lib
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, soft_targets, true_class_probability
-from .params import DISTORTIONS, Params, Strategy
+from .params import DISTORTIONS, LEVELS, Params, Strategy, copy_index
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def prepare(strategy: Strategy, images: np.ndarray, labels: np.ndarray,
         if distorted is None:
             raise TrainingError(f"strategy {strategy.name} ({strategy.train_set}) needs the distorted set")
         t = DISTORTIONS.index(d)
-        for lv in range(3):
-            pool[1 + 3 * t + lv] = torch.tensor(distorted[t, lv]).permute(0, 3, 1, 2).to(device)  # copy of mmap
+        for lv in range(LEVELS):
+            pool[copy_index(t, lv)] = torch.tensor(distorted[t, lv]).permute(0, 3, 1, 2).to(device)  # copy of mmap
     h = hashlib.sha256(q.tobytes())
     h.update(labels.tobytes())
     h.update(pool[:, ::97].cpu().numpy().tobytes())  # a strided sample of every copy

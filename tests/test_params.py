@@ -178,3 +178,13 @@ def test_parse_does_not_mutate_its_input(raw_params):
     before = copy.deepcopy(raw_params)
     P.parse(raw_params)
     assert raw_params == before
+
+
+def test_copy_layout_names_each_test_set_once():
+    """copy_index and test_set_name agree: copy c of an image is test set TEST_SETS[c]."""
+    from iqals.params import DISTORTIONS, LEVELS, NUM_COPIES, TEST_SETS, copy_index, test_set_name
+
+    pairs = [(t, lv) for t in range(len(DISTORTIONS)) for lv in range(LEVELS)]
+    assert sorted(copy_index(t, lv) for t, lv in pairs) == list(range(1, NUM_COPIES))
+    assert all(TEST_SETS[copy_index(t, lv)] == test_set_name(t, lv) for t, lv in pairs)
+    assert TEST_SETS[0] == "pristine" and test_set_name(2, 0) == "jpeg_1" and len(set(TEST_SETS)) == NUM_COPIES
