@@ -48,9 +48,10 @@ def true_class_probability(strategy: Strategy, n: int, scores: np.ndarray | None
     """q(y) of every copy of each of the n images: float64 (10, n); row 0 (pristine) is 1.
 
     original: 1 everywhere (one-hot). iqa_ls: Eq. (2), T(s) clipped. shuffled_ls: the same values
-    permuted across the strategy's distorted copies. uniform_ls: one epsilon for every image,
-    pristine included, equal to the mean IQA-LS epsilon K(1 - T)/(K - 1) over the epoch mixture.
-    `scores` is float64 (3 types, 3 levels, n) from the score stage.
+    permuted within each level, across images (and types, for mix_all3), so every epoch smooths
+    exactly as much as iqa_ls. uniform_ls: one epsilon for every image, pristine included, equal
+    to the mean IQA-LS epsilon K(1 - T)/(K - 1) over the epoch mixture.
+    `scores` is float64 (types, levels, n) from the score stage.
     """
     q = np.ones((NUM_COPIES, n))
     if strategy.labels == "original":
@@ -60,15 +61,17 @@ def true_class_probability(strategy: Strategy, n: int, scores: np.ndarray | None
                          f"{(len(DISTORTIONS), LEVELS, n)}, got {None if scores is None else scores.shape}")
     from .iqa import target_probability  # here, so one-hot training never imports IQA code
 
-    t = target_probability(scores, cfg)
-    used = [copy_index(DISTORTIONS.index(d), lv) for d in strategy.distortions for lv in range(LEVELS)]
-    for d in strategy.distortions:
-        for lv in range(LEVELS):
-            q[copy_index(DISTORTIONS.index(d), lv)] = t[DISTORTIONS.index(d), lv]
-    if strategy.labels == "shuffled_ls":
-        rng = np.random.default_rng(derive_seed(seed, "shuffle", strategy.name))
-        q[used] = rng.permutation(q[used].ravel()).reshape(len(used), n)
-    elif strategy.labels == "uniform_ls":
+    target = target_probability(scores, cfg)
+    rng = np.random.default_rng(derive_seed(seed, "shuffle", strategy.name))
+    for lv in range(LEVELS):
+        types = [DISTORTIONS.index(d) for d in strategy.distortions]
+        rows = [copy_index(t, lv) for t in types]
+        q[rows] = target[types, lv]
+        if strategy.labels == "shuffled_ls":
+            # within a level only: an epoch draws the levels in unequal shares, so permuting across
+            # levels would change the amount of smoothing; this breaks only which image gets which score
+            q[rows] = rng.permutation(q[rows].ravel()).reshape(len(rows), n)
+    if strategy.labels == "uniform_ls":
         q[:] = 1 - mean_epsilon(q, strategy, shares) * (NUM_CLASSES - 1) / NUM_CLASSES
     return q
 

@@ -101,3 +101,28 @@ def test_uniform_epsilon_matches_mean_iqa_epsilon(params, scores):
 def test_scored_rule_without_scores_is_an_error(params):
     with pytest.raises(ValueError, match="needs scores"):
         mixture.true_class_probability(strat("mix_blur", "iqa_ls", "S3"), 40, None, params.iqa, SHARES, 0)
+
+
+def _epsilon(q_rows):
+    return 10 * (1 - q_rows) / 9
+
+
+@pytest.mark.parametrize("train_set", ["mix_blur", "mix_all3"])
+def test_shuffled_smooths_exactly_as_much_as_iqa_ls_per_epoch(params, train_set):
+    """R's targets are IQA-LS's permuted within each level: the expected epsilon of an epoch (levels
+    drawn 15/15/10) is IQA-LS's to 1e-12, and the epsilon of real draws agrees within sampling error.
+    Levels with very different scores make a permutation across levels fail both checks."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    scores = np.stack([rng.uniform(lo, lo + 0.1, size=(3, n)) for lo in (0.85, 0.6, 0.3)], axis=1)
+    iqa = mixture.true_class_probability(strat(train_set, "iqa_ls"), n, scores, params.iqa, SHARES, 0)
+    shuf = mixture.true_class_probability(strat(train_set, "shuffled_ls", "R"), n, scores, params.iqa, SHARES, 0)
+    used = iqa < 1  # the copies the mix draws (all scores here are below 1)
+    assert np.array_equal(shuf < 1, used) and np.mean(shuf[used] == iqa[used]) < 0.05  # pairing broken
+    assert mixture.mean_epsilon(shuf, strat(train_set), SHARES) == pytest.approx(
+        mixture.mean_epsilon(iqa, strat(train_set), SHARES), abs=1e-12)
+    for epoch in range(3):
+        copy, image = mixture.epoch_draw(n, strat(train_set), SHARES, seed=0, epoch=epoch)
+        e_iqa, e_shuf = _epsilon(iqa[copy, image]), _epsilon(shuf[copy, image])
+        se = np.sqrt(e_iqa.var() / n + e_shuf.var() / n)
+        assert abs(e_shuf.mean() - e_iqa.mean()) < 4 * se
