@@ -151,8 +151,15 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class Report:
+    table2: tuple[str, ...]
+    fig3_panels: dict[str, tuple[str, ...]]
     fig4_examples: tuple[int, ...]
     fig4_strategies: tuple[str, ...]
+    claim_levels: tuple[int, ...]
+    alpha: float
+    bootstrap: int
+    quality_bins: int
+    s1_tolerance: float
 
 
 @dataclass(frozen=True)
@@ -354,11 +361,27 @@ def _parse(raw: dict) -> Params:
                         batch_size=_num("evaluate.batch_size", s["batch_size"], lo=1, integer=True))
 
     s = _section(raw, "report", Report)
-    ex = _list("report.fig4_examples", s["fig4_examples"], lo=0, integer=True)
-    names = s["fig4_strategies"]
-    if not isinstance(names, list) or not names or any(n not in strategies for n in names):
-        _fail("report.fig4_strategies", names, f"a non-empty list of strategy names from {sorted(strategies)}")
-    report = Report(fig4_examples=ex, fig4_strategies=tuple(names))
+
+    def names(key, v, known=None):  # Table 2 and Figure 3 may name strategies a run leaves out
+        if not isinstance(v, list) or not v or any(not isinstance(n, str) or (known and n not in known) for n in v):
+            _fail(key, v, "a non-empty list of strategy names" + (f" from {sorted(known)}" if known else ""))
+        if len(set(v)) != len(v):
+            _fail(key, v, "no repeated names")
+        return tuple(v)
+
+    panels = s["fig3_panels"]
+    if not isinstance(panels, dict) or not panels or any(k not in DISTORTIONS + ("all3",) for k in panels):
+        _fail("report.fig3_panels", panels, f"a mapping from {list(DISTORTIONS) + ['all3']} to strategy lists")
+    report = Report(table2=names("report.table2", s["table2"]),
+                    fig3_panels={k: names(f"report.fig3_panels.{k}", v) for k, v in panels.items()},
+                    fig4_examples=_list("report.fig4_examples", s["fig4_examples"], lo=0, integer=True),
+                    fig4_strategies=names("report.fig4_strategies", s["fig4_strategies"], strategies),
+                    claim_levels=_unique_list("report.claim_levels", s["claim_levels"],
+                                              lambda k, x: _num(k, x, lo=1, hi=LEVELS, integer=True)),
+                    alpha=_num("report.alpha", s["alpha"], lo=0, hi=1, lo_open=True),
+                    bootstrap=_num("report.bootstrap", s["bootstrap"], lo=100, integer=True),
+                    quality_bins=_num("report.quality_bins", s["quality_bins"], lo=2, integer=True),
+                    s1_tolerance=_num("report.s1_tolerance", s["s1_tolerance"], lo=0, hi=1))
 
     return Params(base=base, distort=distort, iqa=iqa_, mixture=mixture, model=model,
                   train=train, strategies=strategies, evaluate=evaluate, report=report,

@@ -1,13 +1,12 @@
-"""Stage report: metrics/ and data/predictions -> plots/ (Table 2, claims, controls, figures).
+"""Stage report: metrics/, data/predictions and logs/ -> plots/ (Table 2, claims, controls, figures).
 
-Writes plots/table2.{csv,md}, plots/report.md (everything, with the parameters that made it),
-plots/paired_tests.csv, plots/controls.csv, plots/calibration.csv, plots/unseen.csv, plots/fig3.png,
-plots/fig4.png. `--sync-readme` copies plots/report.md into README.md between its markers.
+Writes plots/report.md (everything, with the regime that made it), table2.{csv,md},
+comparisons.csv (every family's tests per mix and test set), controls.csv, calibration.csv,
+unseen.csv, summary.json and the figures fig3.png, fig4.png, confidence_quality.png, training.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -18,10 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from iqals import figures, stats  # noqa: E402
 from iqals import report as rep  # noqa: E402
-from iqals.data import CLASSES, load_npz  # noqa: E402
-from iqals.io import atomic_path, read_json, write_text
-from iqals.readme import replace_block  # noqa: E402
+from iqals.data import CLASSES, SPLITS, load_npz, official_index  # noqa: E402
+from iqals.io import atomic_path, read_json, write_json, write_text  # noqa: E402
+from iqals.seeds import derive_seed  # noqa: E402
 from stages.common import run, setup  # noqa: E402
 
 log = logging.getLogger("report")
@@ -38,92 +38,72 @@ def save_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False, float_format="%.5g")
 
 
+def load_inputs(args, p) -> dict:
+    """Everything the report reads, checked to be there before anything is computed."""
+    m_dir, p_dir = Path(args.metrics), Path(args.predictions)
+    missing = [n for n in p.strategies if not (m_dir / f"{n}.json").is_file() or not (p_dir / f"{n}.npz").is_file()]
+    if missing:
+        raise ValueError(f"{m_dir} / {p_dir}: no metrics or predictions for {missing} (run their evaluate stages)")
+    preds = {}
+    for n in p.strategies:
+        with np.load(p_dir / f"{n}.npz") as z:
+            preds[n] = {k: z[k] for k in ("probs", "labels", "seeds")}
+    logs = {n: pd.concat([pd.read_csv(Path(args.logs) / n / f"seed{k}.tsv", sep="\t") for k in p.train.seeds])
+            for n in p.strategies}
+    images, labels = load_npz(Path(args.raw) / "test.npz", "test")
+    return {"metrics": {n: read_json(m_dir / f"{n}.json") for n in p.strategies}, "preds": preds, "logs": logs,
+            "images": images, "labels": labels, "n_train": len(official_index(Path(args.raw) / "train.npz")),
+            "paper": rep.paper_by_name(pd.read_csv(Path(args.paper) / "paper_table2.csv"), p.report.table2),
+            "scores": {s: np.load(Path(args.scores) / f"{s}.npy") for s in SPLITS},
+            "clipped": sum(v["clipped"] for v in read_json(m_dir / "score.json")["train"].values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--metrics", default="metrics")
-    ap.add_argument("--predictions", default="data/predictions")
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--distorted", default="data/distorted")
-    ap.add_argument("--scores", default="data/scores")
-    ap.add_argument("--paper", default="reference")
-    ap.add_argument("--out", default="plots")
-    ap.add_argument("--sync-readme", metavar="README", help="only copy plots/report.md into README")
+    for name, default in (("metrics", "metrics"), ("predictions", "data/predictions"), ("logs", "logs"),
+                          ("raw", "data/raw"), ("distorted", "data/distorted"), ("scores", "data/scores"),
+                          ("paper", "reference"), ("out", "plots")):
+        ap.add_argument(f"--{name}", default=default)
     args = ap.parse_args()
-    out = Path(args.out)
-    if args.sync_readme:
-        return replace_block(args.sync_readme, "report", (out / "report.md").read_text())
-    p = setup("report")
-    names = list(p.strategies)
-    missing = [n for n in names if not (Path(args.metrics) / f"{n}.json").is_file()]
-    if missing:
-        raise ValueError(f"{args.metrics}: no metrics for {missing} (run their evaluate stages)")
-    metrics = {n: read_json(Path(args.metrics) / f"{n}.json") for n in names}
-    preds = {}
-    for n in names:
-        with np.load(Path(args.predictions) / f"{n}.npz") as z:
-            preds[n] = {"probs": z["probs"], "labels": z["labels"]}
-    paper = pd.read_csv(Path(args.paper) / "paper_table2.csv")
-    images, labels = load_npz(Path(args.raw) / "test.npz", "test")
-    test_scores = np.load(Path(args.scores) / "test.npy")
-    score_meta = read_json(Path(args.metrics) / "score.json")
+    p, out = setup("report"), Path(args.out)
+    d = load_inputs(args, p)
+    metrics, preds, r = d["metrics"], d["preds"], p.report
+    n_seeds, n_test = len(p.train.seeds), len(d["labels"])
 
-    t2 = rep.table2(metrics, paper)
-    save_csv(t2, out / "table2.csv")
-    t2_md = rep.table2_markdown(t2, len(p.train.seeds))
-    write_text(out / "table2.md", t2_md)
-    tests = rep.paired_tests(p.strategies, preds)
-    save_csv(tests, out / "paired_tests.csv")
-    eps = rep.mix_epsilons(p.strategies, np.load(Path(args.scores) / "train.npy"), p.iqa, p.mixture.shares)
-    ctrl = rep.controls(p.strategies, metrics, eps)
-    save_csv(ctrl, out / "controls.csv")
-    calib = rep.calibration(metrics, preds, test_scores)
-    save_csv(calib, out / "calibration.csv")
+    t2 = rep.table2(metrics, d["paper"])
+    t2_md = rep.table2_markdown(t2, n_seeds)
+    boot = stats.Bootstrap(n_test, n_seeds, r.bootstrap, derive_seed(p.base.seed, "report bootstrap"))
+    comps = rep.comparisons(p.strategies, preds, r.claim_levels, boot, r.alpha)
+    counts = rep.family_counts(comps)
+    eps = rep.mix_epsilons(p.strategies, d["scores"]["train"], p.iqa, p.mixture.shares)
+    ctrl = rep.controls(p.strategies, metrics, eps, r.claim_levels)
+    calib = rep.calibration(metrics, preds, d["scores"]["test"])
     unseen = rep.unseen(p.strategies, metrics, p.corrupt.families)
-    save_csv(unseen, out / "unseen.csv")
+    s1 = r.table2[0]
+    regime = rep.regime(p, d["n_train"], SPLITS["train"], n_test, metrics[s1]["pristine"]["acc"],
+                        float(d["paper"][s1]["pristine"]))
+    for df, name in ((t2, "table2"), (comps, "comparisons"), (ctrl, "controls"), (calib, "calibration"),
+                     (unseen, "unseen")):
+        save_csv(df, out / f"{name}.csv")
+    write_text(out / "table2.md", t2_md)
 
-    save_fig(rep.fig3(metrics, plt), out / "fig3.png")
+    save_fig(figures.fig3(metrics, d["paper"], r.fig3_panels, n_seeds, plt), out / "fig3.png")
     blurred = np.load(Path(args.distorted) / "test.npy", mmap_mode="r")[0]
-    ex = [i for i in p.report.fig4_examples if i < len(labels)]
-    save_fig(rep.fig4(images, blurred, labels, ex, {n: preds[n]["probs"] for n in p.report.fig4_strategies},
-                      plt, CLASSES), out / "fig4.png")
+    ex = [i for i in r.fig4_examples if i < n_test]
+    save_fig(figures.fig4(d["images"], blurred, d["labels"], ex, {n: preds[n]["probs"] for n in r.fig4_strategies},
+                          plt, CLASSES), out / "fig4.png")
+    conf = {n: rep.true_confidence(preds[n]).mean(0)[1:].reshape(d["scores"]["test"].shape) for n in p.strategies}
+    save_fig(figures.confidence_quality(conf, p.strategies, d["scores"]["test"], r.quality_bins, plt),
+             out / "confidence_quality.png")
+    save_fig(figures.training_curves(d["logs"], plt), out / "training.png")
 
-    n_test = len(labels)
-    setting = (f"Parameters: training images {p.base.train_size or 50000}, test images {n_test}, "
-               f"epochs {p.train.epochs} (lr decay every {p.train.lr_decay_epochs}), seeds "
-               f"{list(p.train.seeds)}, quality measure {p.iqa.metric} ({p.iqa.transform}), loss "
-               f"{p.train.loss}. Standard error of one accuracy on {n_test} images: about "
-               f"{100 * np.sqrt(0.25 / n_test):.1f} points.")
-    clipped = sum(v["clipped"] for v in score_meta["train"].values())
-    sig = tests[(tests["mcnemar_p"] < 0.05)]
-    md = [
-        "### Table 2, regenerated", "", setting, "",
-        "Each cell: our top-1 accuracy in % (the paper's, our difference).", "", t2_md,
-        "### Does IQA-LS beat its one-hot twin? (paper's claim, on pristine and the levels it was trained on)",
-        "", *rep.claim_lines(p.strategies, metrics, paper), "",
-        "### Controls: is it the quality signal or just smoothing?", "",
-        "Accuracy on pristine and averaged over the mix's own distorted test sets; ECE and NLL "
-        "averaged over the ten test sets; epsilon: the mix's mean per-sample IQA-LS epsilon "
-        "K(1 - T(s))/(K - 1) over an epoch, with which uniform_ls smooths every image.", "",
-        rep.markdown(ctrl), "",
-        f"Paired tests against the one-hot twin (McNemar exact test on per-image correctness, "
-        f"pooled over seeds; paired t-test over seeds when there are two or more): "
-        f"{len(sig)} of {len(tests)} cells differ at p < 0.05 (plots/paired_tests.csv).", "",
-        "### Calibration and confidence vs quality", "",
-        "Spearman's rho between the true-class confidence and the test image's quality score, over "
-        "the nine distorted test sets; ECE/NLL per test set in plots/calibration.csv.", "",
-        rep.markdown(calib[["strategy", "labels", "train_set", "spearman_conf_quality",
-                            "pristine_ece", "pristine_nll"]]), "",
-        f"Targets clipped to iqa.clip on the training set: {clipped}.", "",
-        "### Corruptions never seen in training (CIFAR-10-C style, severities "
-        f"{list(p.corrupt.severities)})", "",
-        "Accuracy per family, mean over severities and seeds (plots/unseen.csv).", "",
-        rep.markdown(unseen), "",
-        "![Figure 3](plots/fig3.png)", "", "![Figure 4](plots/fig4.png)", "",
-    ]
-    write_text(out / "report.md", "\n".join(md))
-    write_text(out / "summary.json", json.dumps({"test_images": n_test, "seeds": list(p.train.seeds),
-                                                 "significant_cells": int(len(sig)),
-                                                 "tested_cells": int(len(tests))}, indent=2) + "\n")
+    write_text(out / "report.md", rep.report_markdown(
+        p, regime_text=regime, t2_md=t2_md, claims=rep.claim_lines(p.strategies, comps, d["paper"], r.claim_levels),
+        conclusions=rep.conclusion_lines(comps, r.alpha), counts=counts, ctrl=ctrl, calib=calib,
+        unseen_df=unseen, clipped=d["clipped"], n_boot=r.bootstrap))
+    write_json(out / "summary.json", {"test_images": n_test, "seeds": list(p.train.seeds),
+                                      "families": counts.set_index("family").to_dict(orient="index"),
+                                      "conclusions": rep.conclusion_lines(comps, r.alpha)})
     log.info("wrote %s", ", ".join(sorted(x.name for x in out.iterdir())))
 
 

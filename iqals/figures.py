@@ -1,0 +1,115 @@
+"""The report's figures: Figure 3 beside the paper's, Figure 4, confidence vs quality, training curves.
+
+Each function takes the data and a matplotlib.pyplot module and returns the figure.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .params import DISTORTIONS, LEVELS, test_set_name
+
+PAPER_STYLE = {"alpha": 0.35, "linestyle": "--", "marker": "x"}  # the paper's values: same colour, faint
+
+
+def _curve(values: dict, kind: str, key: str = "acc") -> list:
+    """pristine then levels 1..3 of one distortion type, from a per-test-set mapping."""
+    t = DISTORTIONS.index(kind)
+    return [values["pristine"][key]] + [values[test_set_name(t, lv)][key] for lv in range(LEVELS)]
+
+
+def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list[str]], n_seeds: int, plt):
+    """Accuracy vs distortion level, ours solid (with std over seeds as error bars when there are
+    several) and the paper's faint and dashed in the same colour; baseline S1 dotted. The panel
+    'all3' shows each strategy per distortion type, as the paper's Figure 3(d)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), constrained_layout=True)
+    x = np.arange(LEVELS + 1)
+    paper = {n: {t: {"acc": float(r[t])} for t in r.index if t not in ("strategy", "regularization", "train_set")}
+             for n, r in paper_rows.items()}
+
+    def line(ax, name, kind, color, style, label):
+        m = metrics[name]
+        yerr = _curve(m, kind, "acc_std") if n_seeds > 1 else None
+        ax.errorbar(x, _curve(m, kind), yerr=yerr, color=color, linestyle=style, marker="o", capsize=3, label=label)
+        if name in paper:
+            ax.plot(x, _curve(paper[name], kind), color=color, **PAPER_STYLE)
+
+    for ax, (panel, names) in zip(np.atleast_1d(axes), panels.items()):
+        names = [n for n in names if n in metrics]
+        if panel in DISTORTIONS:
+            for i, name in enumerate(names):
+                line(ax, name, panel, f"C{i}", ":" if name == "S1" else "-", name)
+        else:  # every type, one colour each, one line style per strategy
+            for name, style in zip(names, ("--", "-", "-.", ":")):
+                for kind, color in zip(DISTORTIONS, ("C0", "C1", "C2")):
+                    line(ax, name, kind, color, style, f"{name} {kind}")
+        ax.plot([], [], color="grey", **PAPER_STYLE, label="paper")
+        ax.set_title(f"{panel}: {', '.join(names)}")
+        ax.set_xticks(x, ["pristine"] + [str(lv + 1) for lv in range(LEVELS)])
+        ax.set_xlabel("distortion level")
+        ax.set_ylabel("top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, strategy_probs: dict, plt,
+         class_names):
+    """Example test images at pristine and blur levels 1-3, with each strategy's true-class
+    confidence (mean over seeds) under each thumbnail, as in the paper's Figure 4."""
+    fig, axes = plt.subplots(len(examples), LEVELS + 1, figsize=(8, 2.4 * len(examples)), constrained_layout=True)
+    axes = np.atleast_2d(axes)
+    for r, i in enumerate(examples):
+        for c in range(LEVELS + 1):
+            ax = axes[r, c]
+            ax.imshow(images[i] if c == 0 else blurred[c - 1, i], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            conf = ", ".join(f"{n} {pr[:, c, i, labels[i]].mean():.3f}" for n, pr in strategy_probs.items())
+            ax.set_xlabel(conf, fontsize=7)
+            if r == 0:
+                ax.set_title("pristine" if c == 0 else f"blur level {c}")
+            if c == 0:
+                ax.set_ylabel(f"#{i} {class_names[labels[i]]}")
+    return fig
+
+
+def confidence_quality(conf: dict[str, np.ndarray], strategies, test_scores: np.ndarray, bins: int, plt):
+    """Mean true-class confidence per quantile bin of the quality score, one panel per distortion
+    type (its three levels pooled), for the strategies trained on pristine or on that type.
+
+    conf: name -> float (types, levels, N), mean over seeds; test_scores: (types, levels, N).
+    """
+    fig, axes = plt.subplots(1, len(DISTORTIONS), figsize=(5 * len(DISTORTIONS), 3.8), constrained_layout=True)
+    for t, (ax, kind) in enumerate(zip(axes, DISTORTIONS)):
+        s = test_scores[t].ravel()
+        edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
+        which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
+        centre = np.array([s[which == b].mean() for b in range(len(edges) - 1)])
+        for name, c in conf.items():
+            if kind not in strategies[name].distortions and strategies[name].distortions:
+                continue
+            y = np.bincount(which, c[t].ravel(), len(edges) - 1) / np.bincount(which, minlength=len(edges) - 1)
+            ax.plot(centre, y, marker=".", label=name)
+        ax.set_title(f"{kind}: confidence vs quality")
+        ax.set_xlabel("quality score of the test image (bin mean)")
+        ax.set_ylabel("true-class confidence")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def training_curves(logs: dict[str, pd.DataFrame], plt):
+    """Loss and training accuracy per epoch, mean over seeds, one line per strategy."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    for i, (name, df) in enumerate(logs.items()):
+        mean = df.groupby("epoch")[["loss", "train_acc"]].mean()
+        style = "-" if i < 10 else "--"  # more strategies than colours
+        for ax, col in zip(axes, ("loss", "train_acc")):
+            ax.plot(mean.index, mean[col], style, label=name)
+    for ax, title in zip(axes, ("training loss", "training accuracy")):
+        ax.set_title(f"{title} (mean over seeds)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    return fig
