@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 
 from . import stats
 from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, Strategy, test_set_name
+from .seeds import derive_seed
 
 # Families of comparisons (label rule a vs b) and the question each answers; Holm corrects within each.
 FAMILIES = {
@@ -327,3 +328,27 @@ def report_markdown(p: Params, *, regime_text: str, t2_md: str, claims: list[str
         "![Confidence vs quality](plots/confidence_quality.png)", "", "![Training curves](plots/training.png)", "",
     ]
     return "\n".join(md)
+
+
+def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict, n_train: int, n_full: int,
+          clipped: int) -> dict:
+    """Every table, the report's markdown and the summary, from the evaluate stage's outputs."""
+    r, n_seeds, n_test = p.report, len(p.train.seeds), len(next(iter(preds.values()))["labels"])
+    boot = stats.Bootstrap(n_test, n_seeds, r.bootstrap, derive_seed(p.base.seed, "report bootstrap"))
+    comps = comparisons(p.strategies, preds, r.claim_levels, boot, r.alpha)
+    tables = {"table2": table2(metrics, paper_rows), "comparisons": comps, "family_counts": family_counts(comps),
+              "controls": controls(p.strategies, metrics, mix_epsilons(p.strategies, scores["train"], p.iqa,
+                                                                      p.mixture.shares), r.claim_levels),
+              "calibration": calibration(metrics, preds, scores["test"]),
+              "unseen": unseen(p.strategies, metrics, p.corrupt.families)}
+    s1 = next((n for n in r.table2 if n in metrics), None)
+    regime_text = regime(p, n_train, n_full, n_test, metrics[s1]["pristine"]["acc"] if s1 else None,
+                         float(paper_rows[s1]["pristine"]) if s1 else None)
+    t2_md, conclusions = table2_markdown(tables["table2"], n_seeds), conclusion_lines(comps, r.alpha)
+    md = report_markdown(p, regime_text=regime_text, t2_md=t2_md, conclusions=conclusions,
+                         claims=claim_lines(p.strategies, comps, paper_rows, r.claim_levels),
+                         counts=tables["family_counts"], ctrl=tables["controls"], calib=tables["calibration"],
+                         unseen_df=tables["unseen"], clipped=clipped, n_boot=r.bootstrap)
+    summary = {"test_images": n_test, "seeds": list(p.train.seeds), "conclusions": conclusions,
+               "families": tables["family_counts"].set_index("family").to_dict(orient="index")}
+    return {"tables": tables, "table2_md": t2_md, "report_md": md, "summary": summary}
