@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ExpectedError
 from .params import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 SPLITS = {"train": 50_000, "test": 10_000}  # official sizes: a copy may hold fewer test images
 
 
-class DataError(ValueError):
+class DataError(ExpectedError, ValueError):
     """A data source is missing, corrupt or not CIFAR-10 as expected."""
 
 
