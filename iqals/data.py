@@ -81,7 +81,7 @@ def load_local(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     if not directory.is_dir():
         raise DataError(f"{LOCAL_COPY_ENV}={directory}: not a directory (expected one holding "
                         "train.npz and test.npz)")
-    return {split: load_npz(directory / f"{split}.npz", split) for split in SPLITS}
+    return load_raw(directory)
 
 
 def load_official(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -9,19 +9,16 @@ import numpy as np
 import torch
 
 from . import model as model_lib
+from . import stacks
 from .data import DataError
-from .params import DISTORTIONS, LEVELS, NUM_CLASSES, TEST_SETS, Params, test_set_name
+from .params import NUM_CLASSES, TEST_SETS, Params
 
 log = logging.getLogger(__name__)
 
 
 def test_sets(pristine: np.ndarray, distorted: np.ndarray) -> dict[str, np.ndarray]:
-    """Name -> uint8 (N, 32, 32, 3) stack, in Table 2's column order."""
-    out = {"pristine": pristine}
-    for t in range(len(DISTORTIONS)):
-        for lv in range(LEVELS):
-            out[test_set_name(t, lv)] = distorted[t, lv]
-    return out
+    """Name -> uint8 (N, 32, 32, 3) stack, in Table 2's column order (TEST_SETS)."""
+    return {"pristine": pristine, **stacks.per_level(distorted, lambda d: d)}
 
 
 @torch.no_grad()

@@ -41,3 +41,51 @@ def test_test_sets_order_is_table2():
     assert list(sets) == ["pristine", "blur_1", "blur_2", "blur_3", "noise_1", "noise_2", "noise_3",
                           "jpeg_1", "jpeg_2", "jpeg_3"]
     assert [int(v[0, 0, 0, 0]) for v in sets.values()][1:] == list(range(9))
+
+
+def test_aggregate_means_over_seeds_and_std_of_accuracy():
+    cell = lambda acc, nll: {"acc": acc, "conf": 0.5, "nll": nll, "ece": 0.1}  # noqa: E731
+    per_seed = [{n: cell(0.5, 1.0) for n in evaluate.TEST_SETS}, {n: cell(0.7, 2.0) for n in evaluate.TEST_SETS}]
+    out = evaluate.aggregate(per_seed)
+    assert list(out) == list(evaluate.TEST_SETS)
+    assert out["jpeg_3"] == {"acc": 0.6, "conf": 0.5, "nll": 1.5, "ece": 0.1, "acc_std": round(np.std([0.5, 0.7], ddof=1), 5)}
+    assert evaluate.aggregate(per_seed[:1])["pristine"]["acc_std"] == 0.0
+
+
+def test_unseen_summary_per_family_and_severity():
+    acc = np.array([[[0.2, 0.4], [0.6, 0.8]], [[0.4, 0.6], [0.8, 1.0]]])  # (seeds, families, severities)
+    out = evaluate.unseen_summary(acc, ("fog", "contrast"))
+    assert out == {"fog": {"acc": 0.4, "by_severity": [0.3, 0.5]},
+                   "contrast": {"acc": 0.8, "by_severity": [0.7, 0.9]}, "mean": 0.6}
+
+
+def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
+    """The per-seed loop: probabilities per seed and test set, metrics from them, shape checks."""
+    import dataclasses
+
+    import torch
+
+    from iqals import model as model_lib
+    from iqals.data import DataError
+
+    _, (images, labels) = tiny_arrays
+    images, labels = images[:12], labels[:12]
+    distorted = np.stack([np.stack([np.roll(images, t + lv, axis=1) for lv in range(3)]) for t in range(3)])
+    p = dataclasses.replace(params, corrupt=dataclasses.replace(params.corrupt, families=("fog", "contrast"),
+                                                                 severities=(2,)))
+    corrupted = np.stack([np.stack([images[:, ::-1]] * len(p.corrupt.severities))] * len(p.corrupt.families))
+    for seed in (0, 1):
+        torch.save({"model": model_lib.build(p.model, seed).state_dict()}, tmp_path / f"seed{seed}.pt")
+    cpu = torch.device("cpu")
+    nets = {k: evaluate.load_model(tmp_path / f"seed{k}.pt", p, cpu) for k in (0, 1)}
+    probs, m = evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted, labels, p, cpu)
+    assert probs.shape == (2, 10, 12, 10) and probs.dtype == np.float32
+    want = evaluate.predict(nets[1], distorted[1, 2], cpu, 5)
+    np.testing.assert_allclose(probs[1, evaluate.TEST_SETS.index("noise_3")], want, rtol=1e-6)
+    assert m["per_seed_acc"]["seed1"]["noise_3"] == round(evaluate.accuracy(want, labels), 5)
+    assert (m["strategy"], m["labels"], m["seeds"], m["test_images"]) == ("S3", "iqa_ls", [0, 1], 12)
+    assert list(m["unseen"]) == list(p.corrupt.families) + ["mean"]
+    with pytest.raises(DataError, match="rerun the corrupt stage"):
+        evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted[:1], labels, p, cpu)
+    with pytest.raises(DataError, match="no trained model"):
+        evaluate.load_model(tmp_path / "seed7.pt", p, cpu)
