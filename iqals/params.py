@@ -70,44 +70,39 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 # A check is called as check(key, raw value, ctx) and returns the parsed value or raises
 # ParamError; ctx maps the full key of every value parsed so far to that value.
 
-class Num:
-    """A number in [lo, hi] ((lo, hi] with open_lo); an integer with integer=True; null too with null=True."""
+class Check:
+    """A value that `ok` accepts, returned through `convert`; `allowed` says what is accepted."""
 
-    def __init__(self, lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False):
-        self.lo, self.hi, self.open_lo, self.integer, self.null = lo, hi, open_lo, integer, null
-        self.allowed = (f"{'null or ' if null else ''}{'an integer' if integer else 'a number'} in "
-                        f"{'(' if open_lo else '['}{lo}, {hi}]")
+    def __init__(self, allowed: str, ok, convert=lambda v: v):
+        self.allowed, self.ok, self.convert = allowed, ok, convert
 
     def __call__(self, key, v, ctx):
-        if v is None and self.null:
-            return None
-        if (isinstance(v, bool) or not isinstance(v, int if self.integer else (int, float))
-                or not math.isfinite(v) or not self.lo <= v <= self.hi or (self.open_lo and v == self.lo)):
-            _fail(key, v, self.allowed)
-        return int(v) if self.integer else float(v)
+        return self.convert(v) if self.ok(v) else _fail(key, v, self.allowed)
 
 
-def Int(lo=-math.inf, hi=math.inf, null=False) -> Num:
+def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False) -> Check:
+    """A number in [lo, hi] ((lo, hi] with open_lo); an integer with integer=True; null too with null=True."""
+    def ok(v):
+        if v is None:
+            return null
+        return (not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v)
+                and lo <= v <= hi and not (open_lo and v == lo))
+    allowed = (f"{'null or ' if null else ''}{'an integer' if integer else 'a number'} in "
+               f"{'(' if open_lo else '['}{lo}, {hi}]")
+    return Check(allowed, ok, lambda v: v if v is None else (int if integer else float)(v))
+
+
+def Int(lo=-math.inf, hi=math.inf, null=False) -> Check:
     return Num(lo, hi, integer=True, null=null)
 
 
-class Choice:
+def Choice(*options: str) -> Check:
     """One of the given strings (an unquoted YAML number such as 420 counts as "420")."""
-
-    def __init__(self, *options: str):
-        self.options, self.allowed = options, f"one of {list(options)}"
-
-    def __call__(self, key, v, ctx):
-        if isinstance(v, bool) or not isinstance(v, (str, int)) or str(v) not in self.options:
-            _fail(key, v, self.allowed)
-        return str(v)
+    return Check(f"one of {list(options)}",
+                 lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
 
 
-class Flag:
-    allowed = "true or false"
-
-    def __call__(self, key, v, ctx):
-        return v if isinstance(v, bool) else _fail(key, v, self.allowed)
+FLAG = Check("true or false", lambda v: isinstance(v, bool))
 
 
 class Seq:
@@ -286,7 +281,7 @@ class Train:
     checkpoint_every: int = param(Int(1))
     device: str = param(Choice("auto", "cpu", "cuda"))
     precision: str = param(Choice("fp32", "tf32", "bf16"))
-    compile: bool = param(Flag())
+    compile: bool = param(FLAG)
 
     def problems(self):
         if self.lr_decay_epochs > self.epochs:
