@@ -242,7 +242,7 @@ def target_probability(scores: np.ndarray, cfg: IQA) -> np.ndarray:
 
 
 def summary(s: np.ndarray, cfg: IQA) -> dict:
-    """The distribution of the scores s of one test set, of their targets T(s), and how many
+    """The distribution of the scores s of one level, of their targets T(s), and how many
     targets the clip to iqa.clip changed (PROTOCOL.md asks to report it)."""
     q = target_probability(s, cfg)
     clipped = int(np.sum(q != TRANSFORMS[cfg.transform](s, cfg.transform_scale)))

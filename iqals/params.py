@@ -4,6 +4,7 @@ Every stage calls `load()` before it computes anything, so a bad value fails at 
 message naming the key, the value and what is allowed (nanoGPT's configurator: unknown or
 mistyped overrides fail loudly). Each dataclass field carries its check (`param(...)`), rules
 between fields sit in the class's `problems()`, and one builder (`_build`) reads every section.
+A new key is one field line, e.g. `step: str = param(Choice("eager", "compile"))` in Train.
 """
 from __future__ import annotations
 

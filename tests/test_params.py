@@ -113,6 +113,18 @@ def test_the_mutators_alone_do_not_break_good_params(raw_params):
     assert p.mixture.shares == (0.7, 0.1, 0.1, 0.1)
 
 
+def test_a_mapping_of_strategy_lists_is_one_check():
+    """What a report key such as fig3_panels (panel -> strategy names) would use."""
+    panels = params_lib.Mapping(params_lib.Names("strategies", "strategy"), "panel -> strategy names")
+    ctx = {"strategies": {"S1": None, "S2": None}}
+    assert panels("report.fig3_panels", {"blur": ["S1", "S2"]}, ctx) == {"blur": ("S1", "S2")}
+    with pytest.raises(ParamError, match=r"^params\.yaml: report\.fig3_panels\.blur = \['S1', 'S9'\]: "
+                                         r"expected a non-empty list of strategy names from \['S1', 'S2'\]$"):
+        panels("report.fig3_panels", {"blur": ["S1", "S9"]}, ctx)
+    with pytest.raises(ParamError, match=r"report\.fig3_panels = \{\}: expected a non-empty mapping"):
+        panels("report.fig3_panels", {}, ctx)
+
+
 def test_load_rejects_missing_and_invalid_files(tmp_path):
     with pytest.raises(ParamError, match="no such file"):
         params_lib.load(tmp_path / "params.yaml")
