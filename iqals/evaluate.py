@@ -63,16 +63,6 @@ def summarize(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, flo
             "nll": nll(probs, labels), "ece": ece(probs, labels, bins)}
 
 
-def accuracy_grid(net: torch.nn.Module, stacks: np.ndarray, labels: np.ndarray, device: torch.device,
-                  batch: int) -> np.ndarray:
-    """Accuracy on each stack of a (A, B, N, 32, 32, 3) grid (e.g. corruption family x severity)."""
-    out = np.zeros(stacks.shape[:2])
-    for a in range(stacks.shape[0]):
-        for b in range(stacks.shape[1]):
-            out[a, b] = accuracy(predict(net, stacks[a, b], device, batch), labels)
-    return out
-
-
 def load_model(path: Path, p: Params, device: torch.device) -> torch.nn.Module:
     if not path.is_file():
         raise DataError(f"{path}: no trained model (run the train stage for it first)")
@@ -120,7 +110,8 @@ def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.n
             probs[i, j] = pr
             row[set_name] = summarize(pr, labels, p.evaluate.ece_bins)
         per_seed.append(row)
-        unseen.append(accuracy_grid(net, corrupted, labels, device, p.evaluate.batch_size))
+        unseen.append([[accuracy(predict(net, x, device, p.evaluate.batch_size), labels) for x in family]
+                       for family in corrupted])  # (families, severities)
         log.info("%s seed %d: pristine acc %.4f", name, seed, row["pristine"]["acc"])
     strategy = p.strategies[name]
     metrics = {"strategy": name, "train_set": strategy.train_set, "labels": strategy.labels,
