@@ -48,7 +48,8 @@ def test_aggregate_means_over_seeds_and_std_of_accuracy():
     per_seed = [{n: cell(0.5, 1.0) for n in evaluate.TEST_SETS}, {n: cell(0.7, 2.0) for n in evaluate.TEST_SETS}]
     out = evaluate.aggregate(per_seed)
     assert list(out) == list(evaluate.TEST_SETS)
-    assert out["jpeg_3"] == {"acc": 0.6, "conf": 0.5, "nll": 1.5, "ece": 0.1, "acc_std": round(np.std([0.5, 0.7], ddof=1), 5)}
+    assert out["jpeg_3"] == {"acc": 0.6, "conf": 0.5, "nll": 1.5, "ece": 0.1,
+                             "acc_std": round(np.std([0.5, 0.7], ddof=1), 5)}
     assert evaluate.aggregate(per_seed[:1])["pristine"]["acc_std"] == 0.0
 
 
