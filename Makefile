@@ -1,6 +1,9 @@
 # `make study`: set up .venv if needed, then run the whole DVC pipeline (dvc repro).
-# `make test`:  set up .venv if needed, then run the test suite.
+# `make test`:  set up .venv if needed, then run the whole test suite (as CI does).
+# `make test-fast`: the same without the slow tests (DVC end to end, kill-and-resume).
 # `make bench`: speed benchmarks (bench/run.py), results in bench/results.md.
+# `make readme`: copy the generated results (iqals/readme.py, BLOCKS) into README.md.
+# `make clean`: delete what `make study` rebuilds; committed results (logs/, metrics/, plots/) stay.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned here, not in pyproject: on the project's machines only this build ships a
@@ -11,7 +14,7 @@ CIFAR10_LOCAL ?= $(wildcard $(abspath ../shared/data/cifar10))
 export CIFAR10_LOCAL
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup study test bench clean
+.PHONY: setup study test test-fast bench readme clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -27,8 +30,14 @@ study: setup
 test: setup
 	$(PY) -m pytest -q
 
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 bench: setup
 	$(PY) -m bench.run
 
+readme: setup
+	$(PY) -m iqals.readme
+
 clean:
-	rm -rf data models logs checkpoints
+	rm -rf data models checkpoints bench/out

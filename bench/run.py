@@ -9,7 +9,8 @@
               `python -m bench.run --only train_cuda` (or `python -m bench.bench_train --device cuda`)
 - dvc:        a no-op `dvc repro` on a finished tiny pipeline vs its full run (bench_dvc)
 
-Writes bench/results.json and bench/results.md (the committed results); each entry carries the
+Writes bench/results.json and bench/results.md (the committed results; `make readme` copies the
+latter into README.md); each entry carries the
 machine, versions and date it was measured on. With --only, the other entries already in
 bench/results.json are kept, so a GPU run can add its row to CPU results.
 """
@@ -31,7 +32,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from iqals.io import write_text  # noqa: E402
-from iqals.readme import replace_block  # noqa: E402
 
 OUT = REPO_ROOT / "bench" / "out"
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
@@ -107,7 +107,7 @@ def rows(name: str, r: dict) -> list[tuple]:
         us, sp, md = r["us_per_image"], r["speedup"], r["max_abs_diff_vs_skimage"]
         return [(f"SSIM, score_all ({r['n']} images x 9)", f"{us['score_all']:.2f} µs/pair",
                  f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['score_all']}x", f"{md['score_all']:.1e}"),
-                (f"SSIM, one call per version", f"{us['single_pair']:.2f} µs/pair",
+                ("SSIM, one call per version", f"{us['single_pair']:.2f} µs/pair",
                  f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['single_pair']}x", f"{md['single_pair']:.1e}")]
     if name == "distort":
         return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['batched_s']:.3f} s", f"{t['loop_s']:.3f} s (per-image loop)",
@@ -177,9 +177,8 @@ def main(only: list[str] | None = None, quick: bool = False) -> dict:
     total = time.perf_counter() - t_all
     write_text(RESULTS_JSON, json.dumps({"benchmarks": {k: results[k] for k in ALL if k in results}}, indent=2) + "\n")
     write_text(RESULTS_MD, write_md(results))
-    replace_block(REPO_ROOT / "README.md", "bench", write_md(results))  # README's copy, verbatim
     print(f"\n{write_md(results)}\nall done in {total:.0f} s; wrote {RESULTS_JSON.relative_to(REPO_ROOT)} and "
-          f"{RESULTS_MD.relative_to(REPO_ROOT)}")
+          f"{RESULTS_MD.relative_to(REPO_ROOT)} (`make readme` copies it into README.md)")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
     return results

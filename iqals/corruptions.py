@@ -23,14 +23,12 @@ Every function ports one function of the original, with its 32x32 severity const
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
-from .params import CORRUPTIONS, CorruptParams, ParamError, parse_corrupt  # noqa: F401 (re-exported)
 from .seeds import derive_seed
 
 SIZE = 32  # the constants below are for 32x32 images (CIFAR-10); other sizes are refused
@@ -282,15 +280,3 @@ def corrupt_all(images: np.ndarray, families, severities, seed: int, index: np.n
             if progress is not None:
                 progress.update(1)
     return out
-
-
-def psnr(ref: np.ndarray, dist: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB over all RGB values of (N, H, W, 3) stacks, capped at 100 dB for
-    identical images (the convention of iqals.iqa.psnr)."""
-    mse = ((ref.astype(np.float64) - dist.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        return np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)), 100.0)
-
-
-__all__ = ["FAMILIES", "SEVERITIES", "CorruptParams", "ParamError", "corrupt", "corrupt_all",
-           "parse_corrupt", "psnr"]

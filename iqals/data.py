@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ExpectedError
 from .params import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 SPLITS = {"train": 50_000, "test": 10_000}  # official sizes: a copy may hold fewer test images
 
 
-class DataError(ValueError):
+class DataError(ExpectedError, ValueError):
     """A data source is missing, corrupt or not CIFAR-10 as expected."""
 
 
@@ -80,7 +81,7 @@ def load_local(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     if not directory.is_dir():
         raise DataError(f"{LOCAL_COPY_ENV}={directory}: not a directory (expected one holding "
                         "train.npz and test.npz)")
-    return {split: load_npz(directory / f"{split}.npz", split) for split in SPLITS}
+    return load_raw(directory)
 
 
 def load_official(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

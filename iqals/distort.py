@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from .params import DISTORTIONS, Distort
+from .params import DISTORTIONS, LEVELS, Distort
 from .seeds import derive_seed
 
 CHUNK = 64    # images converted to float64 at a time: small enough to stay in cache (4096 is 15x slower)
@@ -103,13 +103,13 @@ def jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
 
 def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, index=None,
                 progress=None) -> np.ndarray:
-    """All 3 types x 3 levels of a stack: uint8 (3, 3, N, H, W, 3), in DISTORTIONS order.
+    """Every type at every level of a stack: uint8 (types, LEVELS, N, H, W, 3), in DISTORTIONS order.
 
     `index`: each image's position in the official split (default 0..N-1), keys its noise.
     """
-    out = np.empty((len(DISTORTIONS), 3) + images.shape, dtype=np.uint8)
+    out = np.empty((len(DISTORTIONS), LEVELS) + images.shape, dtype=np.uint8)
     for t, kind in enumerate(DISTORTIONS):
-        for lv in range(3):
+        for lv in range(LEVELS):
             if kind == "blur":
                 out[t, lv] = blur(images, cfg.blur_sigma[lv], cfg.blur_truncate, cfg.blur_border)
             elif kind == "noise":

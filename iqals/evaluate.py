@@ -1,20 +1,24 @@
-"""Accuracy, true-class confidence, NLL and ECE of a trained network on the ten test sets."""
+"""Accuracy, true-class confidence, NLL and ECE of a strategy's trained networks on the ten
+test sets and on the corruptions never seen in training, aggregated over seeds."""
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import model as model_lib
-from .params import DISTORTIONS, LEVELS, TEST_SETS, test_set_name
+from . import stacks
+from .data import DataError
+from .params import NUM_CLASSES, TEST_SETS, Params
+
+log = logging.getLogger(__name__)
 
 
 def test_sets(pristine: np.ndarray, distorted: np.ndarray) -> dict[str, np.ndarray]:
-    """Name -> uint8 (N, 32, 32, 3) stack, in Table 2's column order."""
-    out = {"pristine": pristine}
-    for t in range(len(DISTORTIONS)):
-        for lv in range(LEVELS):
-            out[test_set_name(t, lv)] = distorted[t, lv]
-    return out
+    """Name -> uint8 (N, 32, 32, 3) stack, in Table 2's column order (TEST_SETS)."""
+    return {"pristine": pristine, **stacks.per_level(distorted, lambda d: d)}
 
 
 @torch.no_grad()
@@ -59,11 +63,61 @@ def summarize(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, flo
             "nll": nll(probs, labels), "ece": ece(probs, labels, bins)}
 
 
-def accuracy_grid(net: torch.nn.Module, stacks: np.ndarray, labels: np.ndarray, device: torch.device,
-                  batch: int) -> np.ndarray:
-    """Accuracy on each stack of a (A, B, N, 32, 32, 3) grid (e.g. corruption family x severity)."""
-    out = np.zeros(stacks.shape[:2])
-    for a in range(stacks.shape[0]):
-        for b in range(stacks.shape[1]):
-            out[a, b] = accuracy(predict(net, stacks[a, b], device, batch), labels)
+def load_model(path: Path, p: Params, device: torch.device) -> torch.nn.Module:
+    if not path.is_file():
+        raise DataError(f"{path}: no trained model (run the train stage for it first)")
+    net = model_lib.build(p.model, 0)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    return net.to(device)
+
+
+def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict:
+    """Per test set: the mean over seeds of each measure, and the std of accuracy (None with one
+    seed: one run says nothing about the spread between runs)."""
+    out = {}
+    for name in TEST_SETS:
+        rows = [r[name] for r in per_seed]
+        cell = {k: round(float(np.mean([r[k] for r in rows])), 5) for k in rows[0]}
+        cell["acc_std"] = round(float(np.std([r["acc"] for r in rows], ddof=1)), 5) if len(rows) > 1 else None
+        out[name] = cell
     return out
+
+
+def unseen_summary(acc: np.ndarray, families) -> dict:
+    """acc (seeds, families, severities) -> per family: mean accuracy and one per severity."""
+    out = {f: {"acc": round(float(acc[:, i].mean()), 5),
+               "by_severity": [round(float(a), 5) for a in acc[:, i].mean(0)]}
+           for i, f in enumerate(families)}
+    out["mean"] = round(float(acc.mean()), 5)
+    return out
+
+
+def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.ndarray,
+                      corrupted: np.ndarray, labels: np.ndarray, p: Params,
+                      device: torch.device) -> tuple[np.ndarray, dict]:
+    """Every seed's network on the ten test sets and the (families, severities, N, ...) grid of
+    corrupted test images: softmax outputs float32 (seeds, test sets, N, 10) and the metrics."""
+    want = (len(p.corrupt.families), len(p.corrupt.severities), len(labels))
+    if corrupted.shape[:3] != want:
+        raise DataError(f"corrupted test set has shape {corrupted.shape[:3]}, expected (families, "
+                        f"severities, N) = {want}: rerun the corrupt stage")
+    sets = test_sets(images, distorted)
+    probs = np.zeros((len(nets), len(sets), len(labels), NUM_CLASSES), dtype=np.float32)
+    per_seed, unseen = [], []
+    for i, (seed, net) in enumerate(nets.items()):
+        row = {}
+        for j, (set_name, x) in enumerate(sets.items()):
+            pr = predict(net, x, device, p.evaluate.batch_size)  # float64: the measures use it unrounded
+            probs[i, j] = pr
+            row[set_name] = summarize(pr, labels, p.evaluate.ece_bins)
+        per_seed.append(row)
+        unseen.append([[accuracy(predict(net, x, device, p.evaluate.batch_size), labels) for x in family]
+                       for family in corrupted])  # (families, severities)
+        log.info("%s seed %d: pristine acc %.4f", name, seed, row["pristine"]["acc"])
+    strategy = p.strategies[name]
+    metrics = {"strategy": name, "train_set": strategy.train_set, "labels": strategy.labels,
+               "seeds": list(nets), "test_images": len(labels), **aggregate(per_seed),
+               "unseen": unseen_summary(np.array(unseen), p.corrupt.families),
+               "per_seed_acc": {f"seed{k}": {n: round(r[n]["acc"], 5) for n in TEST_SETS}
+                                for k, r in zip(nets, per_seed)}}
+    return probs, metrics

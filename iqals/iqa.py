@@ -18,10 +18,9 @@ import cv2
 import numpy as np
 import torch
 
-from . import iqa_piq
+from . import iqa_piq, stacks
 from .params import IQA, SSIM
 
-BATCH = 2048      # images per batch (PSNR)
 SSIM_CHUNK_MAPS = 928  # maps per SSIM chunk (2 + 3V per reference, see ssim_y): ~30 torch calls
                        # per chunk want it large, the cache small (32 x 29 measured best)
 _LUM1000 = np.array([[299.0, 587.0, 114.0]], dtype=np.float32)  # 1000 x Rec. 601 weights
@@ -208,34 +207,13 @@ def ssim_many(ref: np.ndarray, dists: np.ndarray, p: SSIM) -> np.ndarray:
 
 def ssim(ref: np.ndarray, dist: np.ndarray, cfg: IQA) -> np.ndarray:
     """Mean SSIM of each distorted image against its reference, on luminance: float64 (N,)."""
-    if np.shape(ref) != np.shape(dist):
-        raise ValueError(f"reference {np.shape(ref)} and distorted {np.shape(dist)} stacks differ in shape")
+    stacks.check_pair(ref, dist)
     return ssim_many(ref, np.asarray(dist)[None], cfg.ssim)[0]
-
-
-def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    def score(ref: np.ndarray, dist: np.ndarray, cfg: IQA) -> np.ndarray:
-        if ref.shape != dist.shape:
-            raise ValueError(f"reference {ref.shape} and distorted {dist.shape} stacks differ in shape")
-        out = np.empty(len(ref), dtype=np.float64)
-        for i in range(0, len(ref), BATCH):
-            r = torch.from_numpy(np.ascontiguousarray(ref[i:i + BATCH]))
-            d = torch.from_numpy(np.ascontiguousarray(dist[i:i + BATCH]))
-            out[i:i + BATCH] = fn(r, d, cfg).numpy()
-        return out
-    return score
-
-
-@_batched
-def psnr(ref, dist, cfg: IQA):
-    """PSNR in dB over all RGB values (infinite for identical images, capped at 100 dB)."""
-    mse = ((ref.to(torch.float64) - dist.to(torch.float64)) ** 2).mean(dim=(1, 2, 3))
-    return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).clamp_max(100.0)
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {
     "ssim": ssim,
-    "psnr": psnr,
+    "psnr": stacks.psnr,
     **iqa_piq.METRICS,  # gmsd, fsim, vif from piq (iqals/iqa_piq.py says how and why)
 }
 
@@ -261,3 +239,13 @@ def target_probability(scores: np.ndarray, cfg: IQA) -> np.ndarray:
     """T(s) clipped to iqa.clip: the true-class probability of Eq. (2)."""
     t = TRANSFORMS[cfg.transform](np.asarray(scores, dtype=np.float64), cfg.transform_scale)
     return np.clip(t, cfg.clip[0], cfg.clip[1])
+
+
+def summary(s: np.ndarray, cfg: IQA) -> dict:
+    """The distribution of the scores s of one level, of their targets T(s), and how many
+    targets the clip to iqa.clip changed (PROTOCOL.md asks to report it)."""
+    q = target_probability(s, cfg)
+    clipped = int(np.sum(q != TRANSFORMS[cfg.transform](s, cfg.transform_scale)))
+    stats = {"mean": s.mean(), "std": s.std(), "p05": np.percentile(s, 5), "median": np.median(s),
+             "p95": np.percentile(s, 95), "target_mean": q.mean()}
+    return {**{k: round(float(v), 5) for k, v in stats.items()}, "clipped": clipped}

@@ -44,7 +44,7 @@ vif   VIF in the pixel domain (Sheikh & Bovik 2006), piq.vif_p. piq refuses imag
       usually in [0, 1], above 1 for contrast enhancement. 0.03-0.71 over the nine levels: at
       32x32 it is much harsher than SSIM.
       -> transform identity (0.67 % of the nine levels' targets fall under the 0.1 floor).
-psnr  (iqals/iqa.py) dB, 15.9-39.6 over the nine levels -> linear, transform_scale 50 (or 40).
+psnr  (iqals/stacks.py) dB, 15.9-39.6 over the nine levels -> linear, transform_scale 50 (or 40).
 
 Measured on the 1000 CIFAR-10 test images (/work/shared/data/cifar10/test.npz), distorted with
 iqals.distort at the study's levels (blur sigma 0.7/1.0/1.2, truncate 2, replicate; noise var
@@ -95,6 +95,7 @@ import piq
 import torch
 import torch.nn.functional as F
 
+from . import stacks
 from .params import IQA
 
 BATCH = 512             # images per piq call (VIF at 64x64 holds ~25 float32 maps per image)
@@ -116,18 +117,11 @@ def vif_upsample_factor(height: int, width: int) -> int:
 def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """fn(ref, dist) on float [0, 1] (B, 3, H, W) tensors, applied to uint8 stacks in batches."""
     def score(ref: np.ndarray, dist: np.ndarray, cfg: IQA | None = None) -> np.ndarray:
-        if ref.shape != dist.shape:
-            raise ValueError(f"reference {ref.shape} and distorted {dist.shape} stacks differ "
-                             "in shape")
-        if ref.ndim != 4 or ref.shape[-1] != 3 or ref.dtype != np.uint8 or dist.dtype != np.uint8:
-            raise ValueError(f"expected uint8 (N, H, W, 3) RGB stacks, got {ref.dtype} {ref.shape} "
-                             f"and {dist.dtype} {dist.shape}")
-        out = np.empty(len(ref), dtype=np.float64)
+        for x in (ref, dist):
+            if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+                raise ValueError(f"expected uint8 (N, H, W, 3) RGB stacks, got {x.dtype} {x.shape}")
         with torch.no_grad():
-            for i in range(0, len(ref), BATCH):
-                r, d = to_tensor(ref[i:i + BATCH]), to_tensor(dist[i:i + BATCH])
-                out[i:i + BATCH] = fn(r, d).to(torch.float64).numpy()
-        return out
+            return stacks.per_image(fn, ref, dist, BATCH, to_tensor)
     score.__name__ = fn.__name__
     score.__doc__ = fn.__doc__
     return score

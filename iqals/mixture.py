@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .data import DataError
 from .params import DISTORTIONS, IQA, LEVELS, NUM_CLASSES, NUM_COPIES, Strategy, copy_index
 from .seeds import derive_seed
 
@@ -23,7 +24,7 @@ def epoch_draw(n: int, strategy: Strategy, shares, seed: int, epoch: int):
     """(copy, image) pairs of one epoch in batch order, as int64 tensors of length n.
 
     Seeded by (seed, epoch) alone, so an epoch's draw never depends on earlier epochs: a resumed
-    run sees exactly the draws an uninterrupted one would (issue 7), and strategies trained with
+    run sees exactly the draws an uninterrupted one would, and strategies trained with
     the same seed see the same images in the same order (paired comparisons).
     """
     g = torch.Generator().manual_seed(derive_seed(seed, "draw", epoch))
@@ -57,7 +58,7 @@ def true_class_probability(strategy: Strategy, n: int, scores: np.ndarray | None
     if strategy.labels == "original":
         return q
     if scores is None or scores.shape != (len(DISTORTIONS), LEVELS, n):
-        raise ValueError(f"strategy {strategy.name} ({strategy.labels}) needs scores of shape "
+        raise DataError(f"strategy {strategy.name} ({strategy.labels}) needs scores of shape "
                          f"{(len(DISTORTIONS), LEVELS, n)}, got {None if scores is None else scores.shape}")
     from .iqa import target_probability  # here, so one-hot training never imports IQA code
 

@@ -2,17 +2,22 @@
 
 Every stage calls `load()` before it computes anything, so a bad value fails at once with a
 message naming the key, the value and what is allowed (nanoGPT's configurator: unknown or
-mistyped overrides fail loudly).
+mistyped overrides fail loudly). Each dataclass field carries its check (`param(...)`), rules
+between fields sit in the class's `problems()`, and one builder (`_build`) reads every section.
+A new key is one field line, e.g. `step: str = param(Choice("eager", "compile"))` in Train.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import ExpectedError
 
 NUM_CLASSES = 10  # CIFAR-10
 DISTORTIONS = ("blur", "noise", "jpeg")
@@ -53,86 +58,242 @@ CORRUPTIONS = ("defocus_blur", "motion_blur", "shot_noise", "impulse_noise", "co
 SCORED_RULES = ("iqa_ls", "uniform_ls", "shuffled_ls")  # rules whose targets read the scores
 
 
-class ParamError(ValueError):
+class ParamError(ExpectedError, ValueError):
     """A value in params.yaml is missing, of the wrong type or out of range."""
 
 
+def _fail(key: str, value: Any, allowed: str) -> None:
+    value = list(value) if isinstance(value, tuple) else value
+    raise ParamError(f"params.yaml: {key} = {value!r}: expected {allowed}")
+
+
+# ---------------------------------------------------------------- checks
+# A check is called as check(key, raw value, ctx) and returns the parsed value or raises
+# ParamError; ctx maps the full key of every value parsed so far to that value.
+
+class Check:
+    """A value that `ok` accepts, returned through `convert`; `allowed` says what is accepted."""
+
+    def __init__(self, allowed: str, ok, convert=lambda v: v):
+        self.allowed, self.ok, self.convert = allowed, ok, convert
+
+    def __call__(self, key, v, ctx):
+        return self.convert(v) if self.ok(v) else _fail(key, v, self.allowed)
+
+
+def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False) -> Check:
+    """A number in [lo, hi] ((lo, hi] with open_lo); an integer with integer=True; null too with null=True."""
+    def ok(v):
+        if v is None:
+            return null
+        return (not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v)
+                and lo <= v <= hi and not (open_lo and v == lo))
+    allowed = (f"{'null or ' if null else ''}{'an integer' if integer else 'a number'} in "
+               f"{'(' if open_lo else '['}{lo}, {hi}]")
+    return Check(allowed, ok, lambda v: v if v is None else (int if integer else float)(v))
+
+
+def Int(lo=-math.inf, hi=math.inf, null=False) -> Check:
+    return Num(lo, hi, integer=True, null=null)
+
+
+def Choice(*options: str) -> Check:
+    """One of the given strings (an unquoted YAML number such as 420 counts as "420")."""
+    return Check(f"one of {list(options)}",
+                 lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
+
+
+FLAG = Check("true or false", lambda v: isinstance(v, bool))
+
+
+class Seq:
+    """A list of n items (any number but zero when n is None), each passing `item`; a tuple."""
+
+    def __init__(self, item, n: int | None = None, unique: bool = False, noun: str = "values"):
+        self.item, self.n, self.unique, self.noun = item, n, unique, noun
+        self.allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
+
+    def __call__(self, key, v, ctx):
+        if not isinstance(v, (list, tuple)) or not v or (self.n is not None and len(v) != self.n):
+            _fail(key, v, self.allowed)
+        out = tuple(self.item(f"{key}[{i}]", x, ctx) for i, x in enumerate(v))
+        for i, x in enumerate(out):
+            if self.unique and out.index(x) < i:
+                _fail(key, v, f"distinct {self.noun} ({key}[{i}] repeats {key}[{out.index(x)}])")
+        return out
+
+
+class Names:
+    """A non-empty list of names defined by the mapping at `source` (parsed before this key)."""
+
+    def __init__(self, source: str, noun: str):
+        self.source, self.noun = source, noun
+
+    def __call__(self, key, v, ctx):
+        known = ctx[self.source]
+        if not isinstance(v, list) or not v or any(not isinstance(n, str) or n not in known for n in v):
+            _fail(key, v, f"a non-empty list of {self.noun} names from {sorted(known)}")
+        return tuple(v)
+
+
+class Mapping:
+    """A non-empty mapping name -> value passing `item`; a dict."""
+
+    def __init__(self, item, what: str):
+        self.item, self.allowed = item, f"a non-empty mapping {what}"
+
+    def __call__(self, key, v, ctx):
+        if not isinstance(v, dict) or not v:
+            _fail(key, v, self.allowed)
+        return {str(k): self.item(f"{key}.{k}", x, ctx) for k, x in v.items()}
+
+
+class Section:
+    """A mapping read into dataclass `cls` by `_build`; exact: one message for any wrong key."""
+
+    def __init__(self, cls, exact: bool = False):
+        self.cls, self.exact = cls, exact
+
+    def __call__(self, key, v, ctx):
+        names = list(_checks(self.cls))
+        if self.exact and (not isinstance(v, dict) or set(v) != set(names)):
+            _fail(key, v, f"a mapping with exactly the keys {' and '.join(names)}")
+        return _build(self.cls, key, v, ctx)
+
+
+def param(check) -> Any:
+    """A dataclass field read from params.yaml through `check`."""
+    return field(metadata={"check": check})
+
+
+def _checks(cls) -> dict:
+    return {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
+
+
+def _build(cls, key: str, raw, ctx: dict):
+    """An instance of dataclass `cls` from the mapping `raw` found at `key` ("" = top level).
+
+    Every key of raw must be a checked field and every checked field present; an unchecked
+    field is the record's name, its key in the enclosing mapping (strategies). Then the rules
+    of cls.problems(), which yields (field, what is allowed) for each broken one.
+    """
+    checks, kind = _checks(cls), ("key" if key else "section")
+    join = (lambda name: f"{key}.{name}") if key else str
+    if not isinstance(raw, dict):
+        _fail(key or "<top level>", raw, "a mapping (section)" if key else "a mapping of sections")
+    for name in raw:
+        if name not in checks:
+            _fail(join(name), raw[name], f"no such {kind}; known {kind}s: {sorted(checks)}")
+    for name in checks:
+        if name not in raw:
+            _fail(join(name), None, "a value (key is missing)")
+    values = {f.name: key.rsplit(".", 1)[-1] for f in dataclasses.fields(cls) if f.name not in checks}
+    for name, check in checks.items():
+        values[name] = ctx[join(name)] = check(join(name), raw[name], ctx)
+    obj = cls(**values)
+    for name, allowed in getattr(obj, "problems", tuple)():
+        _fail(join(name), functools.reduce(getattr, name.split("."), obj), allowed)
+    return obj
+
+
+# ---------------------------------------------------------------- sections
+
 @dataclass(frozen=True)
 class Base:
-    seed: int
-    train_size: int | None
-    test_size: int | None
+    seed: int = param(Int(0))
+    train_size: int | None = param(Int(1, null=True))
+    test_size: int | None = param(Int(1, null=True))
+
+    def problems(self):
+        if self.train_size is not None and self.train_size % NUM_CLASSES:
+            yield "train_size", f"a multiple of {NUM_CLASSES} (class-balanced subset)"
 
 
 @dataclass(frozen=True)
 class Distort:
-    blur_sigma: tuple[float, ...]
-    blur_truncate: float
-    blur_border: str
-    noise_var: tuple[float, ...]
-    jpeg_quality: tuple[int, ...]
-    jpeg_subsampling: str
+    blur_sigma: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
+    blur_truncate: float = param(Num(0, open_lo=True))
+    blur_border: str = param(Choice("replicate", "reflect", "constant"))
+    noise_var: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
+    jpeg_quality: tuple[int, ...] = param(Seq(Int(1, 100), LEVELS))
+    jpeg_subsampling: str = param(Choice("420", "422", "444"))
 
 
 @dataclass(frozen=True)
 class SSIM:
-    win_size: int
-    sigma: float
-    k1: float
-    k2: float
-    data_range: float
+    win_size: int = param(Int(3))
+    sigma: float = param(Num(0, open_lo=True))
+    k1: float = param(Num(0, open_lo=True))
+    k2: float = param(Num(0, open_lo=True))
+    data_range: float = param(Num(0, open_lo=True))
+
+    def problems(self):
+        if self.win_size % 2 == 0:
+            yield "win_size", "an odd integer"
 
 
 @dataclass(frozen=True)
 class IQA:
-    metric: str
-    transform: str
-    transform_scale: float
-    clip: tuple[float, float]
-    ssim: SSIM
+    metric: str = param(Choice(*IQA_METRICS))
+    transform: str = param(Choice(*IQA_TRANSFORMS))
+    transform_scale: float = param(Num(0, open_lo=True))
+    clip: tuple[float, float] = param(Seq(Num(0, 1), 2))
+    ssim: SSIM = param(Section(SSIM))
+
+    def problems(self):
+        if self.clip[0] > self.clip[1]:
+            yield "clip", "[low, high] with low <= high"
 
 
 @dataclass(frozen=True)
 class Mixture:
-    shares: tuple[float, ...]
+    shares: tuple[float, ...] = param(Seq(Num(0, 1), 1 + LEVELS))
+
+    def problems(self):
+        if abs(sum(self.shares) - 1) > 1e-9:
+            yield "shares", f"{1 + LEVELS} shares (pristine, then levels 1..{LEVELS}) summing to 1"
 
 
 @dataclass(frozen=True)
 class Model:
-    conv_std: float
-    fc_std: float
-    out_std: float
-    conv1_bias: float
-    conv2_bias: float
-    fc_bias: float
-    out_bias: float
-    lrn_size: int
-    lrn_alpha: float
-    lrn_beta: float
-    lrn_k: float
+    conv_std: float = param(Num(0, open_lo=True))
+    fc_std: float = param(Num(0, open_lo=True))
+    out_std: float = param(Num(0, open_lo=True))
+    conv1_bias: float = param(Num(0))
+    conv2_bias: float = param(Num(0))
+    fc_bias: float = param(Num(0))
+    out_bias: float = param(Num(0))
+    lrn_size: int = param(Int(1))
+    lrn_alpha: float = param(Num(0))
+    lrn_beta: float = param(Num(0, open_lo=True))
+    lrn_k: float = param(Num(0))
 
 
 @dataclass(frozen=True)
 class Train:
-    epochs: int
-    lr_decay_epochs: int
-    lr: float
-    lr_decay: float
-    batch_size: int
-    weight_decay: float
-    loss: str
-    seeds: tuple[int, ...]
-    checkpoint_every: int
-    device: str
-    precision: str
-    compile: bool
+    epochs: int = param(Int(1))
+    lr_decay_epochs: int = param(Int(1))
+    lr: float = param(Num(0, open_lo=True))
+    lr_decay: float = param(Num(0, 1, open_lo=True))
+    batch_size: int = param(Int(1))
+    weight_decay: float = param(Num(0))
+    loss: str = param(Choice("squared", "cross_entropy"))
+    seeds: tuple[int, ...] = param(Seq(Int(0), unique=True, noun="seeds"))
+    checkpoint_every: int = param(Int(1))
+    device: str = param(Choice("auto", "cpu", "cuda"))
+    precision: str = param(Choice("fp32", "tf32", "bf16"))
+    compile: bool = param(FLAG)
+
+    def problems(self):
+        if self.lr_decay_epochs > self.epochs:
+            yield "lr_decay_epochs", f"at most train.epochs ({self.epochs})"
 
 
 @dataclass(frozen=True)
 class Strategy:
-    name: str
-    train_set: str
-    labels: str
+    name: str  # its key under strategies
+    train_set: str = param(Choice(*TRAIN_SETS))
+    labels: str = param(Choice(*LABEL_RULES))
 
     @property
     def distortions(self) -> tuple[str, ...]:
@@ -142,255 +303,70 @@ class Strategy:
     def needs_scores(self) -> bool:
         return self.labels in SCORED_RULES
 
+    def problems(self):
+        if self.needs_scores and self.train_set == "pristine":
+            yield "labels", "original for the pristine set (it has no quality scores)"
+
 
 @dataclass(frozen=True)
 class Evaluate:
-    ece_bins: int
-    batch_size: int
+    ece_bins: int = param(Int(1))
+    batch_size: int = param(Int(1))
+
+
+NAMES = Seq(Check("a name", lambda v: isinstance(v, str)), unique=True, noun="names")  # may name absent strategies
 
 
 @dataclass(frozen=True)
 class Report:
-    table2: tuple[str, ...]
-    fig3_panels: dict[str, tuple[str, ...]]
-    fig4_examples: tuple[int, ...]
-    fig4_strategies: tuple[str, ...]
-    claim_levels: tuple[int, ...]
-    alpha: float
-    bootstrap: int
-    quality_bins: int
-    s1_tolerance: float
+    table2: tuple[str, ...] = param(NAMES)
+    fig3_panels: dict[str, tuple[str, ...]] = param(Mapping(NAMES, "panel (a distortion or all3) -> strategy names"))
+    fig4_examples: tuple[int, ...] = param(Seq(Int(0)))
+    fig4_strategies: tuple[str, ...] = param(Names("strategies", "strategy"))
+    claim_levels: tuple[int, ...] = param(Seq(Int(1, LEVELS), unique=True, noun="levels"))
+    alpha: float = param(Num(0, 1, open_lo=True))
+    bootstrap: int = param(Int(100))
+    quality_bins: int = param(Int(2))
+    s1_tolerance: float = param(Num(0, 1))
+
+    def problems(self):
+        if set(self.fig3_panels) - set(DISTORTIONS + ("all3",)):
+            yield "fig3_panels", f"panels named from {list(DISTORTIONS) + ['all3']}"
 
 
 @dataclass(frozen=True)
 class CorruptParams:
-    families: tuple[str, ...]
-    severities: tuple[int, ...]
-    seed: int
+    families: tuple[str, ...] = param(Seq(Choice(*CORRUPTIONS), unique=True, noun="families"))
+    severities: tuple[int, ...] = param(Seq(Int(1, 5), unique=True, noun="severities"))
+    seed: int = param(Int(0))
 
 
 @dataclass(frozen=True)
-class Params:
-    base: Base
-    distort: Distort
-    iqa: IQA
-    mixture: Mixture
-    model: Model
-    train: Train
-    strategies: dict[str, Strategy]
-    evaluate: Evaluate
-    report: Report
-    corrupt: CorruptParams
+class Params:  # sections in this order: a key may name what an earlier section defines
+    base: Base = param(Section(Base))
+    distort: Distort = param(Section(Distort))
+    iqa: IQA = param(Section(IQA))
+    mixture: Mixture = param(Section(Mixture))
+    model: Model = param(Section(Model))
+    train: Train = param(Section(Train))
+    strategies: dict[str, Strategy] = param(Mapping(Section(Strategy, exact=True),
+                                                    "name -> {train_set, labels}"))
+    evaluate: Evaluate = param(Section(Evaluate))
+    report: Report = param(Section(Report))
+    corrupt: CorruptParams = param(Section(CorruptParams))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------- field checks
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ParamError(f"params.yaml: {key} = {value!r}: expected {allowed}")
-
-
-def _section(raw: dict, key: str, cls: type, prefix: str = "") -> dict:
-    sec = raw.get(key)
-    key = prefix + key
-    if not isinstance(sec, dict):
-        _fail(key, sec, "a mapping (section)")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(sec) - names)
-    if unknown:
-        _fail(f"{key}.{unknown[0]}", sec[unknown[0]], f"no such key; known keys: {sorted(names)}")
-    missing = sorted(names - set(sec))
-    if missing:
-        _fail(f"{key}.{missing[0]}", None, "a value (key is missing)")
-    return sec
-
-
-def _num(key, v, lo=-math.inf, hi=math.inf, lo_open=False, integer=False):
-    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    what = "an integer" if integer else "a number"
-    rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
-    if isinstance(v, bool) or not ok_type or not math.isfinite(v):
-        _fail(key, v, f"{what} {rng}")
-    if v < lo or (lo_open and v == lo) or v > hi:
-        _fail(key, v, f"{what} {rng}")
-    return int(v) if integer else float(v)
-
-
-def _list(key, v, n=None, **kw):
-    if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n) or len(v) == 0:
-        _fail(key, v, f"a list of {n if n else 'one or more'} values")
-    return tuple(_num(f"{key}[{i}]", x, **kw) for i, x in enumerate(v))
-
-
-def _choice(key, v, allowed):
-    if v not in allowed:
-        _fail(key, v, f"one of {list(allowed)}")
-    return v
-
-
-def _bool(key, v):
-    if not isinstance(v, bool):
-        _fail(key, v, "true or false")
-    return v
-
-
-def _optional_size(key, v):
-    return None if v is None else _num(key, v, lo=1, integer=True)
-
-
-def _unique_list(key: str, v, check) -> tuple:
-    if not isinstance(v, (list, tuple)) or len(v) == 0:
-        _fail(key, v, "a list of one or more values")
-    out = []
-    for i, x in enumerate(v):
-        x = check(f"{key}[{i}]", x)
-        if x in out:
-            _fail(f"{key}[{i}]", x, f"no repeats (already {key}[{out.index(x)}])")
-        out.append(x)
-    return tuple(out)
-
-
-# ---------------------------------------------------------------- sections
-
-def parse_corrupt(raw) -> CorruptParams:
-    """The `corrupt` section of params.yaml, validated; ParamError names the offending key."""
-    s = _section({"corrupt": raw}, "corrupt", CorruptParams)
-    return CorruptParams(
-        families=_unique_list("corrupt.families", s["families"],
-                              lambda k, x: _choice(k, x, CORRUPTIONS)),
-        severities=_unique_list("corrupt.severities", s["severities"],
-                                lambda k, x: _num(k, x, lo=1, hi=5, integer=True)),
-        seed=_num("corrupt.seed", s["seed"], lo=0, integer=True),
-    )
-
-
-def _parse(raw: dict) -> Params:
-    if not isinstance(raw, dict):
-        _fail("<top level>", raw, "a mapping of sections")
-    known = {f.name for f in dataclasses.fields(Params)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        _fail(unknown[0], raw[unknown[0]], f"no such section; known sections: {sorted(known)}")
-
-    s = _section(raw, "base", Base)
-    base = Base(seed=_num("base.seed", s["seed"], lo=0, integer=True),
-                train_size=_optional_size("base.train_size", s["train_size"]),
-                test_size=_optional_size("base.test_size", s["test_size"]))
-    if base.train_size is not None and base.train_size % NUM_CLASSES:
-        _fail("base.train_size", base.train_size, f"a multiple of {NUM_CLASSES} (class-balanced subset)")
-
-    s = _section(raw, "distort", Distort)
-    distort = Distort(
-        blur_sigma=_list("distort.blur_sigma", s["blur_sigma"], 3, lo=0, lo_open=True),
-        blur_truncate=_num("distort.blur_truncate", s["blur_truncate"], lo=0, lo_open=True),
-        blur_border=_choice("distort.blur_border", s["blur_border"], ("replicate", "reflect", "constant")),
-        noise_var=_list("distort.noise_var", s["noise_var"], 3, lo=0, lo_open=True),
-        jpeg_quality=_list("distort.jpeg_quality", s["jpeg_quality"], 3, lo=1, hi=100, integer=True),
-        jpeg_subsampling=_choice("distort.jpeg_subsampling", str(s["jpeg_subsampling"]), ("420", "422", "444")),
-    )
-
-    s = _section(raw, "iqa", IQA)
-    ss = _section(s, "ssim", SSIM, prefix="iqa.")
-    ssim = SSIM(win_size=_num("iqa.ssim.win_size", ss["win_size"], lo=3, integer=True),
-                sigma=_num("iqa.ssim.sigma", ss["sigma"], lo=0, lo_open=True),
-                k1=_num("iqa.ssim.k1", ss["k1"], lo=0, lo_open=True),
-                k2=_num("iqa.ssim.k2", ss["k2"], lo=0, lo_open=True),
-                data_range=_num("iqa.ssim.data_range", ss["data_range"], lo=0, lo_open=True))
-    if ssim.win_size % 2 == 0:
-        _fail("iqa.ssim.win_size", ssim.win_size, "an odd integer")
-    clip = _list("iqa.clip", s["clip"], 2, lo=0, hi=1)
-    if clip[0] > clip[1]:
-        _fail("iqa.clip", list(clip), "[low, high] with low <= high")
-    iqa_ = IQA(metric=_choice("iqa.metric", s["metric"], IQA_METRICS),
-               transform=_choice("iqa.transform", s["transform"], IQA_TRANSFORMS),
-               transform_scale=_num("iqa.transform_scale", s["transform_scale"], lo=0, lo_open=True),
-               clip=clip, ssim=ssim)
-
-    s = _section(raw, "mixture", Mixture)
-    shares = _list("mixture.shares", s["shares"], 4, lo=0, hi=1)
-    if abs(sum(shares) - 1) > 1e-9:
-        _fail("mixture.shares", list(shares), "4 shares (pristine, level 1, 2, 3) summing to 1")
-    mixture = Mixture(shares=shares)
-
-    s = _section(raw, "model", Model)
-    model = Model(**{k: _num(f"model.{k}", v, lo=0, integer=(k == "lrn_size"),
-                             lo_open=k.endswith(("std", "size", "beta")))
-                     for k, v in s.items()})
-
-    s = _section(raw, "train", Train)
-    if not isinstance(s["seeds"], list) or not s["seeds"]:
-        _fail("train.seeds", s["seeds"], "a non-empty list of integers >= 0")
-    train = Train(
-        epochs=_num("train.epochs", s["epochs"], lo=1, integer=True),
-        lr_decay_epochs=_num("train.lr_decay_epochs", s["lr_decay_epochs"], lo=1, integer=True),
-        lr=_num("train.lr", s["lr"], lo=0, lo_open=True),
-        lr_decay=_num("train.lr_decay", s["lr_decay"], lo=0, hi=1, lo_open=True),
-        batch_size=_num("train.batch_size", s["batch_size"], lo=1, integer=True),
-        weight_decay=_num("train.weight_decay", s["weight_decay"], lo=0),
-        loss=_choice("train.loss", s["loss"], ("squared", "cross_entropy")),
-        seeds=_list("train.seeds", s["seeds"], lo=0, integer=True),
-        checkpoint_every=_num("train.checkpoint_every", s["checkpoint_every"], lo=1, integer=True),
-        device=_choice("train.device", s["device"], ("auto", "cpu", "cuda")),
-        precision=_choice("train.precision", s["precision"], ("fp32", "tf32", "bf16")),
-        compile=_bool("train.compile", s["compile"]),
-    )
-    if train.lr_decay_epochs > train.epochs:
-        _fail("train.lr_decay_epochs", train.lr_decay_epochs, f"at most train.epochs ({train.epochs})")
-    if len(set(train.seeds)) != len(train.seeds):
-        _fail("train.seeds", list(train.seeds), "distinct seeds")
-
-    raw_s = raw.get("strategies")
-    if not isinstance(raw_s, dict) or not raw_s:
-        _fail("strategies", raw_s, "a non-empty mapping name -> {train_set, labels}")
-    strategies = {}
-    for name, spec in raw_s.items():
-        key = f"strategies.{name}"
-        if not isinstance(spec, dict) or set(spec) != {"train_set", "labels"}:
-            _fail(key, spec, "a mapping with exactly the keys train_set and labels")
-        st = Strategy(name=str(name),
-                      train_set=_choice(f"{key}.train_set", spec["train_set"], tuple(TRAIN_SETS)),
-                      labels=_choice(f"{key}.labels", spec["labels"], LABEL_RULES))
-        if st.needs_scores and st.train_set == "pristine":
-            _fail(f"{key}.labels", st.labels, "original for the pristine set (it has no quality scores)")
-        strategies[st.name] = st
-
-    s = _section(raw, "evaluate", Evaluate)
-    evaluate = Evaluate(ece_bins=_num("evaluate.ece_bins", s["ece_bins"], lo=1, integer=True),
-                        batch_size=_num("evaluate.batch_size", s["batch_size"], lo=1, integer=True))
-
-    s = _section(raw, "report", Report)
-
-    def names(key, v, known=None):  # Table 2 and Figure 3 may name strategies a run leaves out
-        if not isinstance(v, list) or not v or any(not isinstance(n, str) or (known and n not in known) for n in v):
-            _fail(key, v, "a non-empty list of strategy names" + (f" from {sorted(known)}" if known else ""))
-        if len(set(v)) != len(v):
-            _fail(key, v, "no repeated names")
-        return tuple(v)
-
-    panels = s["fig3_panels"]
-    if not isinstance(panels, dict) or not panels or any(k not in DISTORTIONS + ("all3",) for k in panels):
-        _fail("report.fig3_panels", panels, f"a mapping from {list(DISTORTIONS) + ['all3']} to strategy lists")
-    report = Report(table2=names("report.table2", s["table2"]),
-                    fig3_panels={k: names(f"report.fig3_panels.{k}", v) for k, v in panels.items()},
-                    fig4_examples=_list("report.fig4_examples", s["fig4_examples"], lo=0, integer=True),
-                    fig4_strategies=names("report.fig4_strategies", s["fig4_strategies"], strategies),
-                    claim_levels=_unique_list("report.claim_levels", s["claim_levels"],
-                                              lambda k, x: _num(k, x, lo=1, hi=LEVELS, integer=True)),
-                    alpha=_num("report.alpha", s["alpha"], lo=0, hi=1, lo_open=True),
-                    bootstrap=_num("report.bootstrap", s["bootstrap"], lo=100, integer=True),
-                    quality_bins=_num("report.quality_bins", s["quality_bins"], lo=2, integer=True),
-                    s1_tolerance=_num("report.s1_tolerance", s["s1_tolerance"], lo=0, hi=1))
-
-    return Params(base=base, distort=distort, iqa=iqa_, mixture=mixture, model=model,
-                  train=train, strategies=strategies, evaluate=evaluate, report=report,
-                  corrupt=parse_corrupt(raw.get("corrupt")))
-
-
 def parse(raw: dict) -> Params:
     """Validate an already-loaded params mapping (tests shrink the real one and call this)."""
-    return _parse(raw)
+    return _build(Params, "", raw, {})
+
+
+def parse_corrupt(raw) -> CorruptParams:
+    """The `corrupt` section alone, validated; ParamError names the offending key."""
+    return _build(CorruptParams, "corrupt", raw, {})
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -402,4 +378,4 @@ def load(path: str | Path = "params.yaml") -> Params:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ParamError(f"{path}: not valid YAML: {e}") from None
-    return _parse(raw)
+    return parse(raw)

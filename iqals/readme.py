@@ -1,21 +1,42 @@
-"""Filling the README's results and benchmark sections from files the code wrote."""
+"""Filling the README's generated sections from files the code wrote: `make readme`.
+
+The README's results and benchmark sections are never typed by hand; tests/test_readme.py
+checks that each agrees with its source file.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ExpectedError
 from .io import write_text
+
+# README block name -> the file that fills it (written by the pipeline or the benchmarks)
+BLOCKS = {
+    "report": "plots/report.md",
+    "bench": "bench/results.md",
+}
 
 
 def replace_block(path: str | Path, name: str, text: str) -> None:
-    """Replace what stands between `<!-- name:begin -->` and `<!-- name:end -->` in a text file.
-
-    The README's results and benchmark sections are filled this way from the files the pipeline
-    and the benchmarks wrote, never typed by hand; tests/test_readme.py checks they agree.
-    """
+    """Replace what stands between `<!-- name:begin -->` and `<!-- name:end -->` in a text file."""
     path = Path(path)
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     old = path.read_text()
     if begin not in old or end not in old:
-        raise ValueError(f"{path}: markers {begin} / {end} not found")
+        raise ExpectedError(f"{path}: markers {begin} / {end} not found")
     head, rest = old.split(begin, 1)
     write_text(path, head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
+
+
+def sync(root: str | Path = ".") -> None:
+    """Copy every source of BLOCKS into its block of root/README.md."""
+    root = Path(root)
+    for name, source in BLOCKS.items():
+        replace_block(root / "README.md", name, (root / source).read_text())
+
+
+if __name__ == "__main__":
+    try:
+        sync()
+    except (ExpectedError, OSError) as e:  # markers or a source file missing: one line
+        raise SystemExit(f"make readme: {e}")

@@ -1,4 +1,4 @@
-"""Seeds per purpose, all derived from one root (STYLE.md, convention 7)."""
+"""Seeds per purpose, all derived from one root (STYLE.md, convention 8)."""
 from __future__ import annotations
 
 import zlib

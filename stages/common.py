@@ -5,8 +5,7 @@ import logging
 import sys
 
 from iqals import params as params_lib
-from iqals.data import DataError
-from iqals.params import ParamError
+from iqals.errors import ExpectedError
 
 PARAMS_FILE = "params.yaml"
 
@@ -19,9 +18,10 @@ def setup(name: str) -> params_lib.Params:
 
 
 def run(main) -> None:
-    """Call main(); expected failures print one clear line and exit 1 (no traceback)."""
+    """Call main(); errors raised on purpose (ExpectedError) print one line and exit 1, anything
+    unexpected propagates with its traceback."""
     try:
         main()
-    except (ParamError, DataError, ValueError, RuntimeError) as e:
+    except ExpectedError as e:
         logging.getLogger("stage").error("%s", e)
         sys.exit(1)

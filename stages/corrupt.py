@@ -3,8 +3,8 @@
 CIFAR-10-C style corruptions of the test set (iqals/corruptions.py), for evaluation only: none
 of these families is used in training. The .npy is uint8 (F, S, N, 32, 32, 3): families and
 severities in the order of params.yaml corrupt.families and corrupt.severities; load it with
-np.load(path, mmap_mode="r"). The metrics give, per family and severity, the mean PSNR against
-the pristine image, so a reviewer sees what each severity does.
+np.load(path, mmap_mode="r"). The metrics give the mean PSNR against the pristine image of
+each family at each severity (e.g. fog_5), so a reviewer sees what each severity does.
 """
 from __future__ import annotations
 
@@ -12,25 +12,14 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from iqals import corruptions
+from iqals import corruptions, stacks
 from iqals.data import load_npz, official_index
 from iqals.io import save_npy, write_json
 from stages.common import run, setup
 
 log = logging.getLogger("corrupt")
-
-
-def summary(pristine: np.ndarray, corrupted: np.ndarray, cfg) -> dict:
-    """{family: {severity: mean PSNR (dB)}} plus each family's mean over its severities."""
-    out = {}
-    for f, family in enumerate(cfg.families):
-        per = {str(s): round(float(corruptions.psnr(pristine, corrupted[f, i]).mean()), 4)
-               for i, s in enumerate(cfg.severities)}
-        out[family] = {"psnr_db": per, "mean_psnr_db": round(float(np.mean(list(per.values()))), 4)}
-    return out
 
 
 def main() -> None:
@@ -40,18 +29,17 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/corrupt.json")
     args = ap.parse_args()
     cfg = setup("corrupt").corrupt
-
     path = Path(args.raw) / "test.npz"
     images, _ = load_npz(path, "test")
-    index = official_index(path)
     log.info("%d test images x %d families x %d severities", len(images), len(cfg.families),
              len(cfg.severities))
     with tqdm(total=len(cfg.families) * len(cfg.severities), desc="corrupt", unit="set") as bar:
-        out = corruptions.corrupt_all(images, cfg.families, cfg.severities, cfg.seed, index, progress=bar)
+        out = corruptions.corrupt_all(images, cfg.families, cfg.severities, cfg.seed, official_index(path),
+                                      progress=bar)
     save_npy(args.out, out)
-    write_json(args.metrics, {"test_images": len(images), "seed": cfg.seed,
-                              "families": list(cfg.families), "severities": list(cfg.severities),
-                              "levels": summary(images, out, cfg)})
+    levels = stacks.mean_psnr(images, out, lambda f, s: f"{cfg.families[f]}_{cfg.severities[s]}")
+    write_json(args.metrics, {"test_images": len(images), "seed": cfg.seed, "families": list(cfg.families),
+                              "severities": list(cfg.severities), "levels": levels})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage download: CIFAR-10 (local copy in $CIFAR10_LOCAL, else the official archive) -> data/raw.
 
 Writes data/raw/{train,test}.npz (images uint8 (N,32,32,3) RGB, labels int64, index int64: the
-position of each image in the official split; base.train_size and base.test_size applied) and data/raw/source.json (where it came from, sha256 of outputs).
+position of each image in the official split; base.train_size and base.test_size applied) and
+data/raw/source.json (where it came from, sha256 of outputs).
 """
 from __future__ import annotations
 

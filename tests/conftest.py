@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from iqals import params as params_mod
+from iqals import params as params_lib
 from iqals.data import CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def params(repo_root):
-    return params_mod.load(repo_root / "params.yaml")
+    return params_lib.load(repo_root / "params.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from iqals import corruptions as C
+from iqals import corruptions
+from iqals import params as params_lib
 from iqals.params import ParamError
 from tests.conftest import natural_images
 
@@ -22,7 +23,7 @@ def images():
 @pytest.fixture(scope="module")
 def every(images):
     """family -> uint8 (5, 16, 32, 32, 3), seed 0."""
-    return {f: C.corrupt_all(images, [f], C.SEVERITIES, seed=0)[0] for f in C.FAMILIES}
+    return {f: corruptions.corrupt_all(images, [f], corruptions.SEVERITIES, seed=0)[0] for f in corruptions.FAMILIES}
 
 
 def mad(a, b):
@@ -30,8 +31,8 @@ def mad(a, b):
 
 
 def test_families_table():
-    assert set(RANDOM) < set(C.FAMILIES) and len(C.FAMILIES) == 8
-    for name, (fn, consts) in C.FAMILIES.items():
+    assert set(RANDOM) < set(corruptions.FAMILIES) and len(corruptions.FAMILIES) == 8
+    for name, (fn, consts) in corruptions.FAMILIES.items():
         assert callable(fn) and len(consts) == 5, name
 
 
@@ -48,26 +49,26 @@ def test_constants_are_make_cifar_c():
         "elastic_transform": [(0, 0, 2.56), (1.6, 6.4, 2.24), (2.56, 1.92, 1.92), (3.2, 1.28, 1.6),
                               (3.2, 0.96, 0.96)],
     }
-    assert list(C.FAMILIES) == list(expected)
+    assert list(corruptions.FAMILIES) == list(expected)
     for f, consts in expected.items():
-        np.testing.assert_allclose(np.array(C.FAMILIES[f][1], float), np.array(consts, float), err_msg=f)
+        np.testing.assert_allclose(np.array(corruptions.FAMILIES[f][1], float), np.array(consts, float), err_msg=f)
 
 
 def test_shape_dtype_and_all_stack(images, every):
     for f, out in every.items():
         assert out.dtype == np.uint8 and out.shape == (5,) + images.shape, f
         assert all(mad(o, images) > 0 for o in out), f
-    stack = C.corrupt_all(images[:3], ["fog", "contrast"], [2, 5], seed=0)
+    stack = corruptions.corrupt_all(images[:3], ["fog", "contrast"], [2, 5], seed=0)
     assert stack.shape == (2, 2, 3, 32, 32, 3)
     np.testing.assert_array_equal(stack[0, 1], every["fog"][4, :3])  # prefix of the stack: same images
 
 
 def test_deterministic_and_seeded(images, every):
-    for f in C.FAMILIES:
+    for f in corruptions.FAMILIES:
         for s in (1, 5):
-            again = C.corrupt(images, f, s, seed=0)
+            again = corruptions.corrupt(images, f, s, seed=0)
             np.testing.assert_array_equal(again, every[f][s - 1], err_msg=f)
-            other = C.corrupt(images, f, s, seed=1)
+            other = corruptions.corrupt(images, f, s, seed=1)
             if f in RANDOM:
                 assert not np.array_equal(other, again), f
             else:
@@ -76,10 +77,10 @@ def test_deterministic_and_seeded(images, every):
 
 def test_index_keys_the_stream(images):
     """Image i's draws depend on its official position, not on its place in the stack."""
-    full = C.corrupt(images, "shot_noise", 3, seed=7)
-    part = C.corrupt(images[5:9], "shot_noise", 3, seed=7, index=np.arange(5, 9))
+    full = corruptions.corrupt(images, "shot_noise", 3, seed=7)
+    part = corruptions.corrupt(images[5:9], "shot_noise", 3, seed=7, index=np.arange(5, 9))
     np.testing.assert_array_equal(part, full[5:9])
-    assert not np.array_equal(C.corrupt(images[5:9], "shot_noise", 3, seed=7), part)
+    assert not np.array_equal(corruptions.corrupt(images[5:9], "shot_noise", 3, seed=7), part)
 
 
 def test_distortion_grows_with_severity(images, every):
@@ -105,8 +106,8 @@ def test_elastic_local_warp_grows_affine_part_shrinks():
     m = slice(5, 27)  # interior: away from the reflected borders
     a = np.stack([xx[m, m].ravel(), yy[m, m].ravel(), np.ones(22 * 22)], 1)
     local, affine = [], []
-    for s in C.SEVERITIES:
-        y = C.corrupt(np.repeat(ramp[None], 12, 0), "elastic_transform", s, seed=0).astype(float)
+    for s in corruptions.SEVERITIES:
+        y = corruptions.corrupt(np.repeat(ramp[None], 12, 0), "elastic_transform", s, seed=0).astype(float)
         res, aff = [], []
         for n in range(12):
             for src, base in (((y[n, ..., 0] - 20) / 7, xx), ((y[n, ..., 1] - 20) / 7, yy)):
@@ -122,11 +123,11 @@ def test_elastic_local_warp_grows_affine_part_shrinks():
 
 
 def test_contrast_by_hand(images):
-    for s, c in enumerate(C.FAMILIES["contrast"][1], 1):
+    for s, c in enumerate(corruptions.FAMILIES["contrast"][1], 1):
         x = images / 255.0
         mean = x.mean(axis=(1, 2), keepdims=True)
         ref = np.floor(np.clip((x - mean) * c + mean, 0, 1) * 255 + 0.5).astype(np.uint8)
-        np.testing.assert_array_equal(C.corrupt(images, "contrast", s, seed=0), ref)
+        np.testing.assert_array_equal(corruptions.corrupt(images, "contrast", s, seed=0), ref)
 
 
 def test_pixelate_by_hand(images):
@@ -141,9 +142,9 @@ def test_pixelate_by_hand(images):
             out[k] = img[pick].mean(axis=0)
         return np.floor(out + 0.5)
 
-    for s, c in enumerate(C.FAMILIES["pixelate"][1], 1):
+    for s, c in enumerate(corruptions.FAMILIES["pixelate"][1], 1):
         n = int(32 * c)
-        got = C.corrupt(images, "pixelate", s, seed=0)
+        got = corruptions.corrupt(images, "pixelate", s, seed=0)
         for img, g in zip(images, got):
             small = box_down(box_down(img.astype(float).transpose(1, 0, 2), n).transpose(1, 0, 2), n)
             ref = cv2.resize(small.astype(np.uint8), (32, 32), interpolation=cv2.INTER_NEAREST_EXACT)
@@ -152,21 +153,21 @@ def test_pixelate_by_hand(images):
 
 def test_pixelate_matches_pillow(images):
     Image = pytest.importorskip("PIL.Image")  # the original's resampler, if installed
-    for s, c in enumerate(C.FAMILIES["pixelate"][1], 1):
+    for s, c in enumerate(corruptions.FAMILIES["pixelate"][1], 1):
         n = int(32 * c)
         ref = np.stack([np.asarray(Image.fromarray(im).resize((n, n), Image.BOX).resize((32, 32), Image.BOX))
                         for im in images])
-        np.testing.assert_array_equal(C.corrupt(images, "pixelate", s, seed=0), ref)
+        np.testing.assert_array_equal(corruptions.corrupt(images, "pixelate", s, seed=0), ref)
 
 
 def test_defocus_as_the_original(images):
     """make_cifar_c.py: 17x17 disk kernel, 3x3 Gaussian anti-alias, cv2.filter2D per channel."""
-    for s, (radius, alias) in enumerate(C.FAMILIES["defocus_blur"][1], 1):
+    for s, (radius, alias) in enumerate(corruptions.FAMILIES["defocus_blur"][1], 1):
         L = np.arange(-8, 9)
         X, Y = np.meshgrid(L, L)
         disk = ((X**2 + Y**2) <= radius**2).astype(np.float32)
         kernel = cv2.GaussianBlur(disk / disk.sum(), (3, 3), alias)
-        got = C.corrupt(images, "defocus_blur", s, seed=0)
+        got = corruptions.corrupt(images, "defocus_blur", s, seed=0)
         for img, g in zip(images, got):
             ref = np.stack([cv2.filter2D(img[..., d] / 255.0, -1, kernel) for d in range(3)], -1)
             ref = np.clip(ref, 0, 1) * 255
@@ -174,18 +175,18 @@ def test_defocus_as_the_original(images):
 
 
 def test_motion_kernel_as_imagemagick():
-    w, offs = C._motion_kernel(6, 2, 0.0)
+    w, offs = corruptions._motion_kernel(6, 2, 0.0)
     assert len(w) == 13 and offs == [(i, 0) for i in range(13)]  # one-sided, along +x
     np.testing.assert_allclose(w, np.exp(-np.arange(13) ** 2 / 8) / np.exp(-np.arange(13) ** 2 / 8).sum())
-    _, offs = C._motion_kernel(6, 2, 45.0)
+    _, offs = corruptions._motion_kernel(6, 2, 45.0)
     assert offs[1] == (1, 1) and offs[12] == (math.ceil(12 / math.sqrt(2) - 0.5),) * 2
 
 
 def test_impulse_fraction(images):
     x = images[None].repeat(4, 0).reshape(-1, 32, 32, 3)  # 64 images
     x = np.clip(x, 1, 254)  # no value is already salt or pepper
-    for s, amount in enumerate(C.FAMILIES["impulse_noise"][1], 1):
-        got = C.corrupt(x, "impulse_noise", s, seed=3, index=np.arange(len(x)))
+    for s, amount in enumerate(corruptions.FAMILIES["impulse_noise"][1], 1):
+        got = corruptions.corrupt(x, "impulse_noise", s, seed=3, index=np.arange(len(x)))
         changed = got != x
         assert abs(changed.mean() - amount) < 4 * math.sqrt(amount / changed.size) + 1e-3
         assert set(np.unique(got[changed])) <= {0, 255}
@@ -194,8 +195,8 @@ def test_impulse_fraction(images):
 
 def test_shot_noise_unbiased(images):
     x = np.full((64, 32, 32, 3), 128, np.uint8)
-    for s, c in enumerate(C.FAMILIES["shot_noise"][1], 1):
-        got = C.corrupt(x, "shot_noise", s, seed=0).astype(float) / 255
+    for s, c in enumerate(corruptions.FAMILIES["shot_noise"][1], 1):
+        got = corruptions.corrupt(x, "shot_noise", s, seed=0).astype(float) / 255
         assert abs(got.mean() - 128 / 255) < 0.01
         np.testing.assert_allclose(got.var(), (128 / 255) / c, rtol=0.15)  # Poisson: var = mean / c
 
@@ -203,59 +204,57 @@ def test_shot_noise_unbiased(images):
 def test_bad_input():
     x = natural_images(2, 0)
     with pytest.raises(ValueError, match="uint8"):
-        C.corrupt(x.astype(np.float32), "fog", 1, 0)
+        corruptions.corrupt(x.astype(np.float32), "fog", 1, 0)
     with pytest.raises(ValueError, match="shape"):
-        C.corrupt(x[:, :16], "fog", 1, 0)
+        corruptions.corrupt(x[:, :16], "fog", 1, 0)
     with pytest.raises(ValueError, match="frost"):
-        C.corrupt(x, "frost", 1, 0)
+        corruptions.corrupt(x, "frost", 1, 0)
     with pytest.raises(ValueError, match="severity"):
-        C.corrupt(x, "fog", 6, 0)
+        corruptions.corrupt(x, "fog", 6, 0)
 
 
 GOOD = {"families": ["fog", "contrast"], "severities": [1, 2, 3, 4, 5], "seed": 0}
 
 
 def test_family_names_agree_with_params():
-    from iqals.params import CORRUPTIONS
-
-    assert tuple(C.FAMILIES) == CORRUPTIONS
+    assert tuple(corruptions.FAMILIES) == params_lib.CORRUPTIONS
 
 
 def test_parse_corrupt_good():
-    p = C.parse_corrupt(GOOD)
-    assert p == C.CorruptParams(("fog", "contrast"), (1, 2, 3, 4, 5), 0)
-    assert C.parse_corrupt({**GOOD, "families": list(C.FAMILIES)}).families == tuple(C.FAMILIES)
+    p = params_lib.parse_corrupt(GOOD)
+    assert p == params_lib.CorruptParams(("fog", "contrast"), (1, 2, 3, 4, 5), 0)
+    assert params_lib.parse_corrupt({**GOOD, "families": list(corruptions.FAMILIES)}).families == tuple(corruptions.FAMILIES)
 
 
 @pytest.mark.parametrize("change, message", [
     ({"families": ["fog", "contrast", "frost"]}, r"corrupt\.families\[2\] = 'frost': expected one of \["),
-    ({"families": []}, r"corrupt\.families = \[\]: expected a list of one or more"),
-    ({"families": "fog"}, r"corrupt\.families = 'fog': expected a list"),
-    ({"families": ["fog", "contrast", "fog"]},
-     r"corrupt\.families\[2\] = 'fog': expected no repeats \(already corrupt\.families\[0\]\)"),
+    ({"families": []}, r"corrupt\.families = \[\]: expected a non-empty list of families, each one of \["),
+    ({"families": "fog"}, r"corrupt\.families = 'fog': expected a non-empty list"),
+    ({"families": ["fog", "contrast", "fog"]}, r"corrupt\.families = \['fog', 'contrast', 'fog'\]: expected "
+     r"distinct families \(corrupt\.families\[2\] repeats corrupt\.families\[0\]\)"),
     ({"severities": [0, 1]}, r"corrupt\.severities\[0\] = 0: expected an integer in \[1, 5\]"),
     ({"severities": [1, 6]}, r"corrupt\.severities\[1\] = 6: expected an integer in \[1, 5\]"),
     ({"severities": [2.5]}, r"corrupt\.severities\[0\] = 2\.5: expected an integer"),
-    ({"severities": []}, r"corrupt\.severities = \[\]: expected a list of one or more"),
-    ({"severities": [1, 2, 2]}, r"corrupt\.severities\[2\] = 2: expected no repeats"),
+    ({"severities": []}, r"corrupt\.severities = \[\]: expected a non-empty list"),
+    ({"severities": [1, 2, 2]}, r"corrupt\.severities = \[1, 2, 2\]: expected distinct severities"),
     ({"seed": -1}, r"corrupt\.seed = -1: expected an integer"),
     ({"seed": True}, r"corrupt\.seed = True"),
     ({"extra": 1}, r"corrupt\.extra = 1: expected no such key"),
 ])
 def test_parse_corrupt_rejects(change, message):
     with pytest.raises(ParamError, match=message):
-        C.parse_corrupt({**GOOD, **change})
+        params_lib.parse_corrupt({**GOOD, **change})
 
 
 def test_parse_corrupt_missing():
     with pytest.raises(ParamError, match=r"corrupt\.seed = None: expected a value \(key is missing\)"):
-        C.parse_corrupt({"families": ["fog"], "severities": [1]})
+        params_lib.parse_corrupt({"families": ["fog"], "severities": [1]})
     with pytest.raises(ParamError, match=r"params\.yaml: corrupt = None: expected a mapping"):
-        C.parse_corrupt(None)
+        params_lib.parse_corrupt(None)
 
 
 def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
-    """stages/corrupt.py on 6 images: outputs, shapes and the PSNR summary."""
+    """stages/corrupt.py on 6 images: outputs, shapes and the PSNR summary per family and severity."""
     import json
     import sys
 
@@ -274,7 +273,8 @@ def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
     stage.main()
     out = np.load(tmp_path / "data" / "corrupted" / "test.npy")
     assert out.shape == (2, 2, 6, 32, 32, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[1, 1], C.corrupt(x, "contrast", 5, seed=0))
+    np.testing.assert_array_equal(out[1, 1], corruptions.corrupt(x, "contrast", 5, seed=0))
     m = json.loads((tmp_path / "metrics" / "corrupt.json").read_text())
     assert m["families"] == ["fog", "contrast"] and m["severities"] == [1, 5] and m["test_images"] == 6
-    assert m["levels"]["fog"]["psnr_db"]["1"] > m["levels"]["fog"]["psnr_db"]["5"] > 0
+    assert list(m["levels"]) == ["fog_1", "fog_5", "contrast_1", "contrast_5"]
+    assert m["levels"]["fog_1"]["psnr_db"] > m["levels"]["fog_5"]["psnr_db"] > 0

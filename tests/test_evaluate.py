@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from iqals import evaluate as ev
+from iqals import evaluate
 
 # top confidences kept off the bin edges, where float rounding of the edges decides
 PROBS = np.array([[0.72, 0.18, 0.1], [0.1, 0.63, 0.27], [0.2, 0.25, 0.55], [0.91, 0.05, 0.04]])
@@ -10,34 +10,83 @@ LABELS = np.array([0, 2, 2, 1])
 
 
 def test_accuracy_confidence_nll():
-    assert ev.accuracy(PROBS, LABELS) == 0.5
-    np.testing.assert_allclose(ev.true_confidence(PROBS, LABELS), [0.72, 0.27, 0.55, 0.05])
-    assert ev.nll(PROBS, LABELS) == pytest.approx(-np.mean(np.log([0.72, 0.27, 0.55, 0.05])))
+    assert evaluate.accuracy(PROBS, LABELS) == 0.5
+    np.testing.assert_allclose(evaluate.true_confidence(PROBS, LABELS), [0.72, 0.27, 0.55, 0.05])
+    assert evaluate.nll(PROBS, LABELS) == pytest.approx(-np.mean(np.log([0.72, 0.27, 0.55, 0.05])))
 
 
 def test_ece_by_hand():
     # 2 bins: [0, .5) and [.5, 1]. Top confidences .72 (right), .63 (wrong), .55 (right), .91 (wrong):
     # all in bin 2 -> |acc 0.5 - mean conf 0.7025| = 0.2025
-    assert ev.ece(PROBS, LABELS, 2) == pytest.approx(0.2025)
+    assert evaluate.ece(PROBS, LABELS, 2) == pytest.approx(0.2025)
     # 10 bins: each sample alone in its bin, weight 1/4 each
     want = (abs(1 - 0.72) + abs(0 - 0.63) + abs(1 - 0.55) + abs(0 - 0.91)) / 4
-    assert ev.ece(PROBS, LABELS, 10) == pytest.approx(want)
+    assert evaluate.ece(PROBS, LABELS, 10) == pytest.approx(want)
 
 
 def test_ece_zero_when_calibrated():
     probs = np.array([[0.5, 0.5, 0.0]] * 4)  # top label 0 with confidence .5, right half the time
-    assert ev.ece(probs, np.array([0, 1, 0, 1]), 15) == pytest.approx(0.0)
+    assert evaluate.ece(probs, np.array([0, 1, 0, 1]), 15) == pytest.approx(0.0)
 
 
 def test_confidence_one_falls_in_last_bin():
     probs = np.array([[1.0, 0.0], [1.0, 0.0]])
-    assert ev.ece(probs, np.array([0, 1]), 15) == pytest.approx(0.5)
+    assert evaluate.ece(probs, np.array([0, 1]), 15) == pytest.approx(0.5)
 
 
 def test_test_sets_order_is_table2():
     x = np.zeros((2, 32, 32, 3), np.uint8)
     d = np.arange(9, dtype=np.uint8).reshape(3, 3, 1, 1, 1, 1) * np.ones((3, 3, 2, 32, 32, 3), np.uint8)
-    sets = ev.test_sets(x, d)
+    sets = evaluate.test_sets(x, d)
     assert list(sets) == ["pristine", "blur_1", "blur_2", "blur_3", "noise_1", "noise_2", "noise_3",
                           "jpeg_1", "jpeg_2", "jpeg_3"]
     assert [int(v[0, 0, 0, 0]) for v in sets.values()][1:] == list(range(9))
+
+
+def test_aggregate_means_over_seeds_and_std_of_accuracy():
+    cell = lambda acc, nll: {"acc": acc, "conf": 0.5, "nll": nll, "ece": 0.1}  # noqa: E731
+    per_seed = [{n: cell(0.5, 1.0) for n in evaluate.TEST_SETS}, {n: cell(0.7, 2.0) for n in evaluate.TEST_SETS}]
+    out = evaluate.aggregate(per_seed)
+    assert list(out) == list(evaluate.TEST_SETS)
+    assert out["jpeg_3"] == {"acc": 0.6, "conf": 0.5, "nll": 1.5, "ece": 0.1,
+                             "acc_std": round(np.std([0.5, 0.7], ddof=1), 5)}
+    assert evaluate.aggregate(per_seed[:1])["pristine"]["acc_std"] is None  # one seed: n/a, not 0
+
+
+def test_unseen_summary_per_family_and_severity():
+    acc = np.array([[[0.2, 0.4], [0.6, 0.8]], [[0.4, 0.6], [0.8, 1.0]]])  # (seeds, families, severities)
+    out = evaluate.unseen_summary(acc, ("fog", "contrast"))
+    assert out == {"fog": {"acc": 0.4, "by_severity": [0.3, 0.5]},
+                   "contrast": {"acc": 0.8, "by_severity": [0.7, 0.9]}, "mean": 0.6}
+
+
+def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
+    """The per-seed loop: probabilities per seed and test set, metrics from them, shape checks."""
+    import dataclasses
+
+    import torch
+
+    from iqals import model as model_lib
+    from iqals.data import DataError
+
+    _, (images, labels) = tiny_arrays
+    images, labels = images[:12], labels[:12]
+    distorted = np.stack([np.stack([np.roll(images, t + lv, axis=1) for lv in range(3)]) for t in range(3)])
+    p = dataclasses.replace(params, corrupt=dataclasses.replace(params.corrupt, families=("fog", "contrast"),
+                                                                 severities=(2,)))
+    corrupted = np.stack([np.stack([images[:, ::-1]] * len(p.corrupt.severities))] * len(p.corrupt.families))
+    for seed in (0, 1):
+        torch.save({"model": model_lib.build(p.model, seed).state_dict()}, tmp_path / f"seed{seed}.pt")
+    cpu = torch.device("cpu")
+    nets = {k: evaluate.load_model(tmp_path / f"seed{k}.pt", p, cpu) for k in (0, 1)}
+    probs, m = evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted, labels, p, cpu)
+    assert probs.shape == (2, 10, 12, 10) and probs.dtype == np.float32
+    want = evaluate.predict(nets[1], distorted[1, 2], cpu, 5)
+    np.testing.assert_allclose(probs[1, evaluate.TEST_SETS.index("noise_3")], want, rtol=1e-6)
+    assert m["per_seed_acc"]["seed1"]["noise_3"] == round(evaluate.accuracy(want, labels), 5)
+    assert (m["strategy"], m["labels"], m["seeds"], m["test_images"]) == ("S3", "iqa_ls", [0, 1], 12)
+    assert list(m["unseen"]) == list(p.corrupt.families) + ["mean"]
+    with pytest.raises(DataError, match="rerun the corrupt stage"):
+        evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted[:1], labels, p, cpu)
+    with pytest.raises(DataError, match="no trained model"):
+        evaluate.load_model(tmp_path / "seed7.pt", p, cpu)

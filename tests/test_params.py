@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import csv
-import shutil
-from pathlib import Path
 
 import pytest
 
-from iqals import params as P
+from iqals import params as params_lib
 from iqals.params import ParamError
 
 
@@ -94,7 +92,7 @@ def test_bad_params_name_key_and_problem(raw_params, case):
     mutate, key, problem = BAD[case]
     mutate(raw_params)
     with pytest.raises(ParamError) as err:
-        P.parse(raw_params)
+        params_lib.parse(raw_params)
     msg = str(err.value)
     assert msg.startswith(f"params.yaml: {key} = "), msg  # the key, exactly
     assert problem in msg, msg
@@ -109,23 +107,35 @@ def test_the_mutators_alone_do_not_break_good_params(raw_params):
     _jpeg_level(2, 1)(raw_params)
     _set("mixture.shares", [0.7, 0.1, 0.1, 0.1])(raw_params)
     _set("strategies.S1.labels", "original")(raw_params)
-    p = P.parse(raw_params)
+    p = params_lib.parse(raw_params)
     assert p.train.lr_decay_epochs == 6 and p.train.seeds == (0, 1, 2)
     assert p.base.train_size == 2010 and p.distort.jpeg_quality == (100, 8, 1)
     assert p.mixture.shares == (0.7, 0.1, 0.1, 0.1)
 
 
+def test_a_mapping_of_strategy_lists_is_one_check():
+    """What a report key such as fig3_panels (panel -> strategy names) would use."""
+    panels = params_lib.Mapping(params_lib.Names("strategies", "strategy"), "panel -> strategy names")
+    ctx = {"strategies": {"S1": None, "S2": None}}
+    assert panels("report.fig3_panels", {"blur": ["S1", "S2"]}, ctx) == {"blur": ("S1", "S2")}
+    with pytest.raises(ParamError, match=r"^params\.yaml: report\.fig3_panels\.blur = \['S1', 'S9'\]: "
+                                         r"expected a non-empty list of strategy names from \['S1', 'S2'\]$"):
+        panels("report.fig3_panels", {"blur": ["S1", "S9"]}, ctx)
+    with pytest.raises(ParamError, match=r"report\.fig3_panels = \{\}: expected a non-empty mapping"):
+        panels("report.fig3_panels", {}, ctx)
+
+
 def test_load_rejects_missing_and_invalid_files(tmp_path):
     with pytest.raises(ParamError, match="no such file"):
-        P.load(tmp_path / "params.yaml")
+        params_lib.load(tmp_path / "params.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamError, match="not valid YAML"):
-        P.load(bad)
+        params_lib.load(bad)
     top = tmp_path / "list.yaml"
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ParamError, match="a mapping of sections"):
-        P.load(top)
+        params_lib.load(top)
 
 
 # --------------------------------------------------------------------- committed params.yaml
@@ -158,7 +168,7 @@ def test_strategies_s1_to_s9_match_paper_table2(params, repo_root):
         assert (st.labels, st.train_set) == (r["regularization"], r["train_set"]), r["strategy"]
     # Table 2 reports the pristine set and 3 types x 3 levels: the evaluation's 10 test sets.
     cols = list(rows[0])[3:]
-    assert cols == ["pristine"] + [f"{k}_{lv}" for k in P.DISTORTIONS for lv in (1, 2, 3)]
+    assert cols == ["pristine"] + [f"{k}_{lv}" for k in params_lib.DISTORTIONS for lv in (1, 2, 3)]
     assert all(0 < float(r[c]) < 1 for r in rows for c in cols)
 
 
@@ -176,7 +186,7 @@ def test_reference_copies_match_the_shared_paper_files(repo_root):
 def test_parse_does_not_mutate_its_input(raw_params):
     import copy
     before = copy.deepcopy(raw_params)
-    P.parse(raw_params)
+    params_lib.parse(raw_params)
     assert raw_params == before
 
 

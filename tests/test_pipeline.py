@@ -1,8 +1,10 @@
 """The DVC pipeline end to end on tiny generated data, and a training run killed with SIGKILL."""
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +28,44 @@ def test_dvc_groups_match_strategies(repo_root):
     groups = {k: v for d in yaml.safe_load((repo_root / "dvc.yaml").read_text())["vars"] for k, v in d.items()}
     assert sorted(groups["onehot"]) == sorted(n for n, s in p.strategies.items() if not s.needs_scores)
     assert sorted(groups["scored"]) == sorted(n for n, s in p.strategies.items() if s.needs_scores)
+
+
+def imported_modules(path: Path, root: Path) -> set[str]:
+    """Repository files of the package modules that `path` imports at module level, transitively
+    (an import inside a function, such as mixture's lazy one of iqa, is not followed)."""
+    found, todo = set(), [path]
+    while todo:
+        here = todo.pop()
+        for node in ast.parse(here.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                base = here.parent.name if node.level else ""
+                mod = ".".join(p for p in (base, node.module or "") if p)
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                f = root / (name.replace(".", "/") + ".py")
+                if f.is_file() and f.parent.name in ("iqals", "stages") and str(f.relative_to(root)) not in found:
+                    found.add(str(f.relative_to(root)))
+                    todo.append(f)
+    return found
+
+
+# report: its deps are being rewritten with the report module; add it here once they list errors.py
+NOT_CHECKED = set()
+
+
+def test_each_stage_lists_every_module_it_imports(repo_root):
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        st = st.get("do", st)
+        script = re.search(r"python -m (stages\.\w+)", st["cmd"]).group(1).replace(".", "/") + ".py"
+        if name in NOT_CHECKED:
+            continue
+        missing = (imported_modules(repo_root / script, repo_root) | {script}) - set(st["deps"])
+        assert not missing, f"dvc.yaml stage {name}: deps lack {sorted(missing)}"
 
 
 def make_project(dest: Path, repo_root: Path, **train) -> dict:

@@ -4,7 +4,6 @@ import re
 import pytest
 
 
-
 def test_readme_opens_with_study_and_test_commands(repo_root):
     text = (repo_root / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
@@ -27,3 +26,31 @@ def test_readme_sections_are_the_committed_results(repo_root, name, source):
     if not path.exists():
         pytest.skip(f"no committed {source} yet")
     assert block((repo_root / "README.md").read_text(), name) == path.read_text().strip()
+
+
+def test_make_readme_fills_every_block_from_its_source(tmp_path, repo_root):
+    """`make readme` (iqals.readme.sync) copies each source file between its markers, verbatim."""
+    from iqals import readme
+    from iqals.errors import ExpectedError
+
+    assert re.search(r"^readme: setup\n\t\$\(PY\) -m iqals.readme$", (repo_root / "Makefile").read_text(), re.M)
+    text = "# T\n" + "".join(f"<!-- {n}:begin -->\nold\n<!-- {n}:end -->\nkept {n}\n" for n in readme.BLOCKS)
+    (tmp_path / "README.md").write_text(text)
+    for name, source in readme.BLOCKS.items():
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source).write_text(f"| {name} | 1 |\n\n")
+    readme.sync(tmp_path)
+    new = (tmp_path / "README.md").read_text()
+    for name in readme.BLOCKS:
+        assert block(new, name) == f"| {name} | 1 |" and f"kept {name}\n" in new
+    (tmp_path / "README.md").write_text("# no markers\n")
+    with pytest.raises(ExpectedError, match="markers"):
+        readme.sync(tmp_path)
+
+
+def test_make_clean_keeps_committed_results_and_test_fast_skips_slow(repo_root):
+    make = (repo_root / "Makefile").read_text()
+    clean = re.search(r"^clean:\n((?:\t.*\n?)+)", make, re.M).group(1)
+    tracked = {"logs", "metrics", "plots", "bench", "reference"}  # committed: clean must not touch them
+    assert not tracked & {w.strip("/") for w in clean.split()}, clean
+    assert re.search(r"^test-fast: setup\n\t\$\(PY\) -m pytest -q -m \"not slow\"$", make, re.M)

@@ -1,0 +1,43 @@
+"""stages/common.run: errors raised on purpose print one line; anything else keeps its traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from iqals.data import DataError
+from iqals.errors import ExpectedError, UsageError
+from iqals.params import ParamError
+
+
+def run_stage(repo_root, body: str) -> subprocess.CompletedProcess:
+    """A stage whose main() runs `body`, as `python -c`, through stages.common.run."""
+    code = ("import logging\nfrom stages.common import run\n"
+            f"def main():\n    logging.basicConfig(level=logging.INFO)\n    {body}\nrun(main)\n")
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    return subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("error", ["ParamError", "DataError", "UsageError"])
+def test_expected_errors_print_one_line(repo_root, error):
+    mod = {"ParamError": "iqals.params", "DataError": "iqals.data", "UsageError": "iqals.errors"}[error]
+    r = run_stage(repo_root, f"from {mod} import {error}; raise {error}('--strategy S42: not in params.yaml')")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["ERROR:stage:--strategy S42: not in params.yaml"], r.stderr
+
+
+@pytest.mark.parametrize("error", ["IndexError('index 10 is out of bounds')", "ValueError('shapes differ')",
+                                   "RuntimeError('CUDA out of memory')"])
+def test_unexpected_errors_keep_their_traceback(repo_root, error):
+    r = run_stage(repo_root, f"raise {error}")
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr and error.split("(")[0] in r.stderr, r.stderr
+    assert "ERROR:stage" not in r.stderr
+
+
+def test_expected_errors_share_one_base():
+    for cls in (ParamError, DataError, UsageError):
+        assert issubclass(cls, ExpectedError) and issubclass(cls, ValueError), cls
