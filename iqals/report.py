@@ -1,4 +1,4 @@
-"""Table 2, the comparisons behind the claims, controls, calibration, and the report's text.
+"""Table 2, controls, calibration, unseen corruptions, and the report's text.
 
 Pure functions over the evaluate stage's metrics and predictions; stages/report.py does I/O.
 """
@@ -8,20 +8,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from . import stats
-from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, Strategy, test_set_name
+from . import claims, stats
+from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, Strategy
 from .seeds import derive_seed
-
-# Families of comparisons (label rule a vs b) and the question each answers; Holm corrects within each.
-FAMILIES = {
-    ("iqa_ls", "original"): "IQA-LS vs one-hot",       # the paper's claim
-    ("uniform_ls", "original"): "uniform vs one-hot",  # does any smoothing of that amount help?
-    ("shuffled_ls", "original"): "shuffled vs one-hot",
-    ("iqa_ls", "uniform_ls"): "IQA-LS vs uniform",     # is it the amount of smoothing?
-    ("iqa_ls", "shuffled_ls"): "IQA-LS vs shuffled",   # is it which image gets which score?
-}
-CLAIM = "claim"  # the pseudo test set: per-image mean over the claim sets
-
 
 def _fmt(v, digits: int) -> str:
     if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
@@ -34,26 +23,6 @@ def markdown(df: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
-
-
-def find(strategies: dict[str, Strategy], train_set: str, labels: str) -> str | None:
-    """The strategy with this training set and label rule (mix_blur, original -> S2)."""
-    return next((s.name for s in strategies.values() if s.train_set == train_set and s.labels == labels), None)
-
-
-def twin(strategies: dict[str, Strategy], name: str, labels: str = "original") -> str | None:
-    """The strategy with the same training set and label rule `labels` (S3 -> S2)."""
-    return find(strategies, strategies[name].train_set, labels)
-
-
-def mixes(strategies: dict[str, Strategy]) -> list[str]:
-    """The training mixes with distorted copies, in params order."""
-    return list(dict.fromkeys(s.train_set for s in strategies.values() if s.distortions))
-
-
-def claim_sets(strategy: Strategy, levels) -> list[str]:
-    """Pristine plus the mix's own distortions at the claim levels (the paper claims levels 1-2)."""
-    return ["pristine"] + [test_set_name(DISTORTIONS.index(d), lv - 1) for d in strategy.distortions for lv in levels]
 
 
 def paper_by_name(paper: pd.DataFrame, names) -> dict[str, pd.Series]:
@@ -89,116 +58,6 @@ def table2_markdown(t2: pd.DataFrame, n_seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------ comparisons
-
-def correct(pred: dict) -> np.ndarray:
-    """bool (seeds, test sets, N): was each prediction right?"""
-    return pred["probs"].argmax(-1) == pred["labels"]
-
-
-def compare(ca: np.ndarray, cb: np.ndarray, boot: stats.Bootstrap) -> dict:
-    """All tests of a vs b on one test set; ca, cb bool (seeds, N), or float for the claim mean."""
-    d = ca.astype(np.float32) - cb.astype(np.float32)
-    row = stats.bootstrap_test(d, boot)
-    row["p_cmh"] = stats.cmh_mcnemar(ca, cb) if ca.dtype == bool else float("nan")
-    row["p_t_seeds"] = stats.paired_t(ca.mean(1), cb.mean(1))
-    return row
-
-
-def comparisons(strategies: dict[str, Strategy], preds: dict[str, dict], claim_levels, boot: stats.Bootstrap,
-                alpha: float) -> pd.DataFrame:
-    """Every family's comparison per mix, on each test set and on the claim (mean over claim sets).
-
-    Holm's correction runs within each family, separately over its per-test-set cells and over its
-    claim cells (one per mix).
-    """
-    rows = []
-    for (rule_a, rule_b), family in FAMILIES.items():
-        for mix in mixes(strategies):
-            a, b = find(strategies, mix, rule_a), find(strategies, mix, rule_b)
-            if a is None or b is None or a not in preds or b not in preds:
-                continue
-            if not np.array_equal(preds[a]["seeds"], preds[b]["seeds"]):
-                raise ValueError(f"{a} and {b} were evaluated on different seeds: "
-                                 f"{list(preds[a]['seeds'])} vs {list(preds[b]['seeds'])}")
-            ca, cb = correct(preds[a]), correct(preds[b])
-            base = {"family": family, "train_set": mix, "a": a, "b": b}
-            for j, t in enumerate(TEST_SETS):
-                rows.append({**base, "test_set": t, **compare(ca[:, j], cb[:, j], boot)})
-            idx = [TEST_SETS.index(t) for t in claim_sets(strategies[a], claim_levels)]
-            rows.append({**base, "test_set": CLAIM, **compare(ca[:, idx].mean(1), cb[:, idx].mean(1), boot)})
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    df["p_holm"] = np.nan
-    for _, g in df.groupby(["family", df["test_set"] == CLAIM]):
-        df.loc[g.index, "p_holm"] = stats.holm(g["p"].to_numpy())
-    df["significant"] = df["p_holm"] < alpha
-    return df
-
-
-def verdict(row, alpha: float) -> str:
-    if row["p_holm"] >= alpha:
-        return "indistinguishable from"
-    return "better than" if row["diff"] > 0 else "worse than"
-
-
-def _effect(row) -> str:
-    return (f"{100 * row['diff']:+.1f} points, 95% CI [{100 * row['ci_lo']:+.1f}, {100 * row['ci_hi']:+.1f}], "
-            f"Holm p = {row['p_holm']:.3g}")
-
-
-def conclusion_lines(comps: pd.DataFrame, alpha: float) -> list[str]:
-    """One line per mix from its claim cells: IQA-LS against one-hot, then against the two controls."""
-    lines = []
-    claims = comps[comps["test_set"] == CLAIM].set_index(["family", "train_set"])
-    for mix in dict.fromkeys(claims.index.get_level_values("train_set")):
-        parts = []
-        for family, what in (("IQA-LS vs one-hot", "one-hot"), ("IQA-LS vs uniform", "uniform"),
-                             ("IQA-LS vs shuffled", "shuffled")):
-            if (family, mix) in claims.index:
-                r = claims.loc[(family, mix)]
-                parts.append(f"{verdict(r, alpha)} {what} {r['b']} ({_effect(r)})")
-        if parts:
-            a = claims.xs(mix, level="train_set")["a"].iloc[0]
-            lines.append(f"- **{mix}** ({a}): IQA-LS " + "; ".join(parts) + ".")
-    return lines
-
-
-def claim_lines(strategies, comps: pd.DataFrame, paper_rows: dict[str, pd.Series], claim_levels) -> list[str]:
-    """Per IQA-LS strategy of Table 2: its difference from the one-hot twin on each claim set, with
-    the 95% interval, beside the paper's difference."""
-    lines = []
-    rows = comps[comps["family"] == "IQA-LS vs one-hot"].set_index(["a", "test_set"])
-    for name in paper_rows:
-        base = twin(strategies, name) if name in strategies else None
-        if strategies.get(name) is None or strategies[name].labels != "iqa_ls" or (name, CLAIM) not in rows.index:
-            continue
-        parts = []
-        for t in claim_sets(strategies[name], claim_levels):
-            r = rows.loc[(name, t)]
-            dp = float(paper_rows[name][t]) - float(paper_rows[base][t]) if base in paper_rows else float("nan")
-            parts.append(f"{t} {100 * r['diff']:+.1f} [{100 * r['ci_lo']:+.1f}, {100 * r['ci_hi']:+.1f}]"
-                         f" (paper {100 * dp:+.1f})")
-        lines.append(f"- {name} vs {base}: " + "; ".join(parts))
-    return lines
-
-
-def family_counts(comps: pd.DataFrame) -> pd.DataFrame:
-    """Per family: cells tested and significant after Holm, per test set and on the claims."""
-    rows = []
-    for family in FAMILIES.values():
-        g = comps[comps["family"] == family]
-        if g.empty:
-            continue
-        per, claim = g[g["test_set"] != CLAIM], g[g["test_set"] == CLAIM]
-        rows.append({"family": family, "cells": len(per), "significant": int(per["significant"].sum()),
-                     "a_better": int((per["significant"] & (per["diff"] > 0)).sum()),
-                     "a_worse": int((per["significant"] & (per["diff"] < 0)).sum()),
-                     "claim_cells": len(claim), "claim_significant": int(claim["significant"].sum())})
-    return pd.DataFrame(rows)
-
-
 # ------------------------------------------------------------------ controls, calibration, unseen
 
 def mix_epsilons(strategies: dict[str, Strategy], scores: np.ndarray, cfg, shares) -> dict[str, float]:
@@ -207,7 +66,7 @@ def mix_epsilons(strategies: dict[str, Strategy], scores: np.ndarray, cfg, share
     from .mixture import mean_epsilon, true_class_probability
 
     out = {}
-    for mix in mixes(strategies):
+    for mix in claims.mixes(strategies):
         probe = Strategy(name="probe", train_set=mix, labels="iqa_ls")
         out[mix] = mean_epsilon(true_class_probability(probe, scores.shape[-1], scores, cfg, shares, 0), probe, shares)
     return out
@@ -224,7 +83,7 @@ def controls(strategies: dict[str, Strategy], metrics: dict, epsilons: dict[str,
         m = metrics[name]
         rows.append({"train_set": s.train_set, "epsilon": epsilons[s.train_set], "labels": s.labels,
                      "strategy": name, "pristine": m["pristine"]["acc"], "pristine_std": m["pristine"]["acc_std"],
-                     "claim_levels": float(np.mean([m[t]["acc"] for t in claim_sets(s, claim_levels)[1:]])),
+                     "claim_levels": float(np.mean([m[t]["acc"] for t in claims.claim_sets(s, claim_levels)[1:]])),
                      "all_distorted": float(np.mean([m[t]["acc"] for t in TEST_SETS[1:]])),
                      "ece_mean": float(np.mean([m[t]["ece"] for t in TEST_SETS])),
                      "nll_mean": float(np.mean([m[t]["nll"] for t in TEST_SETS]))})
@@ -288,7 +147,7 @@ def regime(p: Params, n_train: int, n_full: int, n_test: int, s1_acc: float | No
     return text
 
 
-def report_markdown(p: Params, *, regime_text: str, t2_md: str, claims: list[str], conclusions: list[str],
+def report_markdown(p: Params, *, regime_text: str, t2_md: str, claim_text: list[str], conclusions: list[str],
                     counts: pd.DataFrame, ctrl: pd.DataFrame, calib: pd.DataFrame, unseen_df: pd.DataFrame,
                     clipped: int, n_boot: int) -> str:
     levels = ", ".join(str(lv) for lv in p.report.claim_levels)
@@ -301,7 +160,7 @@ def report_markdown(p: Params, *, regime_text: str, t2_md: str, claims: list[str
         f"### Does IQA-LS beat its one-hot twin? Judged on pristine and levels {levels} of the mix's own "
         "distortions (the paper's claim); level 3 stays in the tables", "",
         f"Differences in points with 95% intervals from a bootstrap over {seeds_note} ({n_boot} replicates), "
-        "beside the paper's difference:", "", *claims, "",
+        "beside the paper's difference:", "", *claim_text, "",
         "### Conclusions per mix", "",
         f"Computed on the claim sets (per-image mean over pristine and levels {levels}): better / worse when the "
         f"Holm-corrected p < {p.report.alpha:g}, else indistinguishable.", "", *conclusions, "",
@@ -335,8 +194,9 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
     """Every table, the report's markdown and the summary, from the evaluate stage's outputs."""
     r, n_seeds, n_test = p.report, len(p.train.seeds), len(next(iter(preds.values()))["labels"])
     boot = stats.Bootstrap(n_test, n_seeds, r.bootstrap, derive_seed(p.base.seed, "report bootstrap"))
-    comps = comparisons(p.strategies, preds, r.claim_levels, boot, r.alpha)
-    tables = {"table2": table2(metrics, paper_rows), "comparisons": comps, "family_counts": family_counts(comps),
+    comps = claims.comparisons(p.strategies, preds, r.claim_levels, boot, r.alpha)
+    tables = {"table2": table2(metrics, paper_rows), "comparisons": comps,
+              "family_counts": claims.family_counts(comps),
               "controls": controls(p.strategies, metrics, mix_epsilons(p.strategies, scores["train"], p.iqa,
                                                                       p.mixture.shares), r.claim_levels),
               "calibration": calibration(metrics, preds, scores["test"]),
@@ -344,9 +204,9 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
     s1 = next((n for n in r.table2 if n in metrics), None)
     regime_text = regime(p, n_train, n_full, n_test, metrics[s1]["pristine"]["acc"] if s1 else None,
                          float(paper_rows[s1]["pristine"]) if s1 else None)
-    t2_md, conclusions = table2_markdown(tables["table2"], n_seeds), conclusion_lines(comps, r.alpha)
+    t2_md, conclusions = table2_markdown(tables["table2"], n_seeds), claims.conclusion_lines(comps, r.alpha)
     md = report_markdown(p, regime_text=regime_text, t2_md=t2_md, conclusions=conclusions,
-                         claims=claim_lines(p.strategies, comps, paper_rows, r.claim_levels),
+                         claim_text=claims.claim_lines(p.strategies, comps, paper_rows, r.claim_levels),
                          counts=tables["family_counts"], ctrl=tables["controls"], calib=tables["calibration"],
                          unseen_df=tables["unseen"], clipped=clipped, n_boot=r.bootstrap)
     summary = {"test_images": n_test, "seeds": list(p.train.seeds), "conclusions": conclusions,

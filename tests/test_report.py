@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
-from iqals import figures, mixture, stats  # noqa: E402
+from iqals import claims, figures, mixture, stats  # noqa: E402
 from iqals import report as rep  # noqa: E402
 from iqals.params import TEST_SETS, Strategy  # noqa: E402
 
@@ -52,10 +52,10 @@ def test_table2_layout_and_differences(params, paper):
 
 
 def test_claim_sets_are_pristine_and_the_claim_levels_of_the_mix(params):
-    assert rep.claim_sets(params.strategies["S3"], (1, 2)) == ["pristine", "blur_1", "blur_2"]
-    assert len(rep.claim_sets(params.strategies["S9"], (1, 2))) == 7
-    assert rep.twin(params.strategies, "U9") == "S8"
-    assert rep.twin(params.strategies, "S5", "uniform_ls") == "U5"
+    assert claims.claim_sets(params.strategies["S3"], (1, 2)) == ["pristine", "blur_1", "blur_2"]
+    assert len(claims.claim_sets(params.strategies["S9"], (1, 2))) == 7
+    assert claims.twin(params.strategies, "U9") == "S8"
+    assert claims.twin(params.strategies, "S5", "uniform_ls") == "U5"
 
 
 def test_holm_by_hand():
@@ -102,19 +102,19 @@ def test_comparisons_cover_every_family_and_holm_runs_within_each(params):
     strategies = params.strategies
     # S3 right on 90%, S2/U3/R3 on 60% of the images; everything else at 60%
     preds = fake_preds(strategies, lambda n, s, j: np.arange(400) % 10 < (9 if n == "S3" else 6), seeds=(0, 1))
-    comps = rep.comparisons(strategies, preds, (1, 2), stats.Bootstrap(400, 2, 2000, seed=0), 0.05)
-    assert set(comps["family"]) == set(rep.FAMILIES.values())
-    assert len(comps) == len(rep.FAMILIES) * 4 * (len(TEST_SETS) + 1)  # 4 mixes, each test set + the claim
-    s3 = comps[(comps["a"] == "S3") & (comps["test_set"] == rep.CLAIM)].set_index("b")
+    comps = claims.comparisons(strategies, preds, (1, 2), stats.Bootstrap(400, 2, 2000, seed=0), 0.05)
+    assert set(comps["family"]) == set(claims.FAMILIES.values())
+    assert len(comps) == len(claims.FAMILIES) * 4 * (len(TEST_SETS) + 1)  # 4 mixes, each test set + the claim
+    s3 = comps[(comps["a"] == "S3") & (comps["test_set"] == claims.CLAIM)].set_index("b")
     assert set(s3.index) == {"S2", "U3", "R3"}  # IQA-LS against one-hot AND both controls, directly
     assert s3.loc["U3", "diff"] == pytest.approx(0.3) and s3.loc["U3", "p_holm"] < 0.05
-    for (family, is_claim), g in comps.groupby(["family", comps["test_set"] == rep.CLAIM]):
+    for (family, is_claim), g in comps.groupby(["family", comps["test_set"] == claims.CLAIM]):
         np.testing.assert_allclose(g["p_holm"], stats.holm(g["p"].to_numpy()))
-    counts = rep.family_counts(comps).set_index("family")
+    counts = claims.family_counts(comps).set_index("family")
     assert counts.loc["IQA-LS vs uniform", "cells"] == 4 * len(TEST_SETS)
     assert counts.loc["IQA-LS vs uniform", "a_better"] == len(TEST_SETS)  # only mix_blur differs
     assert counts.loc["uniform vs one-hot", "significant"] == 0
-    lines = rep.conclusion_lines(comps, 0.05)
+    lines = claims.conclusion_lines(comps, 0.05)
     assert lines[0].startswith("- **mix_blur** (S3): IQA-LS better than one-hot S2 (+30.0 points, 95% CI [")
     assert "better than uniform U3" in lines[0] and "better than shuffled R3" in lines[0]
     assert "indistinguishable from one-hot S4" in lines[1]
@@ -125,7 +125,7 @@ def test_comparisons_refuse_strategies_evaluated_on_other_seeds(params):
     preds = fake_preds(strategies, lambda n, s, j: np.ones(400, bool))
     preds["S3"]["seeds"] = np.array([1])
     with pytest.raises(ValueError, match="different seeds"):
-        rep.comparisons(strategies, preds, (1, 2), stats.Bootstrap(400, 1, 100, seed=0), 0.05)
+        claims.comparisons(strategies, preds, (1, 2), stats.Bootstrap(400, 1, 100, seed=0), 0.05)
 
 
 def test_regime_says_when_the_run_cannot_speak_to_the_paper(params):
@@ -138,7 +138,7 @@ def test_regime_says_when_the_run_cannot_speak_to_the_paper(params):
 
 
 def test_one_seed_std_is_na_not_zero(params):
-    eps = {m: 0.1 for m in rep.mixes(params.strategies)}
+    eps = {m: 0.1 for m in claims.mixes(params.strategies)}
     ctrl = rep.controls(params.strategies, fake_metrics(params.strategies, lambda n, t: 0.5, std=None), eps, (1, 2))
     md = rep.markdown(ctrl)
     assert "| n/a |" in md and "0.000 |" not in md.split("\n")[2].split("|")[6]
