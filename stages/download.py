@@ -2,26 +2,23 @@
 
 Writes data/raw/{train,test}.npz (images uint8 (N,32,32,3) RGB, labels int64, index int64: the
 position of each image in the official split; base.train_size and base.test_size applied) and
-data/raw/source.json (where it came from, sha256 of outputs).
+data/raw/source.json (where it came from, sha256 of outputs). --cache: where the official archive
+is downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from iqals import data
 from iqals.io import save_npz, write_json
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 log = logging.getLogger("download")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="data/raw")
-    ap.add_argument("--cache", default="data/cache", help="where the official archive is downloaded")
-    args = ap.parse_args()
+    args = cli(__doc__, out="data/raw", cache="data/cache")
     p = setup("download")
     loaded, source = data.acquire(args.cache)
     keep = data.subset_indices(loaded, p.base.train_size, p.base.test_size)
