@@ -147,13 +147,13 @@ def motion_blur(x, c, rngs):
 
 
 def shot_noise(x, c, rngs):
-    """make_cifar_c.py shot_noise: Poisson(x * c) / c."""
+    """make_cifar_c.py shot_noise: Poisson(x * c) / c; c photons per unit intensity (fewer: noisier)."""
     return np.stack([np.clip(rng.poisson(xi * c) / c, 0, 1) * 255 for xi, rng in zip(x, rngs)])
 
 
 def impulse_noise(x, c, rngs):
     """make_cifar_c.py impulse_noise: skimage random_noise(mode='s&p', amount=c): each value is
-    replaced with probability c, by 1 or 0 with equal odds (salt_vs_pepper = 0.5)."""
+    replaced with probability c, by salt 1 or pepper 0 with equal odds (salt_vs_pepper = 0.5)."""
     out = x.copy()
     for xi, rng in zip(out, rngs):
         flipped, salted = rng.random(xi.shape) < c, rng.random(xi.shape) < 0.5
@@ -168,8 +168,8 @@ def contrast(x, c, rngs):
 
 
 def fog(x, c, rngs):
-    """make_cifar_c.py fog: x + c[0] * plasma_fractal(wibbledecay=c[1]), rescaled by the
-    image's maximum."""
+    """make_cifar_c.py fog: x + c[0] * plasma_fractal(wibbledecay=c[1]) (fog strength, plasma
+    wibble decay), rescaled by the image's maximum."""
     out = np.empty_like(x)
     for n, rng in enumerate(rngs):
         max_val = x[n].max()
@@ -179,7 +179,8 @@ def fog(x, c, rngs):
 
 
 def pixelate(x, c, rngs):
-    """make_cifar_c.py pixelate: PIL resize to int(32 c) with BOX, then back to 32 with BOX."""
+    """make_cifar_c.py pixelate: PIL resize to int(32 c) with BOX, then back to 32 with BOX (c: the
+    side of the intermediate image, as a fraction of 32)."""
     small = _pil_resize_box(np.floor(x * 255 + 0.5), int(SIZE * c))
     return _pil_resize_box(small, SIZE)
 
@@ -207,29 +208,19 @@ def elastic_transform(x, c, rngs):
     return out
 
 
-# family -> (function, constants of severities 1..5), all from make_cifar_c.py (CIFAR-10 values)
+# family -> (function, constants c of severities 1..5), all from make_cifar_c.py (CIFAR-10
+# values); each function's docstring says what its c is
 FAMILIES: dict[str, tuple[Callable, tuple[Any, ...]]] = {
-    # (disk radius, anti-alias Gaussian sigma)
     "defocus_blur": (defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
-    # (ImageMagick radius, sigma); angle U(-45, 45) degrees
     "motion_blur": (motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),
-    # photons per unit intensity (fewer = noisier)
     "shot_noise": (shot_noise, (500, 250, 100, 75, 50)),
-    # fraction of values replaced by salt or pepper
     "impulse_noise": (impulse_noise, (0.01, 0.02, 0.03, 0.05, 0.07)),
-    # contrast factor around the channel mean
     "contrast": (contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
-    # (fog strength, plasma wibble decay)
     "fog": (fog, ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))),
-    # side of the intermediate image, as a fraction of 32
     "pixelate": (pixelate, (0.95, 0.9, 0.85, 0.75, 0.65)),
-    # (alpha, sigma, affine shift), in pixels: IMSIZE * (...) with IMSIZE = 32
-    "elastic_transform": (elastic_transform, (
-        (SIZE * 0, SIZE * 0, SIZE * 0.08),
-        (SIZE * 0.05, SIZE * 0.2, SIZE * 0.07),
-        (SIZE * 0.08, SIZE * 0.06, SIZE * 0.06),
-        (SIZE * 0.1, SIZE * 0.04, SIZE * 0.05),
-        (SIZE * 0.1, SIZE * 0.03, SIZE * 0.03))),
+    # in pixels: IMSIZE * (alpha, sigma, affine shift) with IMSIZE = 32
+    "elastic_transform": (elastic_transform, tuple((SIZE * a, SIZE * s, SIZE * d) for a, s, d in (
+        (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)))),
 }
 
 
@@ -240,11 +231,6 @@ def _check_images(images: np.ndarray) -> None:
             or images.shape[1:] != (SIZE, SIZE, 3):
         raise ValueError(f"corrupt: expected uint8 images of shape (N, {SIZE}, {SIZE}, 3), got "
                          f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-
-
-def _generators(seed: int, family: str, severity: int, index: np.ndarray) -> list[np.random.Generator]:
-    stream = derive_seed(seed, "corrupt", family, severity)
-    return [np.random.Generator(np.random.Philox(key=[stream, int(j)])) for j in index]
 
 
 def corrupt(images: np.ndarray, family: str, severity: int, seed: int,
@@ -265,7 +251,9 @@ def corrupt(images: np.ndarray, family: str, severity: int, seed: int,
     if index.shape != (len(images),):
         raise ValueError(f"corrupt: index has shape {index.shape}, expected ({len(images)},)")
     fn, consts = FAMILIES[family]
-    out = fn(images / 255.0, consts[severity - 1], _generators(seed, family, severity, index))
+    stream = derive_seed(seed, "corrupt", family, severity)
+    rngs = [np.random.Generator(np.random.Philox(key=[stream, int(j)])) for j in index]
+    out = fn(images / 255.0, consts[severity - 1], rngs)
     return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
 
