@@ -106,59 +106,46 @@ def Choice(*options: str) -> Check:
 FLAG = Check("true or false", lambda v: isinstance(v, bool))
 
 
-class Seq:
+def Seq(item: Check, n: int | None = None, unique: bool = False, noun: str = "values"):
     """A list of n items (any number but zero when n is None), each passing `item`; a tuple."""
+    allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
 
-    def __init__(self, item, n: int | None = None, unique: bool = False, noun: str = "values"):
-        self.item, self.n, self.unique, self.noun = item, n, unique, noun
-        self.allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
-
-    def __call__(self, key, v, ctx):
-        if not isinstance(v, (list, tuple)) or not v or (self.n is not None and len(v) != self.n):
-            _fail(key, v, self.allowed)
-        out = tuple(self.item(f"{key}[{i}]", x, ctx) for i, x in enumerate(v))
+    def check(key, v, ctx):
+        if not isinstance(v, (list, tuple)) or not v or (n is not None and len(v) != n):
+            _fail(key, v, allowed)
+        out = tuple(item(f"{key}[{i}]", x, ctx) for i, x in enumerate(v))
         for i, x in enumerate(out):
-            if self.unique and out.index(x) < i:
-                _fail(key, v, f"distinct {self.noun} ({key}[{i}] repeats {key}[{out.index(x)}])")
+            if unique and out.index(x) < i:
+                _fail(key, v, f"distinct {noun} ({key}[{i}] repeats {key}[{out.index(x)}])")
         return out
+    return check
 
 
-class Names:
+def Names(source: str, noun: str):
     """A non-empty list of names defined by the mapping at `source` (parsed before this key)."""
-
-    def __init__(self, source: str, noun: str):
-        self.source, self.noun = source, noun
-
-    def __call__(self, key, v, ctx):
-        known = ctx[self.source]
-        if not isinstance(v, list) or not v or any(not isinstance(n, str) or n not in known for n in v):
-            _fail(key, v, f"a non-empty list of {self.noun} names from {sorted(known)}")
+    def check(key, v, ctx):
+        if not isinstance(v, list) or not v or any(not isinstance(n, str) or n not in ctx[source] for n in v):
+            _fail(key, v, f"a non-empty list of {noun} names from {sorted(ctx[source])}")
         return tuple(v)
+    return check
 
 
-class Mapping:
+def Mapping(item, what: str):
     """A non-empty mapping name -> value passing `item`; a dict."""
-
-    def __init__(self, item, what: str):
-        self.item, self.allowed = item, f"a non-empty mapping {what}"
-
-    def __call__(self, key, v, ctx):
+    def check(key, v, ctx):
         if not isinstance(v, dict) or not v:
-            _fail(key, v, self.allowed)
-        return {str(k): self.item(f"{key}.{k}", x, ctx) for k, x in v.items()}
+            _fail(key, v, f"a non-empty mapping {what}")
+        return {str(k): item(f"{key}.{k}", x, ctx) for k, x in v.items()}
+    return check
 
 
-class Section:
+def Section(cls, exact: bool = False):
     """A mapping read into dataclass `cls` by `_build`; exact: one message for any wrong key."""
-
-    def __init__(self, cls, exact: bool = False):
-        self.cls, self.exact = cls, exact
-
-    def __call__(self, key, v, ctx):
-        names = list(_checks(self.cls))
-        if self.exact and (not isinstance(v, dict) or set(v) != set(names)):
-            _fail(key, v, f"a mapping with exactly the keys {' and '.join(names)}")
-        return _build(self.cls, key, v, ctx)
+    def check(key, v, ctx):
+        if exact and (not isinstance(v, dict) or set(v) != set(_checks(cls))):
+            _fail(key, v, f"a mapping with exactly the keys {' and '.join(_checks(cls))}")
+        return _build(cls, key, v, ctx)
+    return check
 
 
 def param(check) -> Any:
