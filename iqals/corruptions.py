@@ -1,24 +1,20 @@
 """CIFAR-10-C style corruptions of the test set, for evaluation only (never used in training).
 
-Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions
-and Perturbations", ICLR 2019; their generation script for CIFAR-10-C,
-github.com/hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py ("the original" below).
-Every function ports one function of the original, with its 32x32 severity constants
-(FAMILIES below, severities 1..5), not the ImageNet (224x224) constants that the
+Each corruption ports a function of Hendrycks & Dietterich's CIFAR-10-C generation script
+("Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", ICLR 2019;
+github.com/hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py: "the original"), with its
+32x32 severity constants (FAMILIES, severities 1..5), not the ImageNet (224x224) ones that the
 `imagecorruptions` package carries. Deliberate differences from the original:
 
-- randomness: each image draws from its own counter-based stream keyed by (seed, family,
-  severity) and the image's position in the official test set (`index`), instead of the
-  global np.random state; the output is a function of the seed, and an image is corrupted the
-  same way in a subset as in the full set;
-- motion_blur: the original calls ImageMagick (Wand) MotionBlurImage; here is a float64 port of
-  that function's kernel (see `motion_blur`), not ImageMagick itself;
+- randomness: each image draws from its own stream keyed by (seed, family, severity) and its
+  position in the official test set (see `corrupt`), not from the global np.random state;
+- motion_blur: a float64 port of ImageMagick's MotionBlurImage kernel, not ImageMagick (Wand);
 - impulse_noise: per-value Bernoulli salt-and-pepper, as scikit-image >= 0.19 random_noise
   does (the 2019 version picked a fixed number of coordinates with replacement);
-- pixelate: Pillow's BOX resampling reproduced in numpy (`_pil_box_matrix`), so the pipeline
-  does not depend on Pillow; a test checks it against Pillow;
-- the final float -> uint8 conversion rounds half up (the original truncates with np.uint8,
-  which turns e.g. 0.8 * 255 = 203.99999... into 203).
+- pixelate: Pillow's BOX resampling in numpy (`_pil_box_matrix`), so that the pipeline does not
+  depend on Pillow; a test checks it against Pillow;
+- uint8 output rounds half up (the original truncates with np.uint8: 0.8 * 255 = 203.99999...
+  becomes 203).
 """
 from __future__ import annotations
 
