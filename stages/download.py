@@ -22,15 +22,13 @@ def main() -> None:
     p = setup("download")
     loaded, source = data.acquire(args.cache)
     keep = data.subset_indices(loaded, p.base.train_size, p.base.test_size)
-    out = Path(args.out)
     for split, (images, labels) in loaded.items():
-        k = keep[split]
-        images, labels = images[k], labels[k]
-        save_npz(out / f"{split}.npz", images=images, labels=labels, index=k)
-        source[f"{split}_images"] = len(labels)
-        source[f"{split}_sha256"] = data.sha256(out / f"{split}.npz")
-        log.info("%s: %d images -> %s", split, len(labels), out / f"{split}.npz")
-    write_json(out / "source.json", source)
+        path, k = Path(args.out) / f"{split}.npz", keep[split]
+        save_npz(path, images=images[k], labels=labels[k], index=k)
+        source[f"{split}_images"] = len(k)
+        source[f"{split}_sha256"] = data.sha256(path)
+        log.info("%s: %d images -> %s", split, len(k), path)
+    write_json(Path(args.out) / "source.json", source)
 
 
 if __name__ == "__main__":
