@@ -11,10 +11,7 @@ from .errors import ExpectedError
 from .io import write_text
 
 # README block name -> the file that fills it (written by the pipeline or the benchmarks)
-BLOCKS = {
-    "report": "plots/report.md",
-    "bench": "bench/results.md",
-}
+BLOCKS = {"report": "plots/report.md", "bench": "bench/results.md"}
 
 
 def sync(root: str | Path = ".") -> None:
