@@ -200,10 +200,7 @@ def ssim(ref: np.ndarray, dist: np.ndarray, cfg: IQA) -> np.ndarray:
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {
-    "ssim": ssim,
-    "psnr": stacks.psnr,
-    **iqa_piq.METRICS,  # gmsd, fsim, vif from piq (iqals/iqa_piq.py says how and why)
-}
+    "ssim": ssim, "psnr": stacks.psnr, **iqa_piq.METRICS}  # gmsd, fsim and vif from piq (iqals/iqa_piq.py)
 
 
 def score_all(ref: np.ndarray, dists: np.ndarray, cfg: IQA) -> np.ndarray:

@@ -72,8 +72,4 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     return piq.vif_p(dist, ref, reduction="none", data_range=1.0)
 
 
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {
-    "gmsd": gmsd,
-    "fsim": fsim,
-    "vif": vif,
-}
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {"gmsd": gmsd, "fsim": fsim, "vif": vif}

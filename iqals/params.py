@@ -39,13 +39,9 @@ def test_set_name(dtype: int, level: int) -> str:
 
 # Table 2's columns, in order: copy_index(t, lv) is the position of test_set_name(t, lv)
 TEST_SETS = ("pristine",) + tuple(test_set_name(t, lv) for t in range(len(DISTORTIONS)) for lv in range(LEVELS))
-TRAIN_SETS = {  # training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
-    "pristine": (),
-    "mix_blur": ("blur",),
-    "mix_noise": ("noise",),
-    "mix_jpeg": ("jpeg",),
-    "mix_all3": DISTORTIONS,
-}
+# training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
+TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "mix_jpeg": ("jpeg",),
+              "mix_all3": DISTORTIONS}
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
 # agree). Kept here so that validating params does not import the IQA code: the one-hot
