@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .seeds import derive_seed
+from .seeds import derive_seed, image_streams
 
 SIZE = 32  # the constants below are for 32x32 images (CIFAR-10); other sizes are refused
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -243,12 +243,8 @@ def corrupt(images: np.ndarray, family: str, severity: int, seed: int,
         raise ValueError(f"corrupt: unknown family {family!r}; known: {list(FAMILIES)}")
     if severity not in SEVERITIES:
         raise ValueError(f"corrupt: severity {severity!r} not in {list(SEVERITIES)}")
-    index = np.arange(len(images)) if index is None else np.asarray(index)
-    if index.shape != (len(images),):
-        raise ValueError(f"corrupt: index has shape {index.shape}, expected ({len(images)},)")
+    rngs = image_streams(derive_seed(seed, "corrupt", family, severity), len(images), index, "corrupt")
     fn, consts = FAMILIES[family]
-    stream = derive_seed(seed, "corrupt", family, severity)
-    rngs = [np.random.Generator(np.random.Philox(key=[stream, int(j)])) for j in index]
     out = fn(images / 255.0, consts[severity - 1], rngs)
     return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 

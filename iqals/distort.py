@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from .params import DISTORTIONS, LEVELS, Distort
-from .seeds import derive_seed
+from .seeds import derive_seed, image_streams
 
 CHUNK = 64    # images converted to float64 at a time: small enough to stay in cache (4096 is 15x slower)
 WORKERS = 4   # threads: OpenCV releases the GIL, so a per-image loop uses every core
@@ -55,17 +55,13 @@ def blur(images: np.ndarray, sigma: float, truncate: float, border: str) -> np.n
 def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = None) -> np.ndarray:
     """Additive white Gaussian noise of variance `var` on the [0, 1] scale.
 
-    Image i's noise comes from a counter-based stream keyed by (seed, index[i]), its position in
+    Image i's noise comes from its stream image_streams(seed, ...)[i], keyed by its position in
     the official set, so an image gets the same noise in a subset as in the full set.
     """
-    index = np.arange(len(images)) if index is None else np.asarray(index)
-    if index.shape != (len(images),):
-        raise ValueError(f"noise: index has shape {index.shape}, expected ({len(images)},)")
     sd = math.sqrt(var)
     out = np.empty_like(images)
-    for i, (im, j) in enumerate(zip(images, index)):
-        z = np.random.Generator(np.random.Philox(key=[seed, int(j)])).standard_normal(im.shape)
-        out[i] = _round_uint8(np.clip(im / 255.0 + sd * z, 0.0, 1.0) * 255.0)
+    for i, (im, rng) in enumerate(zip(images, image_streams(seed, len(images), index, "noise"))):
+        out[i] = _round_uint8(np.clip(im / 255.0 + sd * rng.standard_normal(im.shape), 0.0, 1.0) * 255.0)
     return out
 
 
