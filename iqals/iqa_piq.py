@@ -20,7 +20,7 @@ from . import stacks
 from .params import IQA
 
 BATCH = 512             # images per piq call (VIF at 64x64 holds ~25 float32 maps per image)
-DTYPE = torch.float32   # float64 costs 2-11x the time (README, "Quality measures")
+DTYPE = torch.float32   # float64: 2-11x the time for differences <= 6e-3 (README, "Quality measures")
 FSIM_CHROMATIC = True   # FSIMc: phase congruency and gradients on Y, plus the I/Q chroma terms
 VIF_MIN_SIZE = 41       # piq.vif_p refuses smaller images: its 4-scale pyramid needs 41 pixels
 
