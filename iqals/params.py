@@ -9,7 +9,6 @@ A new key is one field line, e.g. `step: str = param(Choice("eager", "compile"))
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +174,7 @@ def _build(cls, key: str, raw, ctx: dict):
         values[name] = ctx[join(name)] = check(join(name), raw[name], ctx)
     obj = cls(**values)
     for name, allowed in getattr(obj, "problems", tuple)():
-        _fail(join(name), functools.reduce(getattr, name.split("."), obj), allowed)
+        _fail(join(name), getattr(obj, name), allowed)
     return obj
 
 
