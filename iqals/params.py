@@ -66,17 +66,15 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 # A check is called as check(key, raw value, ctx) and returns the parsed value or raises
 # ParamError; ctx maps the full key of every value parsed so far to that value.
 
-class Check:
+def Check(allowed: str, ok, convert=lambda v: v):
     """A value that `ok` accepts, returned through `convert`; `allowed` says what is accepted."""
-
-    def __init__(self, allowed: str, ok, convert=lambda v: v):
-        self.allowed, self.ok, self.convert = allowed, ok, convert
-
-    def __call__(self, key, v, ctx):
-        return self.convert(v) if self.ok(v) else _fail(key, v, self.allowed)
+    def check(key, v, ctx):
+        return convert(v) if ok(v) else _fail(key, v, allowed)
+    check.allowed = allowed  # for the message of a Seq of these
+    return check
 
 
-def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False) -> Check:
+def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False):
     """A number in [lo, hi] ((lo, hi] with open_lo); an integer with integer=True; null too with null=True."""
     def ok(v):
         if v is None:
@@ -88,11 +86,11 @@ def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False) -> 
     return Check(allowed, ok, lambda v: v if v is None else (int if integer else float)(v))
 
 
-def Int(lo=-math.inf, hi=math.inf, null=False) -> Check:
+def Int(lo=-math.inf, hi=math.inf, null=False):
     return Num(lo, hi, integer=True, null=null)
 
 
-def Choice(*options: str) -> Check:
+def Choice(*options: str):
     """One of the given strings (an unquoted YAML number such as 420 counts as "420")."""
     return Check(f"one of {list(options)}",
                  lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
@@ -101,7 +99,7 @@ def Choice(*options: str) -> Check:
 FLAG = Check("true or false", lambda v: isinstance(v, bool))
 
 
-def Seq(item: Check, n: int | None = None, unique: bool = False, noun: str = "values"):
+def Seq(item, n: int | None = None, unique: bool = False, noun: str = "values"):
     """A list of n items (any number but zero when n is None), each passing `item`; a tuple."""
     allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
 
