@@ -1,24 +1,20 @@
 """CIFAR-10-C style corruptions of the test set, for evaluation only (never used in training).
 
-Source: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions
-and Perturbations", ICLR 2019; their generation script for CIFAR-10-C,
-github.com/hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py ("the original" below).
-Every function ports one function of the original, with its 32x32 severity constants
-(FAMILIES below, severities 1..5), not the ImageNet (224x224) constants that the
+Each corruption ports a function of Hendrycks & Dietterich's CIFAR-10-C generation script
+("Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", ICLR 2019;
+github.com/hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py: "the original"), with its
+32x32 severity constants (FAMILIES, severities 1..5), not the ImageNet (224x224) ones that the
 `imagecorruptions` package carries. Deliberate differences from the original:
 
-- randomness: each image draws from its own counter-based stream keyed by (seed, family,
-  severity) and the image's position in the official test set (`index`), instead of the
-  global np.random state; the output is a function of the seed, and an image is corrupted the
-  same way in a subset as in the full set;
-- motion_blur: the original calls ImageMagick (Wand) MotionBlurImage; here is a float64 port of
-  that function's kernel (see `motion_blur`), not ImageMagick itself;
+- randomness: each image draws from its own stream keyed by (seed, family, severity) and its
+  position in the official test set (see `corrupt`), not from the global np.random state;
+- motion_blur: a float64 port of ImageMagick's MotionBlurImage kernel, not ImageMagick (Wand);
 - impulse_noise: per-value Bernoulli salt-and-pepper, as scikit-image >= 0.19 random_noise
   does (the 2019 version picked a fixed number of coordinates with replacement);
-- pixelate: Pillow's BOX resampling reproduced in numpy (`_pil_box_matrix`), so the pipeline
-  does not depend on Pillow; a test checks it against Pillow;
-- the final float -> uint8 conversion rounds half up (the original truncates with np.uint8,
-  which turns e.g. 0.8 * 255 = 203.99999... into 203).
+- pixelate: Pillow's BOX resampling in numpy (`_pil_box_matrix`), so that the pipeline does not
+  depend on Pillow; a test checks it against Pillow;
+- uint8 output rounds half up (the original truncates with np.uint8: 0.8 * 255 = 203.99999...
+  becomes 203).
 """
 from __future__ import annotations
 
@@ -29,7 +25,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .seeds import derive_seed
+from .seeds import derive_seed, image_streams
 
 SIZE = 32  # the constants below are for 32x32 images (CIFAR-10); other sizes are refused
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -147,13 +143,13 @@ def motion_blur(x, c, rngs):
 
 
 def shot_noise(x, c, rngs):
-    """make_cifar_c.py shot_noise: Poisson(x * c) / c."""
+    """make_cifar_c.py shot_noise: Poisson(x * c) / c; c photons per unit intensity (fewer: noisier)."""
     return np.stack([np.clip(rng.poisson(xi * c) / c, 0, 1) * 255 for xi, rng in zip(x, rngs)])
 
 
 def impulse_noise(x, c, rngs):
     """make_cifar_c.py impulse_noise: skimage random_noise(mode='s&p', amount=c): each value is
-    replaced with probability c, by 1 or 0 with equal odds (salt_vs_pepper = 0.5)."""
+    replaced with probability c, by salt 1 or pepper 0 with equal odds (salt_vs_pepper = 0.5)."""
     out = x.copy()
     for xi, rng in zip(out, rngs):
         flipped, salted = rng.random(xi.shape) < c, rng.random(xi.shape) < 0.5
@@ -168,8 +164,8 @@ def contrast(x, c, rngs):
 
 
 def fog(x, c, rngs):
-    """make_cifar_c.py fog: x + c[0] * plasma_fractal(wibbledecay=c[1]), rescaled by the
-    image's maximum."""
+    """make_cifar_c.py fog: x + c[0] * plasma_fractal(wibbledecay=c[1]) (fog strength, plasma
+    wibble decay), rescaled by the image's maximum."""
     out = np.empty_like(x)
     for n, rng in enumerate(rngs):
         max_val = x[n].max()
@@ -179,7 +175,8 @@ def fog(x, c, rngs):
 
 
 def pixelate(x, c, rngs):
-    """make_cifar_c.py pixelate: PIL resize to int(32 c) with BOX, then back to 32 with BOX."""
+    """make_cifar_c.py pixelate: PIL resize to int(32 c) with BOX, then back to 32 with BOX (c: the
+    side of the intermediate image, as a fraction of 32)."""
     small = _pil_resize_box(np.floor(x * 255 + 0.5), int(SIZE * c))
     return _pil_resize_box(small, SIZE)
 
@@ -207,29 +204,19 @@ def elastic_transform(x, c, rngs):
     return out
 
 
-# family -> (function, constants of severities 1..5), all from make_cifar_c.py (CIFAR-10 values)
+# family -> (function, constants c of severities 1..5), all from make_cifar_c.py (CIFAR-10
+# values); each function's docstring says what its c is
 FAMILIES: dict[str, tuple[Callable, tuple[Any, ...]]] = {
-    # (disk radius, anti-alias Gaussian sigma)
     "defocus_blur": (defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
-    # (ImageMagick radius, sigma); angle U(-45, 45) degrees
     "motion_blur": (motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),
-    # photons per unit intensity (fewer = noisier)
     "shot_noise": (shot_noise, (500, 250, 100, 75, 50)),
-    # fraction of values replaced by salt or pepper
     "impulse_noise": (impulse_noise, (0.01, 0.02, 0.03, 0.05, 0.07)),
-    # contrast factor around the channel mean
     "contrast": (contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
-    # (fog strength, plasma wibble decay)
     "fog": (fog, ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))),
-    # side of the intermediate image, as a fraction of 32
     "pixelate": (pixelate, (0.95, 0.9, 0.85, 0.75, 0.65)),
-    # (alpha, sigma, affine shift), in pixels: IMSIZE * (...) with IMSIZE = 32
-    "elastic_transform": (elastic_transform, (
-        (SIZE * 0, SIZE * 0, SIZE * 0.08),
-        (SIZE * 0.05, SIZE * 0.2, SIZE * 0.07),
-        (SIZE * 0.08, SIZE * 0.06, SIZE * 0.06),
-        (SIZE * 0.1, SIZE * 0.04, SIZE * 0.05),
-        (SIZE * 0.1, SIZE * 0.03, SIZE * 0.03))),
+    # in pixels: IMSIZE * (alpha, sigma, affine shift) with IMSIZE = 32
+    "elastic_transform": (elastic_transform, tuple((SIZE * a, SIZE * s, SIZE * d) for a, s, d in (
+        (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)))),
 }
 
 
@@ -240,11 +227,6 @@ def _check_images(images: np.ndarray) -> None:
             or images.shape[1:] != (SIZE, SIZE, 3):
         raise ValueError(f"corrupt: expected uint8 images of shape (N, {SIZE}, {SIZE}, 3), got "
                          f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-
-
-def _generators(seed: int, family: str, severity: int, index: np.ndarray) -> list[np.random.Generator]:
-    stream = derive_seed(seed, "corrupt", family, severity)
-    return [np.random.Generator(np.random.Philox(key=[stream, int(j)])) for j in index]
 
 
 def corrupt(images: np.ndarray, family: str, severity: int, seed: int,
@@ -261,11 +243,9 @@ def corrupt(images: np.ndarray, family: str, severity: int, seed: int,
         raise ValueError(f"corrupt: unknown family {family!r}; known: {list(FAMILIES)}")
     if severity not in SEVERITIES:
         raise ValueError(f"corrupt: severity {severity!r} not in {list(SEVERITIES)}")
-    index = np.arange(len(images)) if index is None else np.asarray(index)
-    if index.shape != (len(images),):
-        raise ValueError(f"corrupt: index has shape {index.shape}, expected ({len(images)},)")
+    rngs = image_streams(derive_seed(seed, "corrupt", family, severity), len(images), index, "corrupt")
     fn, consts = FAMILIES[family]
-    out = fn(images / 255.0, consts[severity - 1], _generators(seed, family, severity, index))
+    out = fn(images / 255.0, consts[severity - 1], rngs)
     return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
 

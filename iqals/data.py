@@ -105,23 +105,20 @@ def load_official(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def balanced_head(labels: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the first n/K images of each class, in official order."""
-    per_class = n // NUM_CLASSES
-    idx = [np.flatnonzero(labels == k)[:per_class] for k in range(NUM_CLASSES)]
-    if any(len(i) < per_class for i in idx):
-        raise DataError(f"base.train_size={n}: the source has fewer than {per_class} images of some class")
-    return np.sort(np.concatenate(idx))
-
-
 def subset_indices(data, train_size: int | None, test_size: int | None) -> dict[str, np.ndarray]:
-    """Positions kept by base.train_size (class-balanced head) and base.test_size (head)."""
+    """Positions kept by base.train_size (the first train_size/K images of each class, official
+    order) and base.test_size (the first test images)."""
     ytr, yte = data["train"][1], data["test"][1]
     keep = {"train": np.arange(len(ytr)), "test": np.arange(len(yte))}
     if train_size is not None:
         if train_size > len(ytr):
             raise DataError(f"base.train_size={train_size} exceeds the {len(ytr)} training images")
-        keep["train"] = balanced_head(ytr, train_size)
+        per_class = train_size // NUM_CLASSES
+        idx = [np.flatnonzero(ytr == k)[:per_class] for k in range(NUM_CLASSES)]
+        if any(len(i) < per_class for i in idx):
+            raise DataError(f"base.train_size={train_size}: the source has fewer than {per_class} images "
+                            "of some class")
+        keep["train"] = np.sort(np.concatenate(idx))
     if test_size is not None:
         if test_size > len(yte):
             raise DataError(f"base.test_size={test_size} exceeds the {len(yte)} test images of the "

@@ -14,34 +14,17 @@ import cv2
 import numpy as np
 
 from .params import DISTORTIONS, LEVELS, Distort
-from .seeds import derive_seed
+from .seeds import derive_seed, image_streams
 
 CHUNK = 64    # images converted to float64 at a time: small enough to stay in cache (4096 is 15x slower)
 WORKERS = 4   # threads: OpenCV releases the GIL, so a per-image loop uses every core
 _CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101,
               "constant": cv2.BORDER_CONSTANT}
-_CV_SUBSAMPLING = {"420": "IMWRITE_JPEG_SAMPLING_FACTOR_420",
-                   "422": "IMWRITE_JPEG_SAMPLING_FACTOR_422",
-                   "444": "IMWRITE_JPEG_SAMPLING_FACTOR_444"}
 
 
 def _round_uint8(x: np.ndarray) -> np.ndarray:
     """Round half up and saturate, as MATLAB's uint8 conversion does for non-negative values."""
     return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
-
-
-def _per_image(fn, images: np.ndarray) -> np.ndarray:
-    """fn applied to every image of a stack, in threads over contiguous slices."""
-    out = np.empty_like(images)
-    step = max(1, math.ceil(len(images) / (4 * WORKERS)))
-
-    def work(lo: int) -> None:
-        for j in range(lo, min(lo + step, len(images))):
-            out[j] = fn(images[j])
-
-    with ThreadPoolExecutor(WORKERS) as pool:
-        list(pool.map(work, range(0, len(images), step)))
-    return out
 
 
 def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
@@ -72,33 +55,33 @@ def blur(images: np.ndarray, sigma: float, truncate: float, border: str) -> np.n
 def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = None) -> np.ndarray:
     """Additive white Gaussian noise of variance `var` on the [0, 1] scale.
 
-    Image i's noise comes from a counter-based stream keyed by (seed, index[i]), its position in
+    Image i's noise comes from its stream image_streams(seed, ...)[i], keyed by its position in
     the official set, so an image gets the same noise in a subset as in the full set.
     """
-    index = np.arange(len(images)) if index is None else np.asarray(index)
-    if index.shape != (len(images),):
-        raise ValueError(f"noise: index has shape {index.shape}, expected ({len(images)},)")
     sd = math.sqrt(var)
     out = np.empty_like(images)
-    for i, (im, j) in enumerate(zip(images, index)):
-        z = np.random.Generator(np.random.Philox(key=[seed, int(j)])).standard_normal(im.shape)
-        out[i] = _round_uint8(np.clip(im / 255.0 + sd * z, 0.0, 1.0) * 255.0)
+    for i, (im, rng) in enumerate(zip(images, image_streams(seed, len(images), index, "noise"))):
+        out[i] = _round_uint8(np.clip(im / 255.0 + sd * rng.standard_normal(im.shape), 0.0, 1.0) * 255.0)
     return out
 
 
-def jpeg_one(image: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
-    """Encode and decode one RGB uint8 image with OpenCV."""
-    flags = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
-             cv2.IMWRITE_JPEG_SAMPLING_FACTOR, getattr(cv2, _CV_SUBSAMPLING[subsampling])]
-    ok, buf = cv2.imencode(".jpg", image[..., ::-1], flags)  # OpenCV wants BGR
-    if not ok:
-        raise RuntimeError(f"OpenCV could not JPEG-encode at quality {quality}")
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
-
-
 def jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
-    """JPEG round trip of a stack."""
-    return _per_image(lambda im: jpeg_one(im, quality, subsampling), images)
+    """JPEG round trip of a stack with OpenCV, image by image in threads over contiguous slices."""
+    flags = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
+             cv2.IMWRITE_JPEG_SAMPLING_FACTOR, getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{subsampling}")]
+    out = np.empty_like(images)
+    step = max(1, math.ceil(len(images) / (4 * WORKERS)))
+
+    def work(lo: int) -> None:
+        for j in range(lo, min(lo + step, len(images))):
+            ok, buf = cv2.imencode(".jpg", images[j][..., ::-1], flags)  # OpenCV wants BGR
+            if not ok:
+                raise RuntimeError(f"OpenCV could not JPEG-encode at quality {quality}")
+            out[j] = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(work, range(0, len(images), step)))
+    return out
 
 
 def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, index=None,

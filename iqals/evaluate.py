@@ -58,11 +58,6 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
     return float(total)
 
 
-def summarize(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, float]:
-    return {"acc": accuracy(probs, labels), "conf": float(true_confidence(probs, labels).mean()),
-            "nll": nll(probs, labels), "ece": ece(probs, labels, bins)}
-
-
 def load_model(path: Path, p: Params, device: torch.device) -> torch.nn.Module:
     if not path.is_file():
         raise DataError(f"{path}: no trained model (run the train stage for it first)")
@@ -109,7 +104,8 @@ def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.n
         for j, (set_name, x) in enumerate(sets.items()):
             pr = predict(net, x, device, p.evaluate.batch_size)  # float64: the measures use it unrounded
             probs[i, j] = pr
-            row[set_name] = summarize(pr, labels, p.evaluate.ece_bins)
+            row[set_name] = {"acc": accuracy(pr, labels), "conf": float(true_confidence(pr, labels).mean()),
+                             "nll": nll(pr, labels), "ece": ece(pr, labels, p.evaluate.ece_bins)}
         per_seed.append(row)
         unseen.append([[accuracy(predict(net, x, device, p.evaluate.batch_size), labels) for x in family]
                        for family in corrupted])  # (families, severities)

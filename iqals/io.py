@@ -43,15 +43,13 @@ def write_text(path: str | Path, text: str) -> None:
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """Plain .npy so that readers can memory-map it (np.load(..., mmap_mode="r"))."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def read_json(path: str | Path) -> Any:

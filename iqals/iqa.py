@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import queue
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable
 
@@ -26,12 +25,6 @@ SSIM_CHUNK_MAPS = 928  # maps per SSIM chunk (2 + 3V per reference, see ssim_y):
 _LUM1000 = np.array([[299.0, 587.0, 114.0]], dtype=np.float32)  # 1000 x Rec. 601 weights
 _WORKSPACES: queue.SimpleQueue = queue.SimpleQueue()  # SSIM buffers, ~7 MB per thread, kept
                                                       # across calls (see _scratch)
-
-
-def luminance(rgb: torch.Tensor) -> torch.Tensor:
-    """Y = 0.299 R + 0.587 G + 0.114 B of (N, H, W, 3) uint8 values, as float32 (N, H, W)."""
-    x = rgb.to(torch.float32)
-    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
 
 
 def _scratch(work: dict, name: str, *shape: int) -> torch.Tensor:
@@ -157,16 +150,6 @@ def ssim_y(x: torch.Tensor, y: torch.Tensor, win: int, sigma: float, k1: float, 
     return smap.view(h2, -1).sum(0).view(w2, v, n).double().sum(0) / (h2 * w2)
 
 
-@contextmanager
-def _torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def ssim_many(ref: np.ndarray, dists: np.ndarray, p: SSIM) -> np.ndarray:
     """Mean SSIM of V versions (V, N, H, W, 3) uint8 against their references (N, H, W, 3) uint8,
     on luminance Y: float64 (V, N)."""
@@ -200,8 +183,13 @@ def ssim_many(ref: np.ndarray, dists: np.ndarray, p: SSIM) -> np.ndarray:
         finally:
             _WORKSPACES.put(work)
 
-    with _torch_threads(1), ThreadPoolExecutor(workers) as pool:
-        list(pool.map(worker, range(workers)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(worker, range(workers)))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -212,10 +200,7 @@ def ssim(ref: np.ndarray, dist: np.ndarray, cfg: IQA) -> np.ndarray:
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {
-    "ssim": ssim,
-    "psnr": stacks.psnr,
-    **iqa_piq.METRICS,  # gmsd, fsim, vif from piq (iqals/iqa_piq.py says how and why)
-}
+    "ssim": ssim, "psnr": stacks.psnr, **iqa_piq.METRICS}  # gmsd, fsim and vif from piq (iqals/iqa_piq.py)
 
 
 def score_all(ref: np.ndarray, dists: np.ndarray, cfg: IQA) -> np.ndarray:

@@ -9,7 +9,6 @@ A new key is one field line, e.g. `step: str = param(Choice("eager", "compile"))
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +38,9 @@ def test_set_name(dtype: int, level: int) -> str:
 
 # Table 2's columns, in order: copy_index(t, lv) is the position of test_set_name(t, lv)
 TEST_SETS = ("pristine",) + tuple(test_set_name(t, lv) for t in range(len(DISTORTIONS)) for lv in range(LEVELS))
-TRAIN_SETS = {  # training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
-    "pristine": (),
-    "mix_blur": ("blur",),
-    "mix_noise": ("noise",),
-    "mix_jpeg": ("jpeg",),
-    "mix_all3": DISTORTIONS,
-}
+# training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
+TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "mix_jpeg": ("jpeg",),
+              "mix_all3": DISTORTIONS}
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
 # agree). Kept here so that validating params does not import the IQA code: the one-hot
@@ -71,17 +66,15 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 # A check is called as check(key, raw value, ctx) and returns the parsed value or raises
 # ParamError; ctx maps the full key of every value parsed so far to that value.
 
-class Check:
+def Check(allowed: str, ok, convert=lambda v: v):
     """A value that `ok` accepts, returned through `convert`; `allowed` says what is accepted."""
-
-    def __init__(self, allowed: str, ok, convert=lambda v: v):
-        self.allowed, self.ok, self.convert = allowed, ok, convert
-
-    def __call__(self, key, v, ctx):
-        return self.convert(v) if self.ok(v) else _fail(key, v, self.allowed)
+    def check(key, v, ctx):
+        return convert(v) if ok(v) else _fail(key, v, allowed)
+    check.allowed = allowed  # for the message of a Seq of these
+    return check
 
 
-def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False) -> Check:
+def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False):
     """A number in [lo, hi] ((lo, hi] with open_lo); an integer with integer=True; null too with null=True."""
     def ok(v):
         if v is None:
@@ -93,11 +86,11 @@ def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False) -> 
     return Check(allowed, ok, lambda v: v if v is None else (int if integer else float)(v))
 
 
-def Int(lo=-math.inf, hi=math.inf, null=False) -> Check:
+def Int(lo=-math.inf, hi=math.inf, null=False):
     return Num(lo, hi, integer=True, null=null)
 
 
-def Choice(*options: str) -> Check:
+def Choice(*options: str):
     """One of the given strings (an unquoted YAML number such as 420 counts as "420")."""
     return Check(f"one of {list(options)}",
                  lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
@@ -106,59 +99,46 @@ def Choice(*options: str) -> Check:
 FLAG = Check("true or false", lambda v: isinstance(v, bool))
 
 
-class Seq:
+def Seq(item, n: int | None = None, unique: bool = False, noun: str = "values"):
     """A list of n items (any number but zero when n is None), each passing `item`; a tuple."""
+    allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
 
-    def __init__(self, item, n: int | None = None, unique: bool = False, noun: str = "values"):
-        self.item, self.n, self.unique, self.noun = item, n, unique, noun
-        self.allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
-
-    def __call__(self, key, v, ctx):
-        if not isinstance(v, (list, tuple)) or not v or (self.n is not None and len(v) != self.n):
-            _fail(key, v, self.allowed)
-        out = tuple(self.item(f"{key}[{i}]", x, ctx) for i, x in enumerate(v))
+    def check(key, v, ctx):
+        if not isinstance(v, (list, tuple)) or not v or (n is not None and len(v) != n):
+            _fail(key, v, allowed)
+        out = tuple(item(f"{key}[{i}]", x, ctx) for i, x in enumerate(v))
         for i, x in enumerate(out):
-            if self.unique and out.index(x) < i:
-                _fail(key, v, f"distinct {self.noun} ({key}[{i}] repeats {key}[{out.index(x)}])")
+            if unique and out.index(x) < i:
+                _fail(key, v, f"distinct {noun} ({key}[{i}] repeats {key}[{out.index(x)}])")
         return out
+    return check
 
 
-class Names:
+def Names(source: str, noun: str):
     """A non-empty list of names defined by the mapping at `source` (parsed before this key)."""
-
-    def __init__(self, source: str, noun: str):
-        self.source, self.noun = source, noun
-
-    def __call__(self, key, v, ctx):
-        known = ctx[self.source]
-        if not isinstance(v, list) or not v or any(not isinstance(n, str) or n not in known for n in v):
-            _fail(key, v, f"a non-empty list of {self.noun} names from {sorted(known)}")
+    def check(key, v, ctx):
+        if not isinstance(v, list) or not v or any(not isinstance(n, str) or n not in ctx[source] for n in v):
+            _fail(key, v, f"a non-empty list of {noun} names from {sorted(ctx[source])}")
         return tuple(v)
+    return check
 
 
-class Mapping:
+def Mapping(item, what: str):
     """A non-empty mapping name -> value passing `item`; a dict."""
-
-    def __init__(self, item, what: str):
-        self.item, self.allowed = item, f"a non-empty mapping {what}"
-
-    def __call__(self, key, v, ctx):
+    def check(key, v, ctx):
         if not isinstance(v, dict) or not v:
-            _fail(key, v, self.allowed)
-        return {str(k): self.item(f"{key}.{k}", x, ctx) for k, x in v.items()}
+            _fail(key, v, f"a non-empty mapping {what}")
+        return {str(k): item(f"{key}.{k}", x, ctx) for k, x in v.items()}
+    return check
 
 
-class Section:
+def Section(cls, exact: bool = False):
     """A mapping read into dataclass `cls` by `_build`; exact: one message for any wrong key."""
-
-    def __init__(self, cls, exact: bool = False):
-        self.cls, self.exact = cls, exact
-
-    def __call__(self, key, v, ctx):
-        names = list(_checks(self.cls))
-        if self.exact and (not isinstance(v, dict) or set(v) != set(names)):
-            _fail(key, v, f"a mapping with exactly the keys {' and '.join(names)}")
-        return _build(self.cls, key, v, ctx)
+    def check(key, v, ctx):
+        if exact and (not isinstance(v, dict) or set(v) != set(_checks(cls))):
+            _fail(key, v, f"a mapping with exactly the keys {' and '.join(_checks(cls))}")
+        return _build(cls, key, v, ctx)
+    return check
 
 
 def param(check) -> Any:
@@ -192,7 +172,7 @@ def _build(cls, key: str, raw, ctx: dict):
         values[name] = ctx[join(name)] = check(join(name), raw[name], ctx)
     obj = cls(**values)
     for name, allowed in getattr(obj, "problems", tuple)():
-        _fail(join(name), functools.reduce(getattr, name.split("."), obj), allowed)
+        _fail(join(name), getattr(obj, name), allowed)
     return obj
 
 

@@ -11,28 +11,20 @@ from .errors import ExpectedError
 from .io import write_text
 
 # README block name -> the file that fills it (written by the pipeline or the benchmarks)
-BLOCKS = {
-    "report": "plots/report.md",
-    "bench": "bench/results.md",
-}
-
-
-def replace_block(path: str | Path, name: str, text: str) -> None:
-    """Replace what stands between `<!-- name:begin -->` and `<!-- name:end -->` in a text file."""
-    path = Path(path)
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    old = path.read_text()
-    if begin not in old or end not in old:
-        raise ExpectedError(f"{path}: markers {begin} / {end} not found")
-    head, rest = old.split(begin, 1)
-    write_text(path, head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
+BLOCKS = {"report": "plots/report.md", "bench": "bench/results.md"}
 
 
 def sync(root: str | Path = ".") -> None:
-    """Copy every source of BLOCKS into its block of root/README.md."""
-    root = Path(root)
+    """Copy every source of BLOCKS between `<!-- name:begin -->` and `<!-- name:end -->` in
+    root/README.md."""
+    root, readme = Path(root), Path(root) / "README.md"
     for name, source in BLOCKS.items():
-        replace_block(root / "README.md", name, (root / source).read_text())
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        text, old = (root / source).read_text(), readme.read_text()
+        if begin not in old or end not in old:
+            raise ExpectedError(f"{readme}: markers {begin} / {end} not found")
+        head, rest = old.split(begin, 1)
+        write_text(readme, head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

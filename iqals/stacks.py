@@ -1,9 +1,7 @@
-"""Per-image scores of distorted stacks against their references, in batches, and per-level
-summaries of a grid of stacks.
-
-Shared by iqa.py and iqa_piq.py (one batching helper) and by the distort, score and corrupt
-stages (one summary helper). It imports neither torch nor the IQA code, so that the distort and
-corrupt stages report PSNR without depending on iqa.py.
+"""Per-image scores of distorted stacks against their references, in batches (for iqa.py and
+iqa_piq.py), and per-level summaries of a grid of stacks (for the distort, score and corrupt
+stages). It imports neither torch nor the IQA code, so that the distort and corrupt stages
+report PSNR without depending on iqa.py.
 """
 from __future__ import annotations
 

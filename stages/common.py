@@ -1,6 +1,7 @@
 """What every stage entry point shares: logging set-up and the one params validation."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -15,6 +16,14 @@ def setup(name: str) -> params_lib.Params:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     return params_lib.load(PARAMS_FILE)
+
+
+def cli(doc: str, **defaults: str | None) -> argparse.Namespace:
+    """The stage's options: --name for each keyword, with that default (None: required)."""
+    ap = argparse.ArgumentParser(description=doc)
+    for name, default in defaults.items():
+        ap.add_argument(f"--{name}", default=default, required=default is None)
+    return ap.parse_args()
 
 
 def run(main) -> None:

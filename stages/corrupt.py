@@ -8,7 +8,6 @@ each family at each severity (e.g. fog_5), so a reviewer sees what each severity
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -17,17 +16,13 @@ from tqdm import tqdm
 from iqals import corruptions, stacks
 from iqals.data import load_npz, official_index
 from iqals.io import save_npy, write_json
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 log = logging.getLogger("corrupt")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--out", default="data/corrupted/test.npy")
-    ap.add_argument("--metrics", default="metrics/corrupt.json")
-    args = ap.parse_args()
+    args = cli(__doc__, raw="data/raw", out="data/corrupted/test.npy", metrics="metrics/corrupt.json")
     cfg = setup("corrupt").corrupt
     path = Path(args.raw) / "test.npz"
     images, _ = load_npz(path, "test")

@@ -7,7 +7,6 @@ score per level (SSIM by default) is in metrics/score.json.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -18,17 +17,13 @@ from iqals import distort, stacks
 from iqals.data import load_raw, official_index
 from iqals.io import save_npy, write_json
 from iqals.params import DISTORTIONS, LEVELS
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 log = logging.getLogger("distort")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--out", default="data/distorted")
-    ap.add_argument("--metrics", default="metrics/distort.json")
-    args = ap.parse_args()
+    args = cli(__doc__, raw="data/raw", out="data/distorted", metrics="metrics/distort.json")
     p = setup("distort")
     raw = load_raw(args.raw)
     log.info("OpenCV %s (JPEG encoder: its bundled libjpeg-turbo)", cv2.__version__)

@@ -2,38 +2,33 @@
 
 Writes data/raw/{train,test}.npz (images uint8 (N,32,32,3) RGB, labels int64, index int64: the
 position of each image in the official split; base.train_size and base.test_size applied) and
-data/raw/source.json (where it came from, sha256 of outputs).
+data/raw/source.json (where it came from, sha256 of outputs). --cache: where the official archive
+is downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from iqals import data
 from iqals.io import save_npz, write_json
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 log = logging.getLogger("download")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="data/raw")
-    ap.add_argument("--cache", default="data/cache", help="where the official archive is downloaded")
-    args = ap.parse_args()
+    args = cli(__doc__, out="data/raw", cache="data/cache")
     p = setup("download")
     loaded, source = data.acquire(args.cache)
     keep = data.subset_indices(loaded, p.base.train_size, p.base.test_size)
-    out = Path(args.out)
     for split, (images, labels) in loaded.items():
-        k = keep[split]
-        images, labels = images[k], labels[k]
-        save_npz(out / f"{split}.npz", images=images, labels=labels, index=k)
-        source[f"{split}_images"] = len(labels)
-        source[f"{split}_sha256"] = data.sha256(out / f"{split}.npz")
-        log.info("%s: %d images -> %s", split, len(labels), out / f"{split}.npz")
-    write_json(out / "source.json", source)
+        path, k = Path(args.out) / f"{split}.npz", keep[split]
+        save_npz(path, images=images[k], labels=labels[k], index=k)
+        source[f"{split}_images"] = len(k)
+        source[f"{split}_sha256"] = data.sha256(path)
+        log.info("%s: %d images -> %s", split, len(k), path)
+    write_json(Path(args.out) / "source.json", source)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ report (Figure 4, correlations).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +17,12 @@ from iqals import model as model_lib
 from iqals.data import load_npz
 from iqals.errors import UsageError
 from iqals.io import save_npz, write_json
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--strategy", required=True)
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--distorted", default="data/distorted")
-    ap.add_argument("--corrupted", default="data/corrupted")
-    ap.add_argument("--models", default="models")
-    ap.add_argument("--metrics", default="metrics")
-    ap.add_argument("--predictions", default="data/predictions")
-    args = ap.parse_args()
+    args = cli(__doc__, strategy=None, raw="data/raw", distorted="data/distorted", corrupted="data/corrupted",
+               models="models", metrics="metrics", predictions="data/predictions")
     p = setup("evaluate")
     if args.strategy not in p.strategies:
         raise UsageError(f"--strategy {args.strategy}: not in params.yaml strategies {sorted(p.strategies)}")

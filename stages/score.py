@@ -6,7 +6,6 @@ to iqa.clip), and how many targets the clip changed (PROTOCOL.md asks to report 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -16,18 +15,14 @@ from iqals import iqa, stacks
 from iqals.data import DataError, load_raw
 from iqals.io import save_npy, write_json
 from iqals.params import DISTORTIONS, LEVELS, NUM_COPIES
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 log = logging.getLogger("score")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--distorted", default="data/distorted")
-    ap.add_argument("--out", default="data/scores")
-    ap.add_argument("--metrics", default="metrics/score.json")
-    args = ap.parse_args()
+    args = cli(__doc__, raw="data/raw", distorted="data/distorted", out="data/scores",
+               metrics="metrics/score.json")
     p = setup("score")
     report = {"metric": p.iqa.metric, "transform": p.iqa.transform}
     for split, (images, _) in load_raw(args.raw).items():
