@@ -41,6 +41,9 @@ TRAIN_SETS = {  # training set -> distortion types it mixes in (PROTOCOL.md, "tr
     "mix_jpeg": ("jpeg",),
     "mix_all3": DISTORTIONS,
 }
+# train.step: eager = op by op; compile = torch.compile(mode="reduce-overhead"); graph = the
+# whole step (forward, loss, backward, SGD update) captured once in a CUDA graph (iqals/train.py)
+TRAIN_STEPS = ("eager", "compile", "graph")
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
 # agree). Kept here so that validating params does not import the IQA code: the one-hot
@@ -125,7 +128,7 @@ class Train:
     checkpoint_every: int
     device: str
     precision: str
-    compile: bool
+    step: str
 
 
 @dataclass(frozen=True)
@@ -327,8 +330,11 @@ def _parse(raw: dict) -> Params:
         checkpoint_every=_num("train.checkpoint_every", s["checkpoint_every"], lo=1, integer=True),
         device=_choice("train.device", s["device"], ("auto", "cpu", "cuda")),
         precision=_choice("train.precision", s["precision"], ("fp32", "tf32", "bf16")),
-        compile=_bool("train.compile", s["compile"]),
+        step=_choice("train.step", s["step"], TRAIN_STEPS),
     )
+    for key, value, plain in (("train.precision", train.precision, "fp32"), ("train.step", train.step, "eager")):
+        if train.device == "cpu" and value != plain:  # with device auto, iqals.train checks at run time
+            _fail(key, value, f"{plain!r} with train.device = 'cpu' (the others need a CUDA GPU)")
     if train.lr_decay_epochs > train.epochs:
         _fail("train.lr_decay_epochs", train.lr_decay_epochs, f"at most train.epochs ({train.epochs})")
     if len(set(train.seeds)) != len(train.seeds):
