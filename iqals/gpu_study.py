@@ -420,7 +420,10 @@ class Study:
         import torch
 
         from . import model as model_lib
-        from . import variants
+        try:
+            from . import variants
+        except ImportError as e:
+            raise StudyError(f"the training-step variants (iqals/variants.py) are missing: {e}") from None
         device = model_lib.pick_device(p.train.device)
         key = hashlib.sha256(Path(variants.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
         key += f"-{torch.__version__}-{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}"
@@ -539,6 +542,36 @@ class Study:
             "data/scores/train.npy", "data/scores/test.npy")}
 
 
+def describe(cfg: Config, ips: list[float], group: int, repo: Path = REPO) -> str:
+    """The plan of a study without running it: the converged profile's commands (training
+    grouped by `group`) and, for each schedule, the training images and the projected minutes
+    of training at each of the given images/s (summed over runs). Stages, probe and start-up
+    are not included: they are measured on the machine."""
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    first = with_overrides(with_overrides(raw, cfg.common), cfg.converged)
+    steps = plan(dvc, first, cfg.stage_order)
+    runs = [r for r in (train_run(c) for _, _, c in steps) if r]
+    lines, train_done = [f"# {profile_name(cfg, first['train']['epochs'])}: the commands, in order"], False
+    for _, stage, cmd in steps:
+        if train_run(cmd):
+            if not train_done:
+                lines += [shlex.join(g) for g in group_commands(runs, group)]
+            train_done = True
+        else:
+            lines.append(cmd)
+    n = first["base"]["train_size"] or 50_000
+    lines += ["", f"# training: {len(runs)} runs x epochs x {n} images; minutes at the given images/s",
+              "| schedule | lr decay every | training images | " + " | ".join(f"{x:,.0f} img/s" for x in ips) + " |",
+              "|---|---|---|" + "---|" * len(ips)]
+    schedules = [(first["train"]["epochs"], first["train"]["lr_decay_epochs"])]
+    schedules += [(e, long_overrides(e, cfg.decay_ratio)["train.lr_decay_epochs"]) for e in cfg.long_epochs]
+    for e, d in schedules:
+        images = len(runs) * e * n
+        lines.append(f"| {e} epochs | {d} | {images:,} | " + " | ".join(f"{images / x / 60:,.1f}" for x in ips) + " |")
+    return "\n".join(lines)
+
+
 def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s: float,
               probe_only: bool = False, probe_seconds: float | None = None, device: str | None = None,
               repo: Path = REPO) -> dict:
@@ -556,6 +589,9 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         base = with_overrides(raw, {**cfg.common, **({"train.device": device} if device else {})})
         first = with_overrides(base, cfg.converged)
         plan(dvc, first, cfg.stage_order)  # dvc.yaml and stage_order agree, before any work
+        if parts is not None and not probe_only:
+            from .pack import check_parts
+            check_parts(parts)  # every part here and intact, before the probe
         log.info("study %s: budget %.0f s (margin %.0f s), work %s, out %s", cfg.name, budget_s,
                  cfg.margin_seconds, work, out)
         variant = study.choose_variant(params_lib.parse(first),
@@ -574,6 +610,12 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         name = profile_name(cfg, int(first["train"]["epochs"]))
         log.info("%s: %d strategies x %d seeds, %d epochs (%.0f s left)", name, len(first["strategies"]),
                  len(first["train"]["seeds"]), first["train"]["epochs"], study.left())
+        n_runs = len(first["strategies"]) * len(first["train"]["seeds"])
+        n_images = first["base"]["train_size"] or 50_000
+        if variant.get("images_per_s"):
+            log.info("%s: training projected from the probe: %.0f s (%d runs x %d epochs x %d images at "
+                     "%.0f img/s)", name, n_runs * first["train"]["epochs"] * n_images / variant["images_per_s"],
+                     n_runs, first["train"]["epochs"], n_images, variant["images_per_s"])
         timing = study.run_profile(name, with_overrides(first, vo), variant, dvc, data_done=False)
         status[name] = "complete"
         long_raw = {e: with_overrides(base, {**long_overrides(e, cfg.decay_ratio), **vo}) for e in cfg.long_epochs}
@@ -591,6 +633,9 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         status[name] = "complete"
         log.info("study done in %.0f s", study.elapsed())
         return status
+    except Exception as e:
+        log.error("study stopped: %s", e)
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

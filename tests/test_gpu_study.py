@@ -168,3 +168,15 @@ def test_compact_predictions_survive_the_archive(tmp_path):
     with np.load(dest / "predictions" / "S1.npz") as z:
         assert z["probs"].dtype == np.float16 and np.array_equal(z["pred"], probs.argmax(-1))
         assert np.array_equal(z["labels"], np.arange(40) % 10)
+
+
+def test_describe_lists_every_run_once_and_projects_minutes(cfg, raw_params):
+    text = gpu_study.describe(cfg, [500_000, 1_000], group=17)
+    runs = re.findall(r"--run (\S+)", text)
+    want = [f"{s}:{k}" for s in raw_params["strategies"] for k in [0, 1, 2]]
+    assert sorted(runs) == sorted(want) and len(runs) == len(set(runs))
+    commands = text.split("\n\n")[0].splitlines()
+    assert commands[1] == "python -m stages.download" and commands[-1] == "python -m stages.report"
+    row = next(line for line in text.splitlines() if line.startswith("| 16 epochs"))
+    images = len(want) * 16 * 50_000
+    assert row == f"| 16 epochs | 12 | {images:,} | {images / 500_000 / 60:,.1f} | {images / 1_000 / 60:,.1f} |"
