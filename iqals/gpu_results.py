@@ -3,6 +3,7 @@
 Layout of results/<profile>/ (committed):
   params.yaml                  the exact params.yaml the stages ran with
   run.json                     variant, device, per-stage times, status, data checksums
+  probe.json, study.log        the smoke checks and timings of the variants; the driver's log
   metrics/<S>.json, metrics/{distort,score,corrupt}.json   as the stages wrote them
   logs/<S>/seed<k>.tsv         per-epoch training logs
   predictions/<S>.npz          probs float16 (seeds, test sets, N, 10) whose argmax is the

@@ -10,8 +10,9 @@
 4. First the converged schedule, then the longest schedule of the list whose projected time
    (from the converged run's measured times) fits what is left of the budget.
 5. After every stage the profile's results go into <out>/<profile>.tar: params.yaml, run.json
-   (variant, device, per-stage times, data checksums), metrics, per-epoch logs, compact
-   predictions (predicted class, float16 probabilities) and plots; no models. A run cut short
+   (variant, device, per-stage times, data checksums), probe.json, study.log, metrics,
+   per-epoch logs, compact predictions (predicted class, float16 probabilities) and plots; no
+   models. A run cut short
    still leaves what finished. iqals/gpu_results.py turns the tar into results/<profile>/.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -328,7 +329,6 @@ class Timing:
     train_s: float = 0.0          # wall time of all training calls
     train_epoch_s: float = 0.0    # of which inside epochs (sum over calls of one run's epoch seconds)
     other_s: float = 0.0          # evaluate and report
-    stages: list = field(default_factory=list)
 
     def project(self, epochs: int) -> float:
         fixed = max(self.train_s - self.train_epoch_s, 0.0)
@@ -358,7 +358,8 @@ class Study:
     def __init__(self, repo: Path, work: Path, out: Path, cfg: Config, budget_s: float):
         self.repo, self.work, self.out, self.cfg = repo.resolve(), work.resolve(), out.resolve(), cfg
         self.t0 = time.monotonic()
-        self.deadline = self.t0 + budget_s - cfg.margin_seconds
+        self.deadline = self.t0 + budget_s - cfg.margin_seconds  # what plans may use
+        self.hard_stop = self.t0 + budget_s  # a stage still running then is stopped
         self.stage_log = self.out / "stages.log"
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.repo)] + [
             p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
@@ -387,7 +388,20 @@ class Study:
         def one(i):
             t = time.monotonic()
             p = self._popen(cmds[i])
-            rc = p.wait()
+            while True:
+                try:
+                    rc = p.wait(timeout=max(0.1, min(1.0, self.hard_stop - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= self.hard_stop:  # leave time to write what finished
+                        p.terminate()
+                        try:
+                            p.wait(timeout=5)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                            p.wait()
+                        rc = "stopped at the end of --budget-s"
+                        break
             p._log.close()
             results[i] = {"cmd": shlex.join(cmds[i]), "seconds": round(time.monotonic() - t, 2), "rc": rc}
             return i
@@ -396,7 +410,7 @@ class Study:
         with ThreadPoolExecutor(max(1, jobs)) as ex:
             for i in ex.map(one, range(len(cmds))):
                 r = results[i]
-                log.info("%s %d/%d: %s  (%.1f s, rc %d; study at %.0f s, %.0f s left)", label, i + 1,
+                log.info("%s %d/%d: %s  (%.1f s, rc %s; study at %.0f s, %.0f s left)", label, i + 1,
                          len(cmds), r["cmd"].replace(sys.executable, "python"), r["seconds"], r["rc"],
                          self.elapsed(), self.left())
                 if r["rc"] != 0:
@@ -473,6 +487,9 @@ class Study:
             if status:
                 info["status"] = status
             arc.add("run.json", (json.dumps(info, indent=2, default=str) + "\n").encode())
+            for f in ("probe.json", "study.log"):  # the choice of variant and the driver's log so far
+                if (self.out / f).is_file():
+                    arc.add_file(f, self.out / f)
             arc.flush()
 
         timing = Timing(epochs=p.train.epochs)

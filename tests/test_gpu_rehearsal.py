@@ -96,7 +96,8 @@ def test_the_command_returns_one_archive_per_profile(rehearsal):
     assert run["status"] == "complete" and run["epochs"] == 3 and run["seeds"] == SEEDS
     assert params["train"]["epochs"] == 3 and params["train"]["lr_decay_epochs"] == 2  # 0.5 x 3, half up
     assert params["train"]["precision"] == probe["chosen"]["precision"]
-    want = {"params.yaml", "run.json", "metrics/score.json", "plots/report.md", "plots/fig3.png"}
+    want = {"params.yaml", "run.json", "probe.json", "study.log", "metrics/score.json", "plots/report.md",
+            "plots/fig3.png"}
     want |= {f"logs/{s}/seed{k}.tsv" for s in ONEHOT + SCORED for k in SEEDS}
     want |= {f"metrics/{s}.json" for s in ONEHOT + SCORED} | {f"predictions/{s}.npz.xz" for s in ONEHOT + SCORED}
     assert want <= members

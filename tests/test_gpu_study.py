@@ -180,3 +180,15 @@ def test_describe_lists_every_run_once_and_projects_minutes(cfg, raw_params):
     row = next(line for line in text.splitlines() if line.startswith("| 16 epochs"))
     images = len(want) * 16 * 50_000
     assert row == f"| 16 epochs | 12 | {images:,} | {images / 500_000 / 60:,.1f} | {images / 1_000 / 60:,.1f} |"
+
+
+def test_a_stage_running_past_the_budget_is_stopped(tmp_path, cfg):
+    import time
+    (tmp_path / "work" / "run").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    study = gpu_study.Study(tmp_path, tmp_path / "work", tmp_path / "out", cfg, budget_s=2.0)
+    t = time.monotonic()
+    with pytest.raises(gpu_study.StudyError, match="stopped at the end of --budget-s"):
+        study.run_commands("sleep", [["python", "-c", "import time; time.sleep(60)"]], jobs=1)
+    assert time.monotonic() - t < 20
+    assert "time.sleep(60)" in (tmp_path / "out" / "stages.log").read_text()
