@@ -225,12 +225,15 @@ def test_params_reject_gpu_steps_on_cpu(raw_params):
                                             ("graph", "bf16"), ("compile", "tf32")])
 def test_gpu_group_training_matches_cpu(tmp_path, tiny, raw_params, step, precision):
     p = small_params(raw_params, step=step, precision=precision)
-    ref = train_lib.train_group(group_runs(tmp_path, tiny, small_params(raw_params), RUNS, "cpu"), small_params(raw_params), CPU)
+    p_cpu = small_params(raw_params, step="eager", precision="fp32")
+    ref = train_lib.train_group(group_runs(tmp_path, tiny, p_cpu, RUNS, "cpu"), p_cpu, CPU)
     x, y, d, scores = tiny
     data = train_lib.prepare_group([(p.strategies[s], k) for s, k in RUNS], x, y, d, scores, p, torch.device("cuda"))
     runs = [train_lib.Run(p.strategies[s], k, dt, tmp_path / "gpu" / f"{s}_{k}.pt", tmp_path / "gpu" / f"{s}_{k}.tsv",
                           tmp_path / "gpu" / f"ck{s}{k}.pt") for (s, k), dt in zip(RUNS, data)]
     got = train_lib.train_group(runs, p, torch.device("cuda"))
-    tol = variants.TOLERANCE[precision]
+    # per-epoch losses after 8 steps drift apart more than one step's loss (variants.TOLERANCE);
+    # set from the CPU bf16 measurements there, not yet measured on a GPU
+    rel = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}[precision]
     for a, b in zip(got, ref):
-        assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=tol)
+        assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
