@@ -237,3 +237,59 @@ def test_gpu_group_training_matches_cpu(tmp_path, tiny, raw_params, step, precis
     rel = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}[precision]
     for a, b in zip(got, ref):
         assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
+
+
+def cli_args(*argv):
+    import argparse
+    ns = argparse.Namespace(strategy=None, seed=None, run=None, scores=None)
+    for k, v in argv:
+        if k == "run":
+            ns.run = (ns.run or []) + [v]
+        else:
+            setattr(ns, k, v)
+    return ns
+
+
+def test_cli_runs_are_checked_against_params_and_scores(params):
+    from stages.train import parse_runs
+    runs = parse_runs(cli_args(("run", "S1:0"), ("run", "S3:0"), ("scores", "data/scores")), params)
+    assert [(s.name, k) for s, k in runs] == [("S1", 0), ("S3", 0)]  # one-hot beside IQA-LS: --scores once
+    assert [(s.name, k) for s, k in parse_runs(cli_args(("strategy", "S2"), ("seed", 0)), params)] == [("S2", 0)]
+    for argv, match in [([("run", "S1:0")], None), ([("run", "S3:0")], "S3 .* needs --scores"),
+                        ([("run", "S1:0"), ("scores", "s")], "S1 .* must not read scores"),
+                        ([("run", "S1:7")], r"S1:7: seed not in params.yaml train.seeds"),
+                        ([("run", "Q9:0")], "strategy 'Q9': not in params.yaml"),
+                        ([("run", "S1:0"), ("run", "S1:0")], "run S1:0 given twice"),
+                        ([("run", "S1:0"), ("strategy", "S1"), ("seed", 0)], "either --strategy"),
+                        ([], "either --strategy")]:
+        if match is None:
+            parse_runs(cli_args(*argv), params)
+        else:
+            with pytest.raises(ValueError, match=match):
+                parse_runs(cli_args(*argv), params)
+
+
+@pytest.mark.slow
+def test_cli_trains_runs_together_as_the_single_form_would(tmp_path, repo_root, tiny_cifar):
+    """`stages.train --run S1:0 --run S2:0` writes what `--strategy S2 --seed 0` writes, to rounding."""
+    import subprocess
+    import sys
+    from test_pipeline import make_project, sh
+    env = make_project(tmp_path, repo_root)
+    env["CIFAR10_LOCAL"] = str(tiny_cifar)
+    py = [sys.executable, "-m"]
+    sh(py + ["stages.download"], tmp_path, env)
+    sh(py + ["stages.distort"], tmp_path, env)
+    sh(py + ["stages.train", "--strategy", "S2", "--seed", "0", "--models", "one", "--logs", "one_logs",
+            "--checkpoints", "one_ck"], tmp_path, env)
+    out = sh(py + ["stages.train", "--run", "S1:0", "--run", "S2:0"], tmp_path, env)
+    assert "S1 seed 0 epoch 2/2" in out and "S2 seed 0 epoch 2/2" in out
+    one, grouped = load(tmp_path / "one" / "S2" / "seed0.pt"), load(tmp_path / "models" / "S2" / "seed0.pt")
+    assert one.keys() == grouped.keys() and one["params"] == grouped["params"]
+    for k, v in one["model"].items():
+        close(grouped["model"][k], v)
+    assert [r["loss"] for r in grouped["history"]] == pytest.approx([r["loss"] for r in one["history"]], rel=1e-5)
+    assert (tmp_path / "models" / "S1" / "seed0.pt").exists() and (tmp_path / "logs" / "S1" / "seed0.tsv").exists()
+    r = subprocess.run(py + ["stages.train", "--run", "S1:0", "--run", "S3:0"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "S3 (labels iqa_ls) needs --scores" in r.stderr
