@@ -200,6 +200,24 @@ def test_graph_step_logic_uncaptured_equals_eager(tiny, raw_params):
         close(graph.state_dict()[k], v, atol=1e-7)
 
 
+def test_compiled_step_traces_whole_and_equals_eager(tiny, raw_params):
+    """What train.step = compile hands torch.compile, traced on the CPU by dynamo and AOTAutograd
+    (backend aot_eager: no code generation, no CUDA graphs): one graph, eager's numbers."""
+    import torch._dynamo
+    p = small_params(raw_params)
+    data = prepared(tiny, p, RUNS[:2])
+    copy, image = torch.randint(0, 10, (2, 100)), torch.stack([torch.randperm(100), torch.randperm(100)])
+    eager, traced = model.GroupNet.stack(nets(p, [0, 1])), model.GroupNet.stack(nets(p, [0, 1]))
+    s_eager, s_traced = train_lib.Steps(eager, data, p.train, CPU), train_lib.Steps(traced, data, p.train, CPU)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s_traced.forward = torch.compile(s_traced.forward, backend="aot_eager")
+    close(s_traced.epoch(copy, image, 0.1)[0], s_eager.epoch(copy, image, 0.1)[0], rtol=1e-6, atol=0)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for k, v in eager.state_dict().items():
+        close(traced.state_dict()[k], v, atol=1e-7)
+
+
 def test_gpu_steps_need_cuda_and_graph_needs_whole_batches(tiny, raw_params):
     data = prepared(tiny, small_params(raw_params), RUNS[:1])
     for key, value in (("step", "graph"), ("step", "compile"), ("precision", "tf32")):
