@@ -69,13 +69,16 @@ def prepare_group(runs: list[tuple[Strategy, int]], images: np.ndarray, labels: 
         for lv in range(LEVELS):
             pool[copy_index(t, lv)] = torch.tensor(distorted[t, lv]).permute(0, 3, 1, 2).to(device)  # copy of mmap
     labels_t = torch.tensor(labels).to(device)
+    copy_hash = {}  # a strided sample of each copy, hashed once for all runs
     out = []
     for s, seed in runs:
         q = true_class_probability(s, n, scores, p.iqa, p.mixture.shares, seed)
-        used = [0] + [copy_index(DISTORTIONS.index(d), lv) for d in s.distortions for lv in range(LEVELS)]
         h = hashlib.sha256(q.tobytes())
         h.update(labels.tobytes())
-        h.update(pool[used, ::97].cpu().numpy().tobytes())  # a strided sample of every copy it draws
+        for c in [0] + [copy_index(DISTORTIONS.index(d), lv) for d in s.distortions for lv in range(LEVELS)]:
+            if c not in copy_hash:  # (the copies it draws from)
+                copy_hash[c] = hashlib.sha256(pool[c, ::97].cpu().numpy().tobytes()).digest()
+            h.update(copy_hash[c])
         out.append(TrainData(pool, labels_t, torch.from_numpy(q).float().to(device), h.hexdigest()[:16]))
     return out
 
@@ -368,14 +371,19 @@ def _train_together(runs: list[Run], states: list[_State], p: Params, device: to
     end = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
     bar = tqdm(range(start, end), desc=runs[0].name if n_runs == 1 else f"{n_runs} runs", unit="epoch",
                initial=start, total=cfg.epochs)
-    for epoch in bar:
-        # -------- one epoch: each run's own draw, then batches cut from the resident pool by indexing
-        lr = lr_at(epoch, p)
+    def draw(epoch: int):  # each run's own (copy, image) order of the epoch, stacked: (G, n) each
         draws = [epoch_draw(n, r.strategy, p.mixture.shares, r.seed, epoch) for r in runs]
-        copy, image = (torch.stack(t).to(device) for t in zip(*draws))
+        return [torch.stack(t).to(device) for t in zip(*draws)]
+
+    draws = draw(start)
+    for epoch in bar:
+        # -------- one epoch: batches cut from the resident pool by indexing with the draws
+        lr = lr_at(epoch, p)
         net.train()
         t0 = time.perf_counter()
-        loss_sum, correct = steps.epoch(copy, image, lr)
+        loss_sum, correct = steps.epoch(*draws, lr)
+        if epoch + 1 < end:
+            draws = draw(epoch + 1)  # on the host while a GPU still works through the epoch
         losses, correct = (loss_sum / n).tolist(), correct.tolist()
         seconds = time.perf_counter() - t0
         # -------- end of epoch: check, log, checkpoint (each run its own)

@@ -69,8 +69,9 @@ def needs_gpu(variant: dict) -> bool:
 def synthetic(groups: int, n: int, device: torch.device, seed: int = 0):
     """Random resident data for `groups` runs: list of TrainData (one shared pool of every copy,
     random labels, each run its own targets in [0.3, 1]) and (G, n) copy and image draws."""
+    on_device = torch.Generator(device).manual_seed(seed)  # the pool is large: drawn where it lives
+    pool = torch.randint(0, 256, (NUM_COPIES, n, 3, 32, 32), generator=on_device, dtype=torch.uint8, device=device)
     g = torch.Generator().manual_seed(seed)
-    pool = torch.randint(0, 256, (NUM_COPIES, n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=g).to(device)
     data = []
     for r in range(groups):

@@ -200,6 +200,24 @@ def test_graph_step_logic_uncaptured_equals_eager(tiny, raw_params):
         close(graph.state_dict()[k], v, atol=1e-7)
 
 
+def test_compiled_step_traces_whole_and_equals_eager(tiny, raw_params):
+    """What train.step = compile hands torch.compile, traced on the CPU by dynamo and AOTAutograd
+    (backend aot_eager: no code generation, no CUDA graphs): one graph, eager's numbers."""
+    import torch._dynamo
+    p = small_params(raw_params)
+    data = prepared(tiny, p, RUNS[:2])
+    copy, image = torch.randint(0, 10, (2, 100)), torch.stack([torch.randperm(100), torch.randperm(100)])
+    eager, traced = model.GroupNet.stack(nets(p, [0, 1])), model.GroupNet.stack(nets(p, [0, 1]))
+    s_eager, s_traced = train_lib.Steps(eager, data, p.train, CPU), train_lib.Steps(traced, data, p.train, CPU)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s_traced.forward = torch.compile(s_traced.forward, backend="aot_eager")
+    close(s_traced.epoch(copy, image, 0.1)[0], s_eager.epoch(copy, image, 0.1)[0], rtol=1e-6, atol=0)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for k, v in eager.state_dict().items():
+        close(traced.state_dict()[k], v, atol=1e-7)
+
+
 def test_gpu_steps_need_cuda_and_graph_needs_whole_batches(tiny, raw_params):
     data = prepared(tiny, small_params(raw_params), RUNS[:1])
     for key, value in (("step", "graph"), ("step", "compile"), ("precision", "tf32")):
@@ -237,3 +255,59 @@ def test_gpu_group_training_matches_cpu(tmp_path, tiny, raw_params, step, precis
     rel = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}[precision]
     for a, b in zip(got, ref):
         assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
+
+
+def cli_args(*argv):
+    import argparse
+    ns = argparse.Namespace(strategy=None, seed=None, run=None, scores=None)
+    for k, v in argv:
+        if k == "run":
+            ns.run = (ns.run or []) + [v]
+        else:
+            setattr(ns, k, v)
+    return ns
+
+
+def test_cli_runs_are_checked_against_params_and_scores(params):
+    from stages.train import parse_runs
+    runs = parse_runs(cli_args(("run", "S1:0"), ("run", "S3:0"), ("scores", "data/scores")), params)
+    assert [(s.name, k) for s, k in runs] == [("S1", 0), ("S3", 0)]  # one-hot beside IQA-LS: --scores once
+    assert [(s.name, k) for s, k in parse_runs(cli_args(("strategy", "S2"), ("seed", 0)), params)] == [("S2", 0)]
+    for argv, match in [([("run", "S1:0")], None), ([("run", "S3:0")], "S3 .* needs --scores"),
+                        ([("run", "S1:0"), ("scores", "s")], "S1 .* must not read scores"),
+                        ([("run", "S1:7")], r"S1:7: seed not in params.yaml train.seeds"),
+                        ([("run", "Q9:0")], "strategy 'Q9': not in params.yaml"),
+                        ([("run", "S1:0"), ("run", "S1:0")], "run S1:0 given twice"),
+                        ([("run", "S1:0"), ("strategy", "S1"), ("seed", 0)], "either --strategy"),
+                        ([], "either --strategy")]:
+        if match is None:
+            parse_runs(cli_args(*argv), params)
+        else:
+            with pytest.raises(ValueError, match=match):
+                parse_runs(cli_args(*argv), params)
+
+
+@pytest.mark.slow
+def test_cli_trains_runs_together_as_the_single_form_would(tmp_path, repo_root, tiny_cifar):
+    """`stages.train --run S1:0 --run S2:0` writes what `--strategy S2 --seed 0` writes, to rounding."""
+    import subprocess
+    import sys
+    from test_pipeline import make_project, sh
+    env = make_project(tmp_path, repo_root)
+    env["CIFAR10_LOCAL"] = str(tiny_cifar)
+    py = [sys.executable, "-m"]
+    sh(py + ["stages.download"], tmp_path, env)
+    sh(py + ["stages.distort"], tmp_path, env)
+    sh(py + ["stages.train", "--strategy", "S2", "--seed", "0", "--models", "one", "--logs", "one_logs",
+            "--checkpoints", "one_ck"], tmp_path, env)
+    out = sh(py + ["stages.train", "--run", "S1:0", "--run", "S2:0"], tmp_path, env)
+    assert "S1 seed 0 epoch 2/2" in out and "S2 seed 0 epoch 2/2" in out
+    one, grouped = load(tmp_path / "one" / "S2" / "seed0.pt"), load(tmp_path / "models" / "S2" / "seed0.pt")
+    assert one.keys() == grouped.keys() and one["params"] == grouped["params"]
+    for k, v in one["model"].items():
+        close(grouped["model"][k], v)
+    assert [r["loss"] for r in grouped["history"]] == pytest.approx([r["loss"] for r in one["history"]], rel=1e-5)
+    assert (tmp_path / "models" / "S1" / "seed0.pt").exists() and (tmp_path / "logs" / "S1" / "seed0.tsv").exists()
+    r = subprocess.run(py + ["stages.train", "--run", "S1:0", "--run", "S3:0"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "S3 (labels iqa_ls) needs --scores" in r.stderr
