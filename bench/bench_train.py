@@ -144,7 +144,7 @@ def main(device: str = "cpu", n: int | None = None, epochs: int | None = None, q
     epochs = int(epochs or defaults["epochs"])
     p = load(REPO_ROOT / "params.yaml")
     p = dataclasses.replace(p, train=dataclasses.replace(
-        p.train, epochs=1, checkpoint_every=1_000_000, device=device, compile=False))
+        p.train, epochs=1, checkpoint_every=1_000_000, device=device, step="eager"))
     strategy = p.strategies[STRATEGY]
     bs = p.train.batch_size
     # train() sets these for its precision; the reference loop runs under the same settings

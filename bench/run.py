@@ -1,12 +1,16 @@
 """All speed benchmarks, each against a reference implementation timed in the same process.
 
-    PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,dvc]
+    PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,train_group,train_gpu,dvc]
 
 - ssim:       iqa.score_all (the score stage) vs skimage's SSIM in a per-image loop (bench_ssim)
 - distort:    the batched distortions vs a per-image loop with the same libraries (bench_distort)
 - train_cpu:  iqals.train's loop vs a plain DataLoader loop with stock layers (bench_train)
 - train_cuda: the same on the GPU, run when torch sees one; alone:
               `python -m bench.run --only train_cuda` (or `python -m bench.bench_train --device cuda`)
+- train_group: runs stepped together as one stacked model vs one run, fp32 eager (bench_group)
+- train_gpu:  every training-step variant (precision, step, group) on the GPU, smoke-checked and
+              timed, vs the one-run fp32 eager step; run when torch sees a GPU; alone:
+              `python -m bench.run --only train_gpu` (or `python -m bench.bench_group --device cuda`)
 - dvc:        a no-op `dvc repro` on a finished tiny pipeline vs its full run (bench_dvc)
 
 Writes bench/results.json and bench/results.md (the committed results; `make readme` copies the
@@ -36,7 +40,7 @@ from iqals.io import write_text  # noqa: E402
 OUT = REPO_ROOT / "bench" / "out"
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
 RESULTS_MD = REPO_ROOT / "bench" / "results.md"
-ALL = ("ssim", "distort", "train_cpu", "train_cuda", "dvc")
+ALL = ("ssim", "distort", "train_cpu", "train_cuda", "train_group", "train_gpu", "dvc")
 
 
 def _now() -> str:
@@ -91,6 +95,15 @@ def run_one(name: str, quick: bool) -> dict:
             return {"skipped": "no CUDA device; on a GPU run: python -m bench.run --only train_cuda"}
         from bench import bench_train
         return bench_train.main("cuda", quick=quick, out=OUT / "bench_train_cuda.json")
+    if name == "train_group":
+        from bench import bench_group
+        return bench_group.main("cpu", quick=quick, out=OUT / "bench_group_cpu.json")
+    if name == "train_gpu":
+        import torch
+        if not torch.cuda.is_available():
+            return {"skipped": "no CUDA device; on a GPU run: python -m bench.run --only train_gpu"}
+        from bench import bench_group
+        return bench_group.main("cuda", quick=quick, out=OUT / "bench_group_cuda.json")
     if name == "dvc":
         from bench import bench_dvc
         return bench_dvc.main(repeats=2 if quick else 3, out=OUT / "bench_dvc.json")
@@ -113,6 +126,19 @@ def rows(name: str, r: dict) -> list[tuple]:
         return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['batched_s']:.3f} s", f"{t['loop_s']:.3f} s (per-image loop)",
                  f"{t['speedup']}x", str(t.get("max_abs_diff", "n/a (other random stream)")))
                 for k, t in r["types"].items()]
+    if name == "train_group":
+        ips, ratio, one = r["images_per_s"], r["ratio_vs_group1"], r["images_per_s"]["group1"]
+        return [(f"{g[5:]} runs stepped together, fp32 eager ({r['device']}, {r['device_name']})",
+                 f"{v:.0f} img/s (summed)", f"{one:.0f} img/s (one run)", f"{ratio[g]}x",
+                 f"grads {r['smoke'][g]['gradients_rel']:.1e} rel")
+                for g, v in ips.items() if g != "group1"]
+    if name == "train_gpu":
+        return [(f"step {v['precision']} {v['step']} x{v['group']} ({r['device_name']})",
+                 f"{v['images_per_s']:.0f} img/s, {v['step_ms']:.3f} ms/step", "fp32 eager, one run",
+                 f"{v.get('ratio_vs_fp32_eager_single', '')}x",
+                 f"logits {v['smoke']['logits_rel']:.1e}, grads {v['smoke']['gradients_rel']:.1e} rel"
+                 + ("" if v["ok"] else " FAILED"))
+                for v in r["variants"] if "images_per_s" in v]
     if name.startswith("train"):
         ips, d = r["images_per_s"], r["max_abs_diff"]
         where = f"{r['device']}, {r['device_name']}"

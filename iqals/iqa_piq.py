@@ -12,7 +12,6 @@ import math
 from typing import Callable
 
 import numpy as np
-import piq
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +21,16 @@ from .params import IQA
 BATCH = 512             # images per piq call (VIF at 64x64 holds ~25 float32 maps per image)
 DTYPE = torch.float32   # float64: 2-11x the time for differences <= 6e-3 (README, "Quality measures")
 FSIM_CHROMATIC = True   # FSIMc: phase congruency and gradients on Y, plus the I/Q chroma terms
+def _piq():
+    """piq, imported on first use: ssim and psnr never need it, and the GPU machine lacks it."""
+    try:
+        import piq
+    except ImportError as e:
+        raise ImportError(f"iqa.metric gmsd, fsim and vif need the package piq ({e}); ssim and psnr "
+                          "do not") from None
+    return piq
+
+
 VIF_MIN_SIZE = 41       # piq.vif_p refuses smaller images: its 4-scale pyramid needs 41 pixels
 
 
@@ -51,13 +60,13 @@ def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
 @_batched
 def gmsd(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """GMSD (Xue et al. 2014): a distance, 0 for identical images; use exp_decay."""
-    return piq.gmsd(dist, ref, reduction="none", data_range=1.0)
+    return _piq().gmsd(dist, ref, reduction="none", data_range=1.0)
 
 
 @_batched
 def fsim(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """FSIMc (Zhang et al. 2011) at native 32x32: a similarity, 1 for identical images."""
-    return piq.fsim(dist, ref, reduction="none", data_range=1.0, chromatic=FSIM_CHROMATIC)
+    return _piq().fsim(dist, ref, reduction="none", data_range=1.0, chromatic=FSIM_CHROMATIC)
 
 
 @_batched
@@ -69,7 +78,7 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         ref = F.interpolate(ref, scale_factor=k, mode="nearest")
         dist = F.interpolate(dist, scale_factor=k, mode="nearest")
     # Not symmetric: piq's first argument is the distorted image, the second the reference.
-    return piq.vif_p(dist, ref, reduction="none", data_range=1.0)
+    return _piq().vif_p(dist, ref, reduction="none", data_range=1.0)
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {"gmsd": gmsd, "fsim": fsim, "vif": vif}

@@ -4,7 +4,7 @@ Every stage calls `load()` before it computes anything, so a bad value fails at 
 message naming the key, the value and what is allowed (nanoGPT's configurator: unknown or
 mistyped overrides fail loudly). Each dataclass field carries its check (`param(...)`), rules
 between fields sit in the class's `problems()`, and one builder (`_build`) reads every section.
-A new key is one field line, e.g. `step: str = param(Choice("eager", "compile"))` in Train.
+A new key is one field line, e.g. `alpha: float = param(Num(0, 1))` in Report.
 """
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ TEST_SETS = ("pristine",) + tuple(test_set_name(t, lv) for t in range(len(DISTOR
 # training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
 TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "mix_jpeg": ("jpeg",),
               "mix_all3": DISTORTIONS}
+# train.step: eager = op by op; compile = torch.compile(mode="reduce-overhead"); graph = the
+# whole step (forward, loss, backward, SGD update) captured once in a CUDA graph (iqals/train.py)
+TRAIN_STEPS = ("eager", "compile", "graph")
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
 # agree). Kept here so that validating params does not import the IQA code: the one-hot
@@ -94,9 +97,6 @@ def Choice(*options: str):
     """One of the given strings (an unquoted YAML number such as 420 counts as "420")."""
     return Check(f"one of {list(options)}",
                  lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
-
-
-FLAG = Check("true or false", lambda v: isinstance(v, bool))
 
 
 def Seq(item, n: int | None = None, unique: bool = False, noun: str = "values"):
@@ -262,11 +262,14 @@ class Train:
     checkpoint_every: int = param(Int(1))
     device: str = param(Choice("auto", "cpu", "cuda"))
     precision: str = param(Choice("fp32", "tf32", "bf16"))
-    compile: bool = param(FLAG)
+    step: str = param(Choice(*TRAIN_STEPS))
 
     def problems(self):
         if self.lr_decay_epochs > self.epochs:
             yield "lr_decay_epochs", f"at most train.epochs ({self.epochs})"
+        for name, plain in (("precision", "fp32"), ("step", "eager")):
+            if self.device == "cpu" and getattr(self, name) != plain:  # device auto: iqals.train checks
+                yield name, f"{plain!r} with train.device = 'cpu' (the others need a CUDA GPU)"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
-"""Stage train: one strategy, one seed -> models/<strategy>/seed<k>.pt and logs/<strategy>/seed<k>.tsv.
+"""Stage train: (strategy, seed) runs -> models/<strategy>/seed<k>.pt and logs/<strategy>/seed<k>.tsv.
 
+    python -m stages.train --strategy S3 --seed 0 --scores data/scores     (one run; dvc.yaml)
+    python -m stages.train --run S3:0 --run S3:1 --run S1:0 --scores data/scores    (together)
+
+Runs given with --run train together in one process as one stacked model (iqals.train.train_group),
+each with its own initial weights, draws and targets, writing exactly what the one-run form writes.
 dvc.yaml runs strategies with one-hot targets (train_onehot) without --scores, so they do not
-depend on the score stage or iqa.*; all others (train_scored) get --scores. A checkpoint in
-checkpoints/ (not a DVC output, so DVC never deletes it) lets an interrupted run resume.
+depend on the score stage or iqa.*; all others (train_scored) get --scores: it is required iff
+some run needs scores. A checkpoint in checkpoints/ (not a DVC output, so DVC never deletes it)
+lets an interrupted run resume.
 """
 from __future__ import annotations
 
@@ -15,44 +21,66 @@ import numpy as np
 from iqals import train as train_lib
 from iqals.data import load_npz
 from iqals.model import pick_device
+from iqals.params import Params, Strategy
 from stages.common import run, setup
 
 log = logging.getLogger("train")
 
 
+def parse_runs(args: argparse.Namespace, p: Params) -> list[tuple[Strategy, int]]:
+    """The (strategy, seed) runs asked for, checked against params.yaml and --scores."""
+    if (args.run is None) == (args.strategy is None or args.seed is None):
+        raise ValueError("give either --strategy S --seed k, or one or more --run S:k")
+    specs = [(args.strategy, str(args.seed))] if args.run is None else [r.partition(":")[::2] for r in args.run]
+    runs = []
+    for name, seed in specs:
+        if name not in p.strategies:
+            raise ValueError(f"strategy {name!r}: not in params.yaml strategies {sorted(p.strategies)}")
+        if not seed.isdigit() or int(seed) not in p.train.seeds:
+            raise ValueError(f"{name}:{seed}: seed not in params.yaml train.seeds {list(p.train.seeds)}")
+        if (name, int(seed)) in [(s.name, k) for s, k in runs]:
+            raise ValueError(f"run {name}:{seed} given twice")
+        runs.append((p.strategies[name], int(seed)))
+    needy = [s for s, _ in runs if s.needs_scores]
+    if needy and args.scores is None:
+        s = needy[0]
+        raise ValueError(f"strategy {s.name} (labels {s.labels}) needs --scores: train it in dvc.yaml's "
+                         "train_scored group")
+    if not needy and args.scores is not None:
+        s = runs[0][0]
+        raise ValueError(f"strategy {s.name} (labels {s.labels}) must not read scores: train it in dvc.yaml's "
+                         "train_onehot group" + (" (no run given needs --scores)" if len(runs) > 1 else ""))
+    return runs
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--strategy", required=True)
-    ap.add_argument("--seed", type=int, required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategy")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--run", action="append", metavar="S:k", help="a run to train together with the others")
     ap.add_argument("--raw", default="data/raw")
     ap.add_argument("--distorted", default="data/distorted")
-    ap.add_argument("--scores", default=None, help="data/scores: only for strategies that use them")
+    ap.add_argument("--scores", default=None, help="data/scores: iff some run's strategy uses them")
     ap.add_argument("--models", default="models")
     ap.add_argument("--logs", default="logs")
     ap.add_argument("--checkpoints", default="checkpoints")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (tests)")
     args = ap.parse_args()
     p = setup("train")
-    if args.strategy not in p.strategies:
-        raise ValueError(f"--strategy {args.strategy}: not in params.yaml strategies {sorted(p.strategies)}")
-    if args.seed not in p.train.seeds:
-        raise ValueError(f"--seed {args.seed}: not in params.yaml train.seeds {list(p.train.seeds)}")
-    s = p.strategies[args.strategy]
-    if s.needs_scores != (args.scores is not None):
-        raise ValueError(f"strategy {s.name} (labels {s.labels}) "
-                         + ("needs --scores: train it in dvc.yaml's train_scored group" if s.needs_scores
-                            else "must not read scores: train it in dvc.yaml's train_onehot group"))
+    runs = parse_runs(args, p)
     images, labels = load_npz(Path(args.raw) / "train.npz", "train")
-    distorted = np.load(Path(args.distorted) / "train.npy", mmap_mode="r") if s.distortions else None
+    distorted = (np.load(Path(args.distorted) / "train.npy", mmap_mode="r")
+                 if any(s.distortions for s, _ in runs) else None)
     scores = np.load(Path(args.scores) / "train.npy") if args.scores else None
     device = pick_device(p.train.device)
-    log.info("%s seed %d: %s / %s, %d images, %d epochs on %s", s.name, args.seed, s.labels,
-             s.train_set, len(labels), p.train.epochs, device)
-    data = train_lib.prepare(s, images, labels, distorted, scores, p, args.seed, device)
-    name = f"{s.name}/seed{args.seed}"
-    train_lib.train(s, args.seed, data, p, device, model_out=Path(args.models) / f"{name}.pt",
-                    log_out=Path(args.logs) / f"{name}.tsv",
-                    checkpoint=Path(args.checkpoints) / f"{name}.pt", stop_after=args.stop_after)
+    for s, seed in runs:
+        log.info("%s seed %d: %s / %s, %d images, %d epochs on %s (%s, %s step)", s.name, seed, s.labels,
+                 s.train_set, len(labels), p.train.epochs, device, p.train.precision, p.train.step)
+    data = train_lib.prepare_group(runs, images, labels, distorted, scores, p, device)
+    names = [f"{s.name}/seed{seed}" for s, seed in runs]
+    train_lib.train_group([train_lib.Run(s, seed, d, Path(args.models) / f"{name}.pt", Path(args.logs) / f"{name}.tsv",
+                                         Path(args.checkpoints) / f"{name}.pt")
+                           for (s, seed), d, name in zip(runs, data, names)], p, device, stop_after=args.stop_after)
 
 
 if __name__ == "__main__":

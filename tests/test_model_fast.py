@@ -67,6 +67,23 @@ def test_lrn_equals_stock_float32_at_network_scale(params, layout):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grouped_lrn_normalises_each_group_alone_float64(layout):
+    """groups=3 over 3 x 8 channels == the stock LRN on each block of 8 (GroupNet's runs)."""
+    torch.manual_seed(2)
+    x = torch.relu(torch.randn(2, 24, 5, 6, dtype=torch.float64)) * 3
+    g = torch.randn_like(x)
+    if layout == "channels_last":
+        x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
+    y, dx = _value_and_grad(model.LocalResponseNorm(5, 0.3, 0.75, 1.0, groups=3), x, g)
+    stock = nn.LocalResponseNorm(5, 0.3, 0.75, 1.0)
+    for k in range(3):
+        blk = slice(8 * k, 8 * k + 8)
+        y_ref, dx_ref = _value_and_grad(stock, x[:, blk], g[:, blk])
+        torch.testing.assert_close(y[:, blk], y_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dx[:, blk], dx_ref, rtol=1e-12, atol=1e-14)
+
+
 def test_lrn_other_ranks_fall_back_to_stock():
     x = torch.rand(2, 7, 5)
     torch.testing.assert_close(model.LocalResponseNorm(3, 0.5)(x), nn.LocalResponseNorm(3, 0.5)(x))

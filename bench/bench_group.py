@@ -1,0 +1,113 @@
+"""Training-step variants: images/s summed over runs, each against the one-run fp32 eager step
+timed in the same process (iqals/variants.py).
+
+- cpu: runs stepped together as one GroupNet (fp32 eager, groups of 1 and --groups) on synthetic
+  resident data, rounds interleaved so load from other processes hits all alike; reported: the
+  median images/s of each and its ratio to the group of one.
+- cuda: variants.probe over every variant in variants.VARIANTS (smoke check against the CPU
+  fp32 step, then timing); reported: images/s, ms per step, the check's largest relative
+  differences, the chosen variant, and the minutes 51 runs (17 strategies x 3 seeds) of 50,000
+  images would take per epoch of schedule at that speed.
+
+    PYTHONPATH=. python -m bench.bench_group [--device cpu|cuda] [--seconds S] [--groups 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.bench_train import cpu_name  # noqa: E402
+from iqals import variants  # noqa: E402
+from iqals.io import write_json  # noqa: E402
+from iqals.params import load  # noqa: E402
+
+STUDY = {"runs": 51, "images": 50_000}  # 17 strategies x 3 seeds on the full training set
+
+
+def _cpu(p, groups: tuple[int, ...], rounds: int, seconds: float) -> dict:
+    vs = [{"precision": "fp32", "step": "eager", "group": g} for g in (1,) + tuple(groups)]
+    checks = {f"group{v['group']}": variants.smoke_check(p, torch.device("cpu"), **v) for v in vs}
+    ips = {v["group"]: [] for v in vs}
+    for _ in range(rounds):
+        for v in vs:
+            ips[v["group"]].append(variants.time_variant(p, torch.device("cpu"), **v, seconds=seconds)["images_per_s"])
+    med = {g: statistics.median(x) for g, x in ips.items()}
+    return {"images_per_s": {f"group{g}": round(v, 1) for g, v in med.items()},
+            "images_per_s_all": {f"group{g}": [round(v, 1) for v in x] for g, x in ips.items()},
+            "ratio_vs_group1": {f"group{g}": round(v / med[1], 2) for g, v in med.items()},
+            "smoke": checks}
+
+
+def _cuda(p, seconds: float) -> dict:
+    results = variants.probe(p, torch.device("cuda"), seconds)
+    best = variants.choose(results)
+    ref = next((r for r in results if r["group"] == 1 and r["step"] == "eager" and r["precision"] == "fp32"
+                and "images_per_s" in r), None)
+    for r in results:
+        if ref and "images_per_s" in r:
+            r["ratio_vs_fp32_eager_single"] = round(r["images_per_s"] / ref["images_per_s"], 2)
+    out = {"variants": results, "chosen": best}
+    if best:
+        out["study_minutes_per_epoch"] = round(STUDY["runs"] * STUDY["images"] / best["images_per_s"] / 60, 3)
+    return out
+
+
+def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, ...] = (3,), rounds: int = 3,
+         quick: bool = False, out: str | Path | None = None) -> dict:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_group: --device cuda but torch sees no CUDA device")
+    p = load(REPO_ROOT / "params.yaml")
+    load_before = os.getloadavg()[0]
+    if dev.type == "cuda":
+        result = _cuda(p, seconds or (30 if quick else 90))
+    else:
+        result = _cpu(p, groups, 2 if quick else rounds, seconds or (1 if quick else 3))
+    result.update({"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                   else cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   "batch_size": p.train.batch_size, "images_per_epoch_per_run": variants.PROBE_IMAGES[dev.type],
+                   "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+    print(f"training-step variants on {result['device_name']} ({dev}), batch {p.train.batch_size}, "
+          f"{result['torch_threads']} torch threads, load average {result['load_average_before_after']}")
+    if dev.type == "cuda":
+        print(f"{'variant':24} {'images/s':>10} {'ms/step':>8} {'x fp32 eager 1':>14}  check")
+        for r in result["variants"]:
+            name = f"{r['precision']} {r['step']} x{r['group']}"
+            if "images_per_s" in r:
+                s = r["smoke"]
+                print(f"{name:24} {r['images_per_s']:10.0f} {r['step_ms']:8.3f} "
+                      f"{r.get('ratio_vs_fp32_eager_single', float('nan')):14.2f}  "
+                      f"{'ok' if r['ok'] else 'FAILED'} (logits {s['logits_rel']:.1e}, grads {s['gradients_rel']:.1e})")
+            else:
+                print(f"{name:24} {r.get('skipped') or r.get('error')}")
+        print(f"chosen: {result['chosen'] and {k: result['chosen'][k] for k in ('precision', 'step', 'group')}}; "
+              f"51 runs x 50,000 images: {result.get('study_minutes_per_epoch')} min per epoch")
+    else:
+        for g, v in result["images_per_s"].items():
+            print(f"fp32 eager {g:8} {v:8.0f} images/s (summed over runs), {result['ratio_vs_group1'][g]:.2f}x group1")
+    if out is not None:
+        write_json(out, result)
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="cpu: timing per variant per round (3); cuda: the whole probe (90)")
+    ap.add_argument("--groups", default="3", help="cpu: group sizes besides 1, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON file (default bench/out/bench_group_<device>.json)")
+    args = ap.parse_args()
+    main(args.device, args.seconds, tuple(int(g) for g in args.groups.split(",")), args.rounds, args.quick,
+         args.out or REPO_ROOT / "bench" / "out" / f"bench_group_{torch.device(args.device).type}.json")

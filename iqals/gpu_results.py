@@ -1,0 +1,188 @@
+"""A GPU run's archives -> results/<profile>/, and its report regenerated on the CPU.
+
+Layout of results/<profile>/ (committed):
+  params.yaml                  the exact params.yaml the stages ran with
+  run.json                     variant, device, per-stage times, status, data checksums
+  probe.json, study.log        the smoke checks and timings of the variants; the driver's log
+  metrics/<S>.json, metrics/{distort,score,corrupt}.json   as the stages wrote them
+  logs/<S>/seed<k>.tsv         per-epoch training logs
+  predictions/<S>.npz          probs float16 (seeds, test sets, N, 10) whose argmax is the
+                               stage's, pred uint8 (its argmax), labels, seeds, test_sets
+  plots/                       the report as the GPU run made it (or as regenerated)
+dvc.yaml's top-level `metrics:` lists results/<profile>/metrics, so `dvc metrics show` reads it.
+
+The report regenerates from these on the CPU: the data stages it also reads (test images,
+their distorted copies, the scores) are rerun from the local copy with the profile's params and
+checked against the checksums in run.json; then the report stage runs on the results.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import lzma
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .gpu_study import REPO, StudyError, _sha256, load_config, plan
+
+log = logging.getLogger("gpu_results")
+
+_VOLUME = re.compile(r"(?P<name>[A-Za-z0-9_-]+?)(\.(?P<n>\d+))?\.tar")
+
+
+def archives(folder: str | Path) -> dict[str, list[Path]]:
+    """{profile: its tar volumes in order} found in a folder of brought-back files."""
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(Path(folder).glob("*.tar")):
+        m = _VOLUME.fullmatch(path.name)
+        if m:
+            found.setdefault(m["name"], []).append((int(m["n"] or 1), path))
+    out = {}
+    for name, vols in found.items():
+        vols.sort()
+        if [n for n, _ in vols] != list(range(1, len(vols) + 1)):
+            raise StudyError(f"{folder}: {name} has volumes {[n for n, _ in vols]}; one is missing")
+        out[name] = [p for _, p in vols]
+    return out
+
+
+def _member_path(name: str) -> Path:
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise StudyError(f"archive member {name!r}: not a relative path inside the profile")
+    return p
+
+
+def unpack_profile(volumes: list[Path], dest: Path) -> Path:
+    """Extract one profile's volumes into dest (replaced as a whole: never half old, half new)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        for vol in volumes:
+            with tarfile.open(vol) as tar:
+                for m in tar.getmembers():
+                    if not m.isfile():
+                        continue
+                    rel = _member_path(m.name)
+                    data = tar.extractfile(m).read()
+                    if rel.parts[0] == "predictions" and rel.name.endswith(".npz.xz"):
+                        with np.load(io.BytesIO(lzma.decompress(data))) as z:
+                            arrays = {k: z[k] for k in z.files}
+                        rel = rel.with_name(rel.name[:-3])
+                        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        np.savez_compressed(tmp / rel, **arrays)
+                        continue
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / rel).write_bytes(data)
+        if not (tmp / "params.yaml").is_file():
+            raise StudyError(f"{volumes[0]}: no params.yaml in the archive")
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def register_metrics(dvc_yaml: str | Path, entry: str) -> bool:
+    """Add `entry` to dvc.yaml's top-level metrics list (a block at column 0) unless listed.
+    Edits the text so that comments stay; returns whether it changed anything."""
+    path = Path(dvc_yaml)
+    text = path.read_text()
+    listed = yaml.safe_load(text).get("metrics") or []
+    if entry in listed:
+        return False
+    lines = text.splitlines()
+    try:
+        i = lines.index("metrics:") if "metrics:" in lines else lines.index("metrics: []")
+    except ValueError:
+        raise StudyError(f"{path}: no top-level `metrics:` block to add {entry} to") from None
+    lines[i] = "metrics:"
+    j = i + 1
+    while j < len(lines) and lines[j].startswith("  - "):
+        j += 1
+    lines.insert(j, f"  - {entry}")
+    path.write_text("\n".join(lines) + "\n")
+    if entry not in (yaml.safe_load(path.read_text()).get("metrics") or []):
+        path.write_text(text)
+        raise StudyError(f"{path}: could not add {entry} to the top-level metrics")
+    return True
+
+
+def unpack_all(folder: str | Path, results: str | Path = "results", dvc_yaml: str | Path | None = "dvc.yaml",
+               root: str | Path = ".") -> dict[str, Path]:
+    """Every profile archive in `folder` -> results/<profile>/; registered in dvc.yaml's metrics."""
+    found = archives(folder)
+    if not found:
+        raise StudyError(f"{folder}: no <profile>.tar archives (expected the files a GPU run wrote to $OUT)")
+    out = {}
+    for name, vols in found.items():
+        dest = unpack_profile(vols, Path(results) / name)
+        status = json.loads((dest / "run.json").read_text()).get("status") if (dest / "run.json").is_file() else None
+        log.info("%s -> %s (status: %s)", ", ".join(v.name for v in vols), dest, status)
+        if dvc_yaml and (dest / "metrics").is_dir():
+            rel = os.path.relpath(dest / "metrics", root)
+            if register_metrics(dvc_yaml, rel):
+                log.info("added %s to %s's metrics", rel, dvc_yaml)
+        out[name] = dest
+    return out
+
+
+def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path | None = None,
+                      cifar: str | Path | None = None, repo: Path = REPO,
+                      config: str | Path | None = None) -> dict:
+    """Rerun the report stage on results/<profile>/ on the CPU; returns data checksum matches."""
+    profile_dir, work = Path(profile_dir).resolve(), Path(work).resolve()
+    out = Path(out).resolve() if out else profile_dir / "plots"
+    cfg = load_config(config or repo / "gpu_study.yaml")
+    raw = yaml.safe_load((profile_dir / "params.yaml").read_text())
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    steps = plan(dvc, raw, cfg.stage_order)
+    needs = {d for d in dvc["stages"]["report"]["deps"] if d.startswith("data/")}
+    producers = [s for s, st in dvc["stages"].items() if "outs" in st and "matrix" not in st
+                 and "foreach" not in st and any(str(o) in needs for o in st["outs"] if isinstance(o, str))]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text((profile_dir / "params.yaml").read_text())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), PYTHONUNBUFFERED="1")
+    if cifar:
+        env["CIFAR10_LOCAL"] = str(Path(cifar).resolve())
+    want = (json.loads((profile_dir / "run.json").read_text()).get("data_sha256", {})
+            if (profile_dir / "run.json").is_file() else {})
+
+    def sh(argv):
+        argv = [sys.executable if i == 0 and a == "python" else a for i, a in enumerate(argv)]
+        r = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise StudyError(f"{shlex.join(argv)} failed (rc {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+
+    if not all(_sha256(work / f) == h for f, h in want.items() if h) or not want:
+        for _, stage, cmd in steps:
+            if stage in producers:
+                log.info("data for the report: %s", cmd)
+                sh(shlex.split(cmd))
+    checks = {f: _sha256(work / f) == h for f, h in want.items() if h}
+    for f, ok in checks.items():
+        if not ok:
+            log.warning("%s differs from the GPU run's (other OpenCV/torch?): the report's inputs "
+                        "besides the results are not the run's", f)
+    sh(["python", "-m", "stages.report", "--metrics", str(profile_dir / "metrics"),
+        "--predictions", str(profile_dir / "predictions"), "--raw", str(work / "data/raw"),
+        "--distorted", str(work / "data/distorted"), "--scores", str(work / "data/scores"),
+        "--paper", str(repo / "reference"), "--out", str(out)])
+    log.info("report regenerated from %s into %s", profile_dir, out)
+    return checks

@@ -1,0 +1,658 @@
+"""The whole study on a machine without DVC, sized to a time budget (stages/gpu_study.py).
+
+1. The CIFAR-10 copy is reassembled from its parts (iqals/pack.py) and checked.
+2. The training-step variants are smoke-checked and timed (iqals/variants.py); the fastest that
+   passed is chosen (the result is cached in the work folder, so a first device call can do it).
+3. For each profile (params.yaml plus the overrides of gpu_study.yaml) the pipeline's own stage
+   modules run as subprocesses, in the order `dvc repro` runs them: the commands are expanded
+   from dvc.yaml exactly as DVC expands them (tests/test_gpu_study.py compares both), except
+   that the per-run training stages become grouped `stages.train --run S:k ...` calls.
+4. First the converged schedule, then the longest schedule of the list whose projected time
+   (from the converged run's measured times) fits what is left of the budget.
+5. After every stage the profile's results go into <out>/<profile>.tar: params.yaml, run.json
+   (variant, device, per-stage times, data checksums), probe.json, study.log, metrics,
+   per-epoch logs, compact predictions (predicted class, float16 probabilities) and plots; no
+   models. A run cut short
+   still leaves what finished. iqals/gpu_results.py turns the tar into results/<profile>/.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import itertools
+import json
+import logging
+import lzma
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import params as params_lib
+from .io import atomic_path, write_json
+from .params import ParamError
+
+log = logging.getLogger("gpu_study")
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHIVE_CAP = 15 * 2**20  # bytes per archive file: the device returns files of at most 16 MiB
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on: bad configuration, a stage failed, or no time left."""
+
+
+# ------------------------------------------------------------------ configuration
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    stage_order: tuple[str, ...]
+    common: dict
+    converged: dict
+    long_epochs: tuple[int, ...]
+    decay_ratio: float
+    probe_seconds: float
+    margin_seconds: float
+    eval_jobs: int
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study configuration (expected a file like gpu_study.yaml)")
+    raw = yaml.safe_load(path.read_text())
+    want = {"name", "stage_order", "common", "converged", "long", "probe_seconds", "margin_seconds", "eval_jobs"}
+    if not isinstance(raw, dict) or set(raw) != want:
+        raise StudyError(f"{path}: expected exactly the keys {sorted(want)}, got {sorted(raw or {})}")
+    long = raw["long"]
+    if not isinstance(long, dict) or set(long) != {"epochs", "decay_ratio"}:
+        raise StudyError(f"{path}: long: expected the keys epochs and decay_ratio, got {long!r}")
+    epochs = long["epochs"]
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and e > 0 for e in epochs):
+        raise StudyError(f"{path}: long.epochs = {epochs!r}: expected a list of positive integers")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", str(raw["name"])):
+        raise StudyError(f"{path}: name = {raw['name']!r}: expected letters, digits, '_' or '-'")
+    for key in ("common", "converged"):
+        if not isinstance(raw[key], dict):
+            raise StudyError(f"{path}: {key}: expected a mapping of dotted params keys to values")
+    return Config(name=str(raw["name"]), stage_order=tuple(raw["stage_order"]), common=raw["common"],
+                  converged=raw["converged"], long_epochs=tuple(sorted(epochs, reverse=True)),
+                  decay_ratio=float(long["decay_ratio"]), probe_seconds=float(raw["probe_seconds"]),
+                  margin_seconds=float(raw["margin_seconds"]), eval_jobs=int(raw["eval_jobs"]))
+
+
+def with_overrides(raw_params: dict, overrides: dict) -> dict:
+    """A deep copy of params.yaml's mapping with dotted-key overrides, validated as a whole."""
+    out = copy.deepcopy(raw_params)
+    for key, value in overrides.items():
+        node, parts = out, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ParamError(f"override {key}: params.yaml has no section {part!r} there")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ParamError(f"override {key}: params.yaml has no such key")
+        node[parts[-1]] = copy.deepcopy(value)
+    params_lib.parse(out)  # a bad override fails here, naming the key, before any work
+    return out
+
+
+def long_overrides(epochs: int, ratio: float) -> dict:
+    """The paper's schedule shape: decay every ratio x epochs epochs, rounded half up (350 of 2000)."""
+    decay = int(Decimal(str(ratio)) * epochs + Decimal("0.5"))  # half up, in decimal: 300 -> 53
+    return {"train.epochs": epochs, "train.lr_decay_epochs": max(1, decay)}
+
+
+def profile_name(cfg: Config, epochs: int) -> str:
+    return f"{cfg.name}_e{epochs}"
+
+
+# ------------------------------------------------------------------ the plan, from dvc.yaml
+
+_REF = re.compile(r"\$\{\s*([^}]*?)\s*\}")
+
+
+def _lookup(ctx: dict, path: str):
+    node = ctx
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise StudyError(f"dvc.yaml: ${{{path}}} is not defined (params.yaml, vars, item or key)")
+    return node
+
+
+def _interpolate(value, ctx: dict):
+    """DVC's ${...}: a string that is one reference takes the value itself; others are formatted."""
+    if not isinstance(value, str):
+        return value
+    whole = _REF.fullmatch(value)
+    if whole:
+        return _lookup(ctx, whole.group(1))
+    return _REF.sub(lambda m: str(_lookup(ctx, m.group(1))), value)
+
+
+def expand_stages(dvc: dict, raw_params: dict) -> list[tuple[str, str, str]]:
+    """(instance name, stage name, command) of every stage in dvc.yaml, as DVC expands them:
+    matrix as the product of its lists in key order (name@v1-v2), foreach over a mapping
+    (name@key). Raises on forms this project does not use rather than guessing."""
+    ctx = copy.deepcopy(raw_params)
+    for entry in dvc.get("vars", []):
+        if not isinstance(entry, dict):
+            raise StudyError(f"dvc.yaml vars: only inline mappings are supported, got {entry!r}")
+        ctx.update(entry)
+    out = []
+    for name, st in dvc["stages"].items():
+        if "matrix" in st:
+            keys = list(st["matrix"])
+            lists = [_interpolate(st["matrix"][k], ctx) for k in keys]
+            for combo in itertools.product(*lists):
+                if not all(isinstance(v, (str, int, float)) for v in combo):
+                    raise StudyError(f"dvc.yaml {name}: matrix values must be scalars")
+                item = dict(zip(keys, combo))
+                out.append((f"{name}@{'-'.join(str(v) for v in combo)}", name,
+                            _interpolate(st["cmd"], {**ctx, "item": item})))
+        elif "foreach" in st:
+            over = _interpolate(st["foreach"], ctx)
+            if not isinstance(over, dict):
+                raise StudyError(f"dvc.yaml {name}: foreach over a mapping is supported, got {type(over).__name__}")
+            for key, item in over.items():
+                out.append((f"{name}@{key}", name, _interpolate(st["do"]["cmd"], {**ctx, "key": key, "item": item})))
+        else:
+            out.append((name, name, _interpolate(st["cmd"], ctx)))
+    for _, name, cmd in out:
+        if not isinstance(cmd, str):
+            raise StudyError(f"dvc.yaml {name}: cmd must be one command string")
+    return out
+
+
+def plan(dvc: dict, raw_params: dict, stage_order: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """expand_stages in the order `dvc repro` runs them (stage_order, then dvc.yaml's order)."""
+    stages = expand_stages(dvc, raw_params)
+    names = list(dict.fromkeys(s for _, s, _ in stages))
+    if sorted(names) != sorted(stage_order):
+        raise StudyError(f"stage_order {list(stage_order)} does not list exactly dvc.yaml's stages {names}: "
+                         "update gpu_study.yaml from `dvc repro --dry --force`")
+    return sorted(stages, key=lambda s: stage_order.index(s[1]))  # sort is stable
+
+
+@dataclass(frozen=True)
+class Run:
+    strategy: str
+    seed: int
+    scores: str | None
+
+
+def train_run(cmd: str) -> Run | None:
+    """The (strategy, seed, scores) of a `python -m stages.train` command; None for other stages."""
+    argv = shlex.split(cmd)
+    if argv[:3] != ["python", "-m", "stages.train"]:
+        return None
+    opts = dict(zip(argv[3::2], argv[4::2]))
+    if set(opts) - {"--strategy", "--seed", "--scores"} or len(argv[3:]) % 2:
+        raise StudyError(f"dvc.yaml train command {cmd!r}: expected --strategy S --seed k [--scores DIR]")
+    return Run(opts["--strategy"], int(opts["--seed"]), opts.get("--scores"))
+
+
+def group_commands(runs: list[Run], group: int) -> list[list[str]]:
+    """Grouped training calls: `group` runs per process, in DVC's order, --scores iff one needs it."""
+    scores = {r.scores for r in runs if r.scores}
+    if len(scores) > 1:
+        raise StudyError(f"training stages read scores from several places {sorted(scores)}")
+    out = []
+    for i in range(0, len(runs), group):
+        chunk = runs[i:i + group]
+        argv = ["python", "-m", "stages.train"]
+        for r in chunk:
+            argv += ["--run", f"{r.strategy}:{r.seed}"]
+        if any(r.scores for r in chunk):
+            argv += ["--scores", next(iter(scores))]
+        out.append(argv)
+    return out
+
+
+def runs_of(argv: list[str]) -> list[tuple[str, str]]:
+    """(strategy, seed) of each --run S:k of a grouped training call."""
+    return [tuple(argv[j + 1].split(":")) for j, a in enumerate(argv) if a == "--run"]
+
+
+def data_sections(raw_params: dict) -> dict:
+    """What the data stages read: everything but training, strategies, evaluation and report."""
+    return {k: v for k, v in raw_params.items() if k not in ("train", "strategies", "evaluate", "report")}
+
+
+# ------------------------------------------------------------------ compact predictions
+
+def compact_predictions(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 probabilities (..., K) -> (argmax uint8, float16 probabilities whose argmax is the
+    same): where rounding to float16 ties or reorders the top class, its value is raised by
+    the fewest float16 steps that make it the strict maximum again."""
+    pred = probs.argmax(-1).astype(np.uint8)
+    p16 = probs.astype(np.float16)
+    bad = np.flatnonzero((p16.argmax(-1) != pred).ravel())
+    flat, fp = p16.reshape(-1, probs.shape[-1]), pred.ravel()
+    for i in bad:
+        top = flat[i].max()
+        flat[i, fp[i]] = np.nextafter(top, np.float16(np.inf))
+    return pred, p16
+
+
+def pack_predictions(path: Path) -> bytes:
+    """An evaluate stage's data/predictions/<S>.npz -> xz-compressed compact npz bytes."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["pred"], arrays["probs"] = compact_predictions(arrays["probs"])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return lzma.compress(buf.getvalue(), preset=6)
+
+
+# ------------------------------------------------------------------ the archive in <out>
+
+class Archive:
+    """A profile's results as tar volumes <out>/<name>.tar (then <name>.2.tar ...), each under
+    ARCHIVE_CAP, rewritten atomically after every stage so that a cut-off run leaves the last
+    complete state."""
+
+    def __init__(self, out: Path, name: str, cap: int = ARCHIVE_CAP):
+        self.out, self.name, self.cap = Path(out), name, cap
+        self.members: dict[str, bytes] = {}
+
+    def add(self, member: str, data: bytes) -> None:
+        self.members[member] = data
+
+    def add_file(self, member: str, path: Path) -> None:
+        self.members[member] = Path(path).read_bytes()
+
+    @staticmethod
+    def _tar_bytes(sizes: list[int]) -> int:
+        """Upper bound of a tar's size: a header (and room for an extended one) per member, data
+        in 512-byte blocks, two end blocks, all padded to tarfile's 10240-byte records."""
+        body = sum(1024 + -(-n // 512) * 512 for n in sizes) + 1024
+        return -(-body // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+    def volumes(self) -> list[list[str]]:
+        vols, sizes = [[]], []
+        for m, data in self.members.items():
+            if self._tar_bytes([len(data)]) > self.cap:
+                raise StudyError(f"{self.name}: {m} alone ({len(data)} bytes) exceeds an archive file")
+            if self._tar_bytes(sizes + [len(data)]) > self.cap:
+                vols.append([])
+                sizes = []
+            vols[-1].append(m)
+            sizes.append(len(data))
+        return vols
+
+    def flush(self) -> list[Path]:
+        paths = []
+        for i, members in enumerate(self.volumes()):
+            path = self.out / (f"{self.name}.tar" if i == 0 else f"{self.name}.{i + 1}.tar")
+            with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                for m in members:
+                    info = tarfile.TarInfo(m)
+                    info.size, info.mtime = len(self.members[m]), int(time.time())
+                    tar.addfile(info, io.BytesIO(self.members[m]))
+            paths.append(path)
+        return paths
+
+
+# ------------------------------------------------------------------ budget
+
+def choose_epochs(candidates, projected, remaining: float):
+    """The largest candidate epoch count whose projected seconds fit `remaining`; None if none."""
+    for e in sorted(candidates, reverse=True):
+        if projected(e) <= remaining:
+            return e
+    return None
+
+
+@dataclass
+class Timing:
+    """Measured times of one profile, from which a longer schedule is projected."""
+    epochs: int
+    train_s: float = 0.0          # wall time of all training calls
+    train_epoch_s: float = 0.0    # of which inside epochs (sum over calls of one run's epoch seconds)
+    other_s: float = 0.0          # evaluate and report
+
+    def project(self, epochs: int) -> float:
+        fixed = max(self.train_s - self.train_epoch_s, 0.0)
+        per_epoch = (self.train_s - fixed) / self.epochs
+        return fixed + per_epoch * epochs + self.other_s
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _epoch_seconds(tsv: Path) -> float:
+    lines = tsv.read_text().splitlines()
+    col = lines[0].split("\t").index("seconds")
+    return sum(float(x.split("\t")[col]) for x in lines[1:])
+
+
+# ------------------------------------------------------------------ the study
+
+class Study:
+    def __init__(self, repo: Path, work: Path, out: Path, cfg: Config, budget_s: float):
+        self.repo, self.work, self.out, self.cfg = repo.resolve(), work.resolve(), out.resolve(), cfg
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + budget_s - cfg.margin_seconds  # what plans may use
+        self.hard_stop = self.t0 + budget_s  # a stage still running then is stopped
+        self.stage_log = self.out / "stages.log"
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.repo)] + [
+            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+            PYTHONUNBUFFERED="1", TQDM_MININTERVAL="15", CIFAR10_LOCAL=str(self.work / "cifar10"))
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    # -- running stage commands
+    def _popen(self, argv: list[str]) -> subprocess.Popen:
+        argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
+        f = open(self.stage_log, "ab")
+        f.write(f"\n===== {time.strftime('%H:%M:%S')} {shlex.join(argv)}\n".encode())
+        f.flush()
+        p = subprocess.Popen(argv, cwd=self.work / "run", env=self.env, stdout=f, stderr=subprocess.STDOUT)
+        p._log = f  # closed when it ends
+        return p
+
+    def run_commands(self, label: str, cmds: list[list[str]], jobs: int, after=None) -> list[dict]:
+        """Run commands, up to `jobs` at once; `after(i)` as each one finishes; stop on failure."""
+        results = [None] * len(cmds)
+
+        def one(i):
+            t = time.monotonic()
+            p = self._popen(cmds[i])
+            while True:
+                try:
+                    rc = p.wait(timeout=max(0.1, min(1.0, self.hard_stop - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= self.hard_stop:  # leave time to write what finished
+                        p.terminate()
+                        try:
+                            p.wait(timeout=5)
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                            p.wait()
+                        rc = "stopped at the end of --budget-s"
+                        break
+            p._log.close()
+            results[i] = {"cmd": shlex.join(cmds[i]), "seconds": round(time.monotonic() - t, 2), "rc": rc}
+            return i
+
+        failed = None
+        with ThreadPoolExecutor(max(1, jobs)) as ex:
+            for i in ex.map(one, range(len(cmds))):
+                r = results[i]
+                log.info("%s %d/%d: %s  (%.1f s, rc %s; study at %.0f s, %.0f s left)", label, i + 1,
+                         len(cmds), r["cmd"].replace(sys.executable, "python"), r["seconds"], r["rc"],
+                         self.elapsed(), self.left())
+                if r["rc"] != 0:
+                    failed = failed or r
+                elif after and not failed:
+                    after(i)
+        if failed:
+            tail = self.stage_log.read_bytes()[-3000:].decode(errors="replace")
+            raise StudyError(f"stage failed (rc {failed['rc']}): {failed['cmd']}\n--- end of stages.log ---\n{tail}")
+        return results
+
+    # -- steps
+    def unpack(self, parts: Path) -> None:
+        from .pack import unpack
+        t = time.monotonic()
+        unpack(parts, self.work / "cifar10")
+        log.info("data reassembled and checked from %s in %.1f s", parts, time.monotonic() - t)
+
+    def choose_variant(self, p, probe_seconds: float) -> dict:
+        """Smoke check and timing probe (cached in the work folder for the same code and device)."""
+        import torch
+
+        from . import model as model_lib
+        try:
+            from . import variants
+        except ImportError as e:
+            raise StudyError(f"the training-step variants (iqals/variants.py) are missing: {e}") from None
+        device = model_lib.pick_device(p.train.device)
+        key = hashlib.sha256(Path(variants.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+        key += f"-{torch.__version__}-{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}"
+        cache = self.work / "probe.json"
+        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+            result = json.loads(cache.read_text())
+            log.info("variant from the earlier probe (%s): %s", cache, result["chosen"])
+        else:
+            t = time.monotonic()
+            results = variants.probe(p, device, probe_seconds)
+            chosen = variants.choose(results)
+            result = {"key": key, "device": str(device), "seconds": round(time.monotonic() - t, 1),
+                      "results": results, "chosen": chosen}
+            write_json(cache, result)
+            for r in results:
+                log.info("probe: %s", json.dumps(r, default=str))
+            log.info("probe %.1f s; chosen: %s", time.monotonic() - t, chosen)
+        shutil.copy(cache, self.out / "probe.json")
+        if result["chosen"] is None:
+            raise StudyError("no training-step variant passed the smoke check (see probe.json)")
+        return result["chosen"]
+
+    def run_profile(self, name: str, raw_params: dict, variant: dict, dvc: dict, data_done: bool) -> Timing:
+        """One profile: data stages (once), grouped training, evaluate, report; archived as it goes."""
+        p = params_lib.parse(raw_params)
+        run_dir = self.work / "run"
+        for d in ("models", "logs", "plots", "data/predictions"):  # nothing of another profile
+            shutil.rmtree(run_dir / d, ignore_errors=True)
+        for s in p.strategies:
+            (run_dir / "metrics" / f"{s}.json").unlink(missing_ok=True)
+        params_text = yaml.safe_dump(raw_params, sort_keys=False)
+        (run_dir / "params.yaml").write_text(params_text)
+        arc = Archive(self.out, name)
+        arc.add("params.yaml", params_text.encode())
+        info = {"profile": name, "status": "running", "epochs": p.train.epochs,
+                "lr_decay_epochs": p.train.lr_decay_epochs, "seeds": list(p.train.seeds),
+                "strategies": list(p.strategies), "variant": variant, "stages": [],
+                "python": platform.python_version(), "cpus": os.cpu_count()}
+        try:
+            import torch
+            info["torch"] = torch.__version__
+            info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+        except ImportError:
+            pass
+
+        def save(status=None):
+            if status:
+                info["status"] = status
+            arc.add("run.json", (json.dumps(info, indent=2, default=str) + "\n").encode())
+            for f in ("probe.json", "study.log"):  # the choice of variant and the driver's log so far
+                if (self.out / f).is_file():
+                    arc.add_file(f, self.out / f)
+            arc.flush()
+
+        timing = Timing(epochs=p.train.epochs)
+        steps = plan(dvc, raw_params, self.cfg.stage_order)
+        train_stages = {s for _, s, c in steps if train_run(c)}
+        try:
+            for stage in self.cfg.stage_order:
+                cmds = [c for _, s, c in steps if s == stage]
+                t = time.monotonic()
+                if stage in train_stages:
+                    if stage != next(s for s in self.cfg.stage_order if s in train_stages):
+                        continue  # all training stages run together, in the first one's turn
+                    runs = [train_run(c) for _, s, c in steps if s in train_stages]
+                    argvs = group_commands(runs, int(variant.get("group", 1)))
+
+                    def after_train(i, argvs=argvs):
+                        for s, k in runs_of(argvs[i]):
+                            arc.add_file(f"logs/{s}/seed{k}.tsv", run_dir / "logs" / s / f"seed{k}.tsv")
+                        save()
+                    res = self.run_commands(f"{name} train", argvs, int(variant.get("processes", 1)), after_train)
+                    timing.train_s = time.monotonic() - t
+                    for argv in argvs:  # the first run of a call stands for the call's epochs
+                        s, k = runs_of(argv)[0]
+                        timing.train_epoch_s += _epoch_seconds(run_dir / "logs" / s / f"seed{k}.tsv")
+                    label = "train (grouped)"
+                elif data_done and stage in ("download", "distort", "score", "corrupt"):
+                    continue
+                else:
+                    argvs = [shlex.split(c) for c in cmds]
+
+                    def after(i, stage=stage, argvs=argvs):
+                        if stage == "evaluate":
+                            s = argvs[i][argvs[i].index("--strategy") + 1]
+                            arc.add_file(f"metrics/{s}.json", run_dir / "metrics" / f"{s}.json")
+                            arc.add(f"predictions/{s}.npz.xz", pack_predictions(run_dir / "data/predictions" / f"{s}.npz"))
+                        save()
+                    res = self.run_commands(f"{name} {stage}", argvs,
+                                            self.cfg.eval_jobs if stage == "evaluate" else 1, after)
+                    if stage in ("evaluate", "report"):
+                        timing.other_s += time.monotonic() - t
+                    label = stage
+                info["stages"].append({"stage": label, "seconds": round(time.monotonic() - t, 2), "calls": res})
+                if stage == "report":
+                    for f in sorted((run_dir / "plots").iterdir()):
+                        arc.add_file(f"plots/{f.name}", f)
+                if stage in ("download", "distort", "score", "corrupt") or data_done:
+                    self._archive_data(arc, info)
+                save()
+        except BaseException as e:
+            save(f"failed: {str(e).splitlines()[0]}")
+            raise
+        save("complete")
+        log.info("%s complete: train %.1f s (%.1f s in epochs), evaluate+report %.1f s", name,
+                 timing.train_s, timing.train_epoch_s, timing.other_s)
+        return timing
+
+    def _archive_data(self, arc: Archive, info: dict) -> None:
+        """The data stages' metrics and the checksums of what the report reads besides results."""
+        run_dir = self.work / "run"
+        for m in ("distort", "score", "corrupt"):
+            if (run_dir / "metrics" / f"{m}.json").is_file():
+                arc.add_file(f"metrics/{m}.json", run_dir / "metrics" / f"{m}.json")
+        if (run_dir / "data/raw/source.json").is_file():
+            arc.add_file("data/source.json", run_dir / "data/raw/source.json")
+        info["data_sha256"] = {f: _sha256(run_dir / f) for f in (
+            "data/raw/train.npz", "data/raw/test.npz", "data/distorted/test.npy",
+            "data/scores/train.npy", "data/scores/test.npy")}
+
+
+def describe(cfg: Config, ips: list[float], group: int, repo: Path = REPO) -> str:
+    """The plan of a study without running it: the converged profile's commands (training
+    grouped by `group`) and, for each schedule, the training images and the projected minutes
+    of training at each of the given images/s (summed over runs). Stages, probe and start-up
+    are not included: they are measured on the machine."""
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    first = with_overrides(with_overrides(raw, cfg.common), cfg.converged)
+    steps = plan(dvc, first, cfg.stage_order)
+    runs = [r for r in (train_run(c) for _, _, c in steps) if r]
+    lines, train_done = [f"# {profile_name(cfg, first['train']['epochs'])}: the commands, in order"], False
+    for _, stage, cmd in steps:
+        if train_run(cmd):
+            if not train_done:
+                lines += [shlex.join(g) for g in group_commands(runs, group)]
+            train_done = True
+        else:
+            lines.append(cmd)
+    n = first["base"]["train_size"] or 50_000
+    lines += ["", f"# training: {len(runs)} runs x epochs x {n} images; minutes at the given images/s",
+              "| schedule | lr decay every | training images | " + " | ".join(f"{x:,.0f} img/s" for x in ips) + " |",
+              "|---|---|---|" + "---|" * len(ips)]
+    schedules = [(first["train"]["epochs"], first["train"]["lr_decay_epochs"])]
+    schedules += [(e, long_overrides(e, cfg.decay_ratio)["train.lr_decay_epochs"]) for e in cfg.long_epochs]
+    for e, d in schedules:
+        images = len(runs) * e * n
+        lines.append(f"| {e} epochs | {d} | {images:,} | " + " | ".join(f"{images / x / 60:,.1f}" for x in ips) + " |")
+    return "\n".join(lines)
+
+
+def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s: float,
+              probe_only: bool = False, probe_seconds: float | None = None, device: str | None = None,
+              repo: Path = REPO) -> dict:
+    """The whole study (module docstring); returns {profile: status}."""
+    cfg = load_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (work / "run").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "study.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    try:
+        study = Study(repo, work, out, cfg, budget_s)
+        raw = yaml.safe_load((repo / "params.yaml").read_text())
+        dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+        base = with_overrides(raw, {**cfg.common, **({"train.device": device} if device else {})})
+        first = with_overrides(base, cfg.converged)
+        plan(dvc, first, cfg.stage_order)  # dvc.yaml and stage_order agree, before any work
+        if parts is not None and not probe_only:
+            from .pack import check_parts
+            check_parts(parts)  # every part here and intact, before the probe
+        log.info("study %s: budget %.0f s (margin %.0f s), work %s, out %s", cfg.name, budget_s,
+                 cfg.margin_seconds, work, out)
+        variant = study.choose_variant(params_lib.parse(first),
+                                       cfg.probe_seconds if probe_seconds is None else probe_seconds)
+        if probe_only:
+            return {"probe": "complete"}
+        if parts is not None:
+            study.unpack(parts)
+        elif not (work / "cifar10" / "train.npz").is_file():
+            raise StudyError(f"no --parts given and no reassembled copy in {work / 'cifar10'}")
+        ref = work / "run" / "reference"
+        if not ref.exists():
+            ref.symlink_to(repo / "reference", target_is_directory=True)
+        vo = {"train.precision": variant["precision"], "train.step": variant["step"]}
+        status = {}
+        name = profile_name(cfg, int(first["train"]["epochs"]))
+        log.info("%s: %d strategies x %d seeds, %d epochs (%.0f s left)", name, len(first["strategies"]),
+                 len(first["train"]["seeds"]), first["train"]["epochs"], study.left())
+        n_runs = len(first["strategies"]) * len(first["train"]["seeds"])
+        n_images = first["base"]["train_size"] or 50_000
+        if variant.get("images_per_s"):
+            log.info("%s: training projected from the probe: %.0f s (%d runs x %d epochs x %d images at "
+                     "%.0f img/s)", name, n_runs * first["train"]["epochs"] * n_images / variant["images_per_s"],
+                     n_runs, first["train"]["epochs"], n_images, variant["images_per_s"])
+        timing = study.run_profile(name, with_overrides(first, vo), variant, dvc, data_done=False)
+        status[name] = "complete"
+        long_raw = {e: with_overrides(base, {**long_overrides(e, cfg.decay_ratio), **vo}) for e in cfg.long_epochs}
+        projected = {e: round(timing.project(e), 1) for e in cfg.long_epochs}
+        log.info("projected seconds per schedule (from %s): %s; %.0f s left", name, projected, study.left())
+        e = choose_epochs(cfg.long_epochs, timing.project, study.left())
+        if e is None:
+            log.info("no longer schedule fits the %.0f s left", study.left())
+            return status
+        name = profile_name(cfg, e)
+        log.info("%s: %d epochs, lr decay every %d (projected %.0f s)", name, e,
+                 long_raw[e]["train"]["lr_decay_epochs"], projected[e])
+        same_data = data_sections(long_raw[e]) == data_sections(first)
+        study.run_profile(name, long_raw[e], variant, dvc, data_done=same_data)
+        status[name] = "complete"
+        log.info("study done in %.0f s", study.elapsed())
+        return status
+    except Exception as e:
+        log.error("study stopped: %s", e)
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -1,0 +1,194 @@
+"""The GPU study's pieces (iqals/gpu_study.py, iqals/gpu_results.py) without running it; the
+whole command is rehearsed on the CPU in tests/test_gpu_rehearsal.py."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import yaml
+
+from iqals import gpu_results, gpu_study
+from iqals.params import ParamError
+
+
+@pytest.fixture(scope="module")
+def dvc_yaml(repo_root):
+    return yaml.safe_load((repo_root / "dvc.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def cfg(repo_root):
+    return gpu_study.load_config(repo_root / "gpu_study.yaml")
+
+
+def dry_run(dest, env) -> list[tuple[str, str]]:
+    """(stage, command) of every stage, in the order `dvc repro --dry --force` prints them."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", "--force"], cwd=dest, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return re.findall(r"Running stage '([^']+)':\n> (.+)", out)
+
+
+def test_plan_is_what_dvc_repro_runs(tmp_path, repo_root, raw_params, cfg):
+    """Every command and its place, from DVC itself, for several seeds and both training groups."""
+    from test_pipeline import make_project
+    env = make_project(tmp_path, repo_root)
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["train"]["seeds"] = [0, 3]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, env=env, check=True)
+    want = dry_run(tmp_path, env)
+    got = gpu_study.plan(yaml.safe_load((tmp_path / "dvc.yaml").read_text()), raw, cfg.stage_order)
+    assert [(n, c) for n, _, c in got] == want
+    assert ("train_onehot@S1-3", "python -m stages.train --strategy S1 --seed 3") in want  # the case matters
+
+
+def test_stage_order_lists_the_repository_stages(dvc_yaml, raw_params, cfg):
+    steps = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order)
+    assert [s for s in dict.fromkeys(s for _, s, _ in steps)] == list(cfg.stage_order)
+    with pytest.raises(gpu_study.StudyError, match="stage_order"):
+        gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order[:-1])
+
+
+def test_train_runs_and_groups(dvc_yaml, raw_params, cfg):
+    steps = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order)
+    runs = [r for r in (gpu_study.train_run(c) for _, _, c in steps) if r]
+    n = len(raw_params["strategies"]) * len(raw_params["train"]["seeds"])
+    assert len(runs) == n and runs[0] == gpu_study.Run("S1", 0, None)
+    groups = gpu_study.group_commands(runs, 4)
+    assert [len(gpu_study.runs_of(g)) for g in groups] == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    for g in groups:  # --scores exactly when a run of the group reads them
+        needs = any(raw_params["strategies"][s]["labels"] != "original" for s, _ in gpu_study.runs_of(g))
+        assert ("--scores" in g) == needs
+        assert g[:3] == ["python", "-m", "stages.train"]
+    assert gpu_study.train_run("python -m stages.evaluate --strategy S1") is None
+
+
+def test_overrides_are_validated(raw_params):
+    out = gpu_study.with_overrides(raw_params, {"train.epochs": 16, "train.lr_decay_epochs": 12,
+                                                "base.train_size": None})
+    assert out["train"]["epochs"] == 16 and out["base"]["train_size"] is None
+    assert raw_params["train"]["epochs"] != 16  # the original is untouched
+    with pytest.raises(ParamError, match="train.epoch: params.yaml has no such key"):
+        gpu_study.with_overrides(raw_params, {"train.epoch": 16})
+    with pytest.raises(ParamError, match="train.lr_decay_epochs"):
+        gpu_study.with_overrides(raw_params, {"train.epochs": 5, "train.lr_decay_epochs": 12})
+
+
+def test_long_schedules_keep_the_paper_ratio(cfg):
+    got = {e: gpu_study.long_overrides(e, cfg.decay_ratio)["train.lr_decay_epochs"] for e in (2000, 300, 100, 60)}
+    assert got == {2000: 350, 300: 53, 100: 18, 60: 11}  # 0.175 x epochs, half up
+
+
+def test_choose_epochs_takes_the_longest_that_fits():
+    t = gpu_study.Timing(epochs=16, train_s=100.0, train_epoch_s=80.0, other_s=30.0)
+    assert t.project(16) == pytest.approx(130.0)
+    assert t.project(160) == pytest.approx(20 + 800 + 30)
+    assert gpu_study.choose_epochs([300, 200, 150, 100, 60], t.project, 900) == 150
+    assert gpu_study.choose_epochs([300, 60], t.project, 100) is None
+
+
+def test_compact_predictions_keep_the_predicted_class():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), size=(2, 10, 500)).astype(np.float32)
+    probs[0, 0, :50, 3] = probs[0, 0, :50, 7] + 1e-5  # near ties that float16 cannot separate
+    pred, p16 = gpu_study.compact_predictions(probs)
+    assert p16.dtype == np.float16 and pred.dtype == np.uint8
+    assert np.array_equal(pred, probs.argmax(-1)) and np.array_equal(p16.argmax(-1), pred)
+    assert np.abs(p16.astype(np.float32) - probs).max() < 2e-3
+
+
+def test_archive_rolls_over_and_round_trips(tmp_path):
+    out = tmp_path / "out"
+    arc = gpu_study.Archive(out, "gpu_e16", cap=50_000)
+    arc.add("params.yaml", b"train:\n  epochs: 16\n")
+    arc.add("run.json", b'{"status": "complete"}\n')
+    rng = np.random.default_rng(0)
+    for s in ("S1", "S2", "S3"):
+        arc.add(f"logs/{s}/seed0.tsv", rng.integers(0, 255, 15_000, dtype=np.uint8).tobytes())
+    paths = arc.flush()
+    assert [p.name for p in paths] == ["gpu_e16.tar", "gpu_e16.2.tar"]
+    assert all(p.stat().st_size <= 50_000 for p in paths)
+    assert gpu_results.archives(out) == {"gpu_e16": paths}
+    dest = gpu_results.unpack_profile(paths, tmp_path / "results" / "gpu_e16")
+    for m, data in arc.members.items():
+        assert (dest / m).read_bytes() == data
+    paths[1].unlink()
+    shutil.copy(paths[0], out / "gpu_e16.3.tar")
+    with pytest.raises(gpu_study.StudyError, match="one is missing"):
+        gpu_results.archives(out)
+
+
+def test_archive_member_outside_the_profile_is_refused(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 0
+        tar.addfile(info)
+    with pytest.raises(gpu_study.StudyError, match="not a relative path"):
+        gpu_results.unpack_profile([tmp_path / "bad.tar"], tmp_path / "results" / "bad")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "results" / "bad").exists()
+
+
+def test_register_metrics_keeps_dvc_yaml_valid(tmp_path, repo_root):
+    path = tmp_path / "dvc.yaml"
+    shutil.copy(repo_root / "dvc.yaml", path)
+    before = yaml.safe_load(path.read_text())
+    assert gpu_results.register_metrics(path, "results/gpu_e16/metrics")
+    assert not gpu_results.register_metrics(path, "results/gpu_e16/metrics")  # once
+    assert gpu_results.register_metrics(path, "results/gpu_e100/metrics")
+    after = yaml.safe_load(path.read_text())
+    assert after["metrics"] == ["results/gpu_e16/metrics", "results/gpu_e100/metrics"]
+    assert after["stages"] == before["stages"] and after["vars"] == before["vars"]
+    assert "# Results of GPU runs" in path.read_text()  # comments stay
+
+
+def test_config_errors_name_the_key(tmp_path, repo_root):
+    raw = yaml.safe_load((repo_root / "gpu_study.yaml").read_text())
+    raw["long"]["epochs"] = [300, "100"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(gpu_study.StudyError, match="long.epochs"):
+        gpu_study.load_config(tmp_path / "c.yaml")
+    with pytest.raises(gpu_study.StudyError, match="no such study configuration"):
+        gpu_study.load_config(tmp_path / "missing.yaml")
+
+
+def test_compact_predictions_survive_the_archive(tmp_path):
+    probs = np.random.default_rng(1).dirichlet(np.ones(10), size=(1, 10, 40)).astype(np.float32)
+    np.savez(tmp_path / "S1.npz", probs=probs, labels=np.arange(40) % 10, seeds=np.array([0]),
+             test_sets=np.array(["pristine"] * 10))
+    arc = gpu_study.Archive(tmp_path / "out", "p")
+    arc.add("params.yaml", b"x: 1\n")
+    arc.add("predictions/S1.npz.xz", gpu_study.pack_predictions(tmp_path / "S1.npz"))
+    dest = gpu_results.unpack_profile(arc.flush(), tmp_path / "results" / "p")
+    with np.load(dest / "predictions" / "S1.npz") as z:
+        assert z["probs"].dtype == np.float16 and np.array_equal(z["pred"], probs.argmax(-1))
+        assert np.array_equal(z["labels"], np.arange(40) % 10)
+
+
+def test_describe_lists_every_run_once_and_projects_minutes(cfg, raw_params):
+    text = gpu_study.describe(cfg, [500_000, 1_000], group=17)
+    runs = re.findall(r"--run (\S+)", text)
+    want = [f"{s}:{k}" for s in raw_params["strategies"] for k in [0, 1, 2]]
+    assert sorted(runs) == sorted(want) and len(runs) == len(set(runs))
+    commands = text.split("\n\n")[0].splitlines()
+    assert commands[1] == "python -m stages.download" and commands[-1] == "python -m stages.report"
+    row = next(line for line in text.splitlines() if line.startswith("| 16 epochs"))
+    images = len(want) * 16 * 50_000
+    assert row == f"| 16 epochs | 12 | {images:,} | {images / 500_000 / 60:,.1f} | {images / 1_000 / 60:,.1f} |"
+
+
+def test_a_stage_running_past_the_budget_is_stopped(tmp_path, cfg):
+    import time
+    (tmp_path / "work" / "run").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    study = gpu_study.Study(tmp_path, tmp_path / "work", tmp_path / "out", cfg, budget_s=2.0)
+    t = time.monotonic()
+    with pytest.raises(gpu_study.StudyError, match="stopped at the end of --budget-s"):
+        study.run_commands("sleep", [["python", "-c", "import time; time.sleep(60)"]], jobs=1)
+    assert time.monotonic() - t < 20
+    assert "time.sleep(60)" in (tmp_path / "out" / "stages.log").read_text()
