@@ -202,6 +202,7 @@ class GraphSteps(Steps):
                                 f"training set size ({n} images): every step must have one shape")
         self.draw = torch.zeros((2, g, n), dtype=torch.int64, device=device)  # copy, image
         self.k = torch.zeros((), dtype=torch.int64, device=device)  # step within the epoch
+        self.steps_per_epoch = n // bs
         self.offsets = torch.arange(bs, device=device)
         self.sums = torch.zeros(g, device=device), torch.zeros(g, dtype=torch.int64, device=device)
         self.graph = None
@@ -211,7 +212,7 @@ class GraphSteps(Steps):
             group["lr"].fill_(lr)
 
     def _step(self) -> None:
-        at = self.k * self.cfg.batch_size + self.offsets
+        at = (self.k % self.steps_per_epoch) * self.cfg.batch_size + self.offsets  # warm-up may go round
         c, j = self.draw[0].index_select(1, at), self.draw[1].index_select(1, at)
         with self.autocast:
             loss, losses, correct, self.last_logits = self.forward(*self.batch(c, j))
@@ -249,7 +250,7 @@ class GraphSteps(Steps):
         self.k.zero_()
         for s in self.sums:
             s.zero_()
-        for _ in range(copy.shape[1] // self.cfg.batch_size):
+        for _ in range(self.steps_per_epoch):
             if self.graph is not None:
                 self.graph.replay()
             else:

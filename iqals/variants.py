@@ -59,7 +59,7 @@ TOLERANCE = {
 }
 SMOKE_STEPS = 3
 SMOKE_RUNS_CHECKED = 2  # first and last run of a group against the CPU (the reference is slow for G = 51)
-PROBE_IMAGES = {"cuda": 10_000, "cpu": 400}  # synthetic training set per run in the probe
+PROBE_IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run in the probe (50 or 4 steps)
 
 
 def needs_gpu(variant: dict) -> bool:
