@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .params import NUM_CLASSES, Model
+from .params import NUM_CLASSES, Model, ParamError
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +214,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available")
+        raise ParamError("train.device = 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import mixture, seeds
 from . import model as model_lib
+from .errors import ExpectedError
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, soft_targets, true_class_probability
 from .params import DISTORTIONS, LEVELS, NUM_COPIES, Params, Strategy, Train, copy_index
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "loss", "train_acc", "lr", "images_per_s", "seconds")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ExpectedError, RuntimeError):
     """Training cannot go on (diverged, or inputs inconsistent with the strategy or the device)."""
 
 

@@ -7,7 +7,6 @@ confidence_quality.png and training.png.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import pandas as pd  # noqa: E402
 
 from iqals import figures  # noqa: E402
 from iqals import report as rep  # noqa: E402
-from iqals.data import CLASSES, SPLITS, load_npz, official_index  # noqa: E402
+from iqals.data import CLASSES, SPLITS, DataError, load_npz, official_index  # noqa: E402
 from iqals.io import atomic_path, read_json, write_json, write_text  # noqa: E402
-from stages.common import run, setup  # noqa: E402
+from stages.common import cli, run, setup  # noqa: E402
 
 log = logging.getLogger("report")
 INPUTS = {"metrics": "metrics", "predictions": "data/predictions", "logs": "logs", "raw": "data/raw",
@@ -45,7 +44,7 @@ def load_inputs(a: dict[str, Path], p) -> dict:
     missing = [n for n in p.strategies if not (a["metrics"] / f"{n}.json").is_file()
                or not (a["predictions"] / f"{n}.npz").is_file()]
     if missing:
-        raise ValueError(f"{a['metrics']}, {a['predictions']}: nothing for {missing} (run their evaluate stages)")
+        raise DataError(f"{a['metrics']}, {a['predictions']}: nothing for {missing} (run their evaluate stages)")
     preds = {}
     for n in p.strategies:
         with np.load(a["predictions"] / f"{n}.npz") as z:
@@ -58,10 +57,7 @@ def load_inputs(a: dict[str, Path], p) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    for name, default in INPUTS.items():
-        ap.add_argument(f"--{name}", type=Path, default=Path(default))
-    a = vars(ap.parse_args())
+    a = {k: Path(v) for k, v in vars(cli(__doc__, **INPUTS)).items()}
     p, out = setup("report"), a["out"]
     d = load_inputs(a, p)
     r = rep.build(p, **d)

@@ -132,7 +132,7 @@ def test_results_layout_metrics_and_regenerated_report(rehearsal, tiny_cifar):
     a = pd.read_csv(tmp / "regen_plots" / "calibration.csv")  # from float16 probabilities: close
     b = pd.read_csv(r1 / "plots" / "calibration.csv")
     assert np.allclose(a.select_dtypes("number"), b.select_dtypes("number"), atol=0.02)
-    assert pd.read_csv(tmp / "regen_plots" / "paired_tests.csv").equals(pd.read_csv(r1 / "plots" / "paired_tests.csv"))
+    assert pd.read_csv(tmp / "regen_plots" / "comparisons.csv").equals(pd.read_csv(r1 / "plots" / "comparisons.csv"))
 
 
 @pytest.mark.slow
