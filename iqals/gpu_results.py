@@ -181,7 +181,8 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
             log.warning("%s differs from the GPU run's (other OpenCV/torch?): the report's inputs "
                         "besides the results are not the run's", f)
     sh(["python", "-m", "stages.report", "--metrics", str(profile_dir / "metrics"),
-        "--predictions", str(profile_dir / "predictions"), "--raw", str(work / "data/raw"),
+        "--predictions", str(profile_dir / "predictions"), "--logs", str(profile_dir / "logs"),
+        "--raw", str(work / "data/raw"),
         "--distorted", str(work / "data/distorted"), "--scores", str(work / "data/scores"),
         "--paper", str(repo / "reference"), "--out", str(out)])
     log.info("report regenerated from %s into %s", profile_dir, out)
