@@ -11,3 +11,7 @@ class ExpectedError(Exception):
 
 class UsageError(ExpectedError, ValueError):
     """A command-line value is not one the stage accepts (e.g. an unknown --strategy)."""
+
+
+class TrainingError(ExpectedError, RuntimeError):
+    """Training cannot go on (diverged, or inputs inconsistent with the strategy or the device)."""

@@ -7,7 +7,7 @@
 - `choose`: the fastest variant that passed.
 
 A variant is a dict {"precision": fp32|tf32|bf16, "step": eager|compile|graph, "group": G}: G
-runs stepped together as one GroupNet (iqals/train.py), each with batch train.batch_size.
+runs stepped together as one GroupNet (iqals/stacked.py), each with batch train.batch_size.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import time
 import torch
 
 from . import model as model_lib
+from . import stacked
+from . import steps as steps_lib
 from . import train as train_lib
 from .mixture import soft_targets
 from .params import NUM_CLASSES, NUM_COPIES, Params
@@ -83,8 +85,8 @@ def synthetic(groups: int, n: int, device: torch.device, seed: int = 0):
     return data, copy.to(device), image.to(device)
 
 
-def _stacked(p: Params, groups: int, device: torch.device) -> model_lib.GroupNet:
-    net = model_lib.GroupNet.stack([model_lib.build(p.model, derive_seed(r, "init")) for r in range(groups)])
+def _stacked(p: Params, groups: int, device: torch.device) -> stacked.GroupNet:
+    net = stacked.GroupNet.stack([model_lib.build(p.model, derive_seed(r, "init")) for r in range(groups)])
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
@@ -94,12 +96,12 @@ def reference_epoch(net: model_lib.Net, cfg, data: train_lib.TrainData, copy: to
     """One run's epoch the plain way, in the precision of `net` (fp32 on the CPU): Net, the
     loss, make_sgd, one batch after another. Returns the last step's logits and gradients and the
     summed loss; `net` holds the weights after."""
-    opt = train_lib.make_sgd(net, cfg, lr)
+    opt = steps_lib.make_sgd(net, cfg, lr)
     loss_sum = 0.0
     for i in range(0, copy.numel(), cfg.batch_size):
         c, j = copy[i:i + cfg.batch_size], image[i:i + cfg.batch_size]
         logits = net(model_lib.standardize(data.pool[c, j]))
-        loss = train_lib.loss_fn(logits, soft_targets(data.labels[j], data.q_true[c, j]), cfg.loss)
+        loss = steps_lib.loss_fn(logits, soft_targets(data.labels[j], data.q_true[c, j]), cfg.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,7 +124,7 @@ def smoke_check(p: Params, device: torch.device, precision: str, step: str, grou
     n = SMOKE_STEPS * cfg.batch_size
     data, copy, image = synthetic(group, n, device, seed=1)
     net = _stacked(p, group, device)
-    steps = train_lib.make_steps(net, data, cfg, device)
+    steps = steps_lib.make_steps(net, data, cfg, device)
     checked = sorted({0, group - 1})[:SMOKE_RUNS_CHECKED]
     before = {r: net.run_state(r) for r in checked}
     loss_sum, _ = steps.epoch(copy, image, cfg.lr)
@@ -165,7 +167,7 @@ def time_variant(p: Params, device: torch.device, precision: str, step: str, gro
     data, copy, image = synthetic(group, n, device, seed=2)
     net = _stacked(p, group, device)
     t0 = time.perf_counter()
-    steps = train_lib.make_steps(net, data, cfg, device)
+    steps = steps_lib.make_steps(net, data, cfg, device)
     steps.epoch(copy, image, cfg.lr)
     _sync(device)
     warm_up = time.perf_counter() - t0

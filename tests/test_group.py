@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from iqals import distort, model, params as params_lib, train as train_lib, variants
+from iqals import distort, model, params as params_lib, stacked, steps as steps_lib, train as train_lib, variants
 from iqals.params import DISTORTIONS
 from iqals.seeds import derive_seed
 
@@ -42,15 +42,15 @@ def close(a, b, rtol=RTOL, atol=ATOL):
 
 def test_stacked_logits_and_gradients_are_each_nets(params):
     singles = nets(params)
-    group = model.GroupNet.stack(singles)
+    group = stacked.GroupNet.stack(singles)
     x = model.standardize(torch.randint(0, 256, (3, 20, 3, 32, 32), dtype=torch.uint8).flatten(0, 1))
     x = x.unflatten(0, (3, 20))
     q = torch.softmax(torch.randn(3, 20, 10), -1)
     logits = group(x)
-    train_lib.loss_fn(logits, q, "squared").backward()
+    steps_lib.loss_fn(logits, q, "squared").backward()
     for g, net in enumerate(singles):
         ref = net(x[g])
-        train_lib.loss_fn(ref, q[g], "squared").backward()
+        steps_lib.loss_fn(ref, q[g], "squared").backward()
         close(logits[g], ref)
         for k, w in net.named_parameters():
             grad = dict(group.named_parameters())[k].grad.unflatten(0, (3, -1))[g]
@@ -59,20 +59,20 @@ def test_stacked_logits_and_gradients_are_each_nets(params):
 
 def test_stacked_weights_after_sgd_steps_are_each_nets(params):
     singles = nets(params)
-    group = model.GroupNet.stack(singles)
+    group = stacked.GroupNet.stack(singles)
     cfg = params.train
-    opts = [train_lib.make_sgd(n, cfg) for n in singles]
-    opt = train_lib.make_sgd(group, cfg)
+    opts = [steps_lib.make_sgd(n, cfg) for n in singles]
+    opt = steps_lib.make_sgd(group, cfg)
     torch.manual_seed(0)
     for _ in range(3):
         x = torch.randn(3, 10, 3, 32, 32)
         q = torch.softmax(torch.randn(3, 10, 10), -1)
         opt.zero_grad()
-        train_lib.loss_fn(group(x), q, "squared").backward()
+        steps_lib.loss_fn(group(x), q, "squared").backward()
         opt.step()
         for g, (net, o) in enumerate(zip(singles, opts)):
             o.zero_grad()
-            train_lib.loss_fn(net(x[g]), q[g], "squared").backward()
+            steps_lib.loss_fn(net(x[g]), q[g], "squared").backward()
             o.step()
     for g, net in enumerate(singles):
         for k, v in group.run_state(g).items():
@@ -82,7 +82,7 @@ def test_stacked_weights_after_sgd_steps_are_each_nets(params):
 
 def test_run_state_and_load_run_round_trip(params):
     singles = nets(params)
-    group = model.GroupNet.stack(singles)
+    group = stacked.GroupNet.stack(singles)
     for g, net in enumerate(singles):
         state = group.run_state(g)
         assert state.keys() == net.state_dict().keys()
@@ -188,9 +188,9 @@ def test_graph_step_logic_uncaptured_equals_eager(tiny, raw_params):
     g = torch.Generator().manual_seed(3)
     copy = torch.stack([torch.randint(0, 10, (100,), generator=g) for _ in RUNS])
     image = torch.stack([torch.randperm(100, generator=g) for _ in RUNS])
-    eager, graph = model.GroupNet.stack(nets(p)), model.GroupNet.stack(nets(p))
-    s_eager = train_lib.Steps(eager, data, p.train, CPU)
-    s_graph = train_lib.GraphSteps(graph, data, p.train, CPU)
+    eager, graph = stacked.GroupNet.stack(nets(p)), stacked.GroupNet.stack(nets(p))
+    s_eager = steps_lib.Steps(eager, data, p.train, CPU)
+    s_graph = steps_lib.GraphSteps(graph, data, p.train, CPU)
     for lr in (0.1, 0.01):
         a, b = s_eager.epoch(copy, image, lr), s_graph.epoch(copy, image, lr)
         close(b[0], a[0], rtol=1e-5, atol=0)
@@ -207,8 +207,8 @@ def test_compiled_step_traces_whole_and_equals_eager(tiny, raw_params):
     p = small_params(raw_params)
     data = prepared(tiny, p, RUNS[:2])
     copy, image = torch.randint(0, 10, (2, 100)), torch.stack([torch.randperm(100), torch.randperm(100)])
-    eager, traced = model.GroupNet.stack(nets(p, [0, 1])), model.GroupNet.stack(nets(p, [0, 1]))
-    s_eager, s_traced = train_lib.Steps(eager, data, p.train, CPU), train_lib.Steps(traced, data, p.train, CPU)
+    eager, traced = stacked.GroupNet.stack(nets(p, [0, 1])), stacked.GroupNet.stack(nets(p, [0, 1]))
+    s_eager, s_traced = steps_lib.Steps(eager, data, p.train, CPU), steps_lib.Steps(traced, data, p.train, CPU)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     s_traced.forward = torch.compile(s_traced.forward, backend="aot_eager")
@@ -223,10 +223,10 @@ def test_gpu_steps_need_cuda_and_graph_needs_whole_batches(tiny, raw_params):
     for key, value in (("step", "graph"), ("step", "compile"), ("precision", "tf32")):
         p = small_params(raw_params, **{key: value})
         with pytest.raises(train_lib.TrainingError, match=f"train.{key} = '{value}' needs a GPU"):
-            train_lib.make_steps(model.GroupNet.stack(nets(p, [0])), data, p.train, CPU)
+            steps_lib.make_steps(stacked.GroupNet.stack(nets(p, [0])), data, p.train, CPU)
     p = small_params(raw_params, batch_size=30)
     with pytest.raises(train_lib.TrainingError, match=r"train.batch_size \(30\) to divide"):
-        train_lib.GraphSteps(model.GroupNet.stack(nets(p, [0])), data, p.train, CPU)
+        steps_lib.GraphSteps(stacked.GroupNet.stack(nets(p, [0])), data, p.train, CPU)
 
 
 def test_params_reject_gpu_steps_on_cpu(raw_params):

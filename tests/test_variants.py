@@ -3,7 +3,7 @@ on a GPU every variant (skipped without one)."""
 import pytest
 import torch
 
-from iqals import params as params_lib, train as train_lib, variants
+from iqals import params as params_lib, steps as steps_lib, variants
 from iqals.params import TRAIN_STEPS
 
 CPU = torch.device("cpu")
@@ -31,8 +31,8 @@ def test_smoke_check_of_the_cpu_group_passes_with_rounding_only(p):
 
 
 def test_smoke_check_fails_a_step_that_takes_the_wrong_batch(p, monkeypatch):
-    real = train_lib.Steps.batch
-    monkeypatch.setattr(train_lib.Steps, "batch", lambda self, c, j: real(self, c, j.roll(1, dims=1)))
+    real = steps_lib.Steps.batch
+    monkeypatch.setattr(steps_lib.Steps, "batch", lambda self, c, j: real(self, c, j.roll(1, dims=1)))
     r = variants.smoke_check(p, CPU, "fp32", "eager", 2)
     assert not r["ok"] and r["logits_rel"] > 0.01 and r["gradients_rel"] > variants.TOLERANCE["bf16"]["gradients"]
 
