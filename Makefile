@@ -1,6 +1,8 @@
 # `make study`: set up .venv if needed, then run the whole DVC pipeline (dvc repro).
 # `make test`:  set up .venv if needed, then run the test suite.
 # `make bench`: speed benchmarks (bench/run.py), results in bench/results.md.
+# `make parallel WORKERS=2`: the out-of-date stages side by side on Dask (stages/parallel.py);
+#   SCHEDULER=tcp://host:8786 uses a running Dask cluster instead of a local one.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned here, not in pyproject: on the project's machines only this build ships a
@@ -11,7 +13,10 @@ CIFAR10_LOCAL ?= $(wildcard $(abspath ../shared/data/cifar10))
 export CIFAR10_LOCAL
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup study test bench clean
+WORKERS ?= 2
+SCHEDULER ?=
+
+.PHONY: setup study test bench parallel clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -29,6 +34,9 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+parallel: setup
+	$(PY) -m stages.parallel --workers $(WORKERS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 clean:
 	rm -rf data models logs checkpoints
