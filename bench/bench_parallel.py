@@ -1,7 +1,7 @@
 """Training and evaluation stages: sequential `dvc repro` vs `python -m stages.parallel` (Dask workers).
 
 Set-up, not timed: a copy of the pipeline (the real stages, dvc.yaml and params.yaml: the small
-profile, optionally reduced by --epochs / --strategies) over the local CIFAR-10 copy
+profile, optionally reduced by --epochs / --train-size / --strategies) over the local CIFAR-10 copy
 ($CIFAR10_LOCAL, else ../shared/data/cifar10; else the tests' tiny synthetic copy), with
 `dvc repro download distort score corrupt` run once; then the copy is duplicated, so that the two
 timed runs start from the same state with their own DVC caches (no run-cache hits).
@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +48,9 @@ def cifar_source(tmp: Path) -> tuple[Path, str]:
     return tiny_cifar(tmp / "cifar10"), "tiny synthetic copy (no CIFAR-10 copy found)"
 
 
-def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, device: str) -> list[str]:
-    """The pipeline with the committed params (small profile), optionally fewer epochs/strategies."""
+def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, device: str,
+              train_size: int | None = None) -> list[str]:
+    """The pipeline with the committed params (small profile), optionally fewer epochs/images/strategies."""
     dest.mkdir(parents=True)
     for name in COPY:
         src = REPO_ROOT / name
@@ -59,6 +61,8 @@ def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, devi
         frac = raw["train"]["lr_decay_epochs"] / raw["train"]["epochs"]
         raw["train"].update(epochs=epochs, lr_decay_epochs=max(1, min(epochs, round(frac * epochs))))
     raw["train"]["device"] = device
+    if train_size is not None:
+        raw["base"]["train_size"] = train_size
     if strategies:
         unknown = set(strategies) - set(raw["strategies"])
         if unknown:
@@ -74,14 +78,16 @@ def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, devi
 
 def main(workers: int = 2, threads: int = 1, epochs: int | None = None, strategies: list[str] | None = None,
          device: str = "cpu", stages_per_gpu: int = 1, keep: str | Path | None = None,
-         out: str | Path | None = None) -> dict:
+         out: str | Path | None = None, train_size: int | None = None) -> dict:
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_parallel_"))
     try:
         cifar, source = cifar_source(tmp)
+        with np.load(cifar / "test.npz") as z:
+            test_images = int(z["labels"].shape[0])
         seq, par = tmp / "sequential", tmp / "parallel"
-        names = make_copy(seq, epochs, strategies, device)
+        names = make_copy(seq, epochs, strategies, device, train_size)
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    PYTHONPATH=str(seq), PYTHONUNBUFFERED="1", CIFAR10_LOCAL=str(cifar))
         dvc = [sys.executable, "-m", "dvc"]
@@ -112,7 +118,8 @@ def main(workers: int = 2, threads: int = 1, epochs: int | None = None, strategi
 
     p = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     result = {
-        "data": source, "train_size": p["base"]["train_size"], "epochs": epochs or p["train"]["epochs"],
+        "data": source, "train_size": train_size or p["base"]["train_size"],
+        "test_images": test_images, "epochs": epochs or p["train"]["epochs"],
         "strategies": names, "device": device, "workers": workers, "threads_per_worker": threads,
         "stages_per_gpu": stages_per_gpu, "sequential_torch_threads": torch.get_num_threads(),
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
@@ -135,6 +142,7 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="default: params.yaml's (small profile: 10)")
+    ap.add_argument("--train-size", type=int, default=None, help="default: params.yaml's (small profile: 2000)")
     ap.add_argument("--strategies", default=None, help="comma-separated subset (default: all in params.yaml)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--stages-per-gpu", type=int, default=1)
@@ -142,4 +150,4 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "bench_parallel.json"))
     a = ap.parse_args()
     main(a.workers, a.threads_per_worker, a.epochs, a.strategies.split(",") if a.strategies else None,
-         a.device, a.stages_per_gpu, a.keep, a.out)
+         a.device, a.stages_per_gpu, a.keep, a.out, a.train_size)
