@@ -44,7 +44,7 @@ def cifar_source(tmp: Path) -> tuple[Path, str]:
     for c in (os.environ.get("CIFAR10_LOCAL"), REPO_ROOT.parent / "shared" / "data" / "cifar10",
               Path("/work/shared/data/cifar10")):
         if c and (Path(c) / "train.npz").is_file():
-            return Path(c), "local CIFAR-10 copy"
+            return Path(c), f"local copy {c}"
     return tiny_cifar(tmp / "cifar10"), "tiny synthetic copy (no CIFAR-10 copy found)"
 
 
