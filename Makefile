@@ -4,6 +4,8 @@
 # `make bench`: speed benchmarks (bench/run.py), results in bench/results.md.
 # `make readme`: copy the generated results (iqals/readme.py, BLOCKS) into README.md.
 # `make clean`: delete what `make study` rebuilds; committed results (logs/, metrics/, plots/) stay.
+# `make parallel WORKERS=2`: the out-of-date stages side by side on Dask (stages/parallel.py);
+#   SCHEDULER=tcp://host:8786 uses a running Dask cluster instead of a local one.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned here, not in pyproject: on the project's machines only this build ships a
@@ -14,7 +16,10 @@ CIFAR10_LOCAL ?= $(wildcard $(abspath ../shared/data/cifar10))
 export CIFAR10_LOCAL
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup study test test-fast bench readme clean
+WORKERS ?= 2
+SCHEDULER ?=
+
+.PHONY: setup study test test-fast bench readme parallel clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -38,6 +43,9 @@ bench: setup
 
 readme: setup
 	$(PY) -m iqals.readme
+
+parallel: setup
+	$(PY) -m stages.parallel --workers $(WORKERS) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 clean:
 	rm -rf data models checkpoints bench/out

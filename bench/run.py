@@ -1,6 +1,6 @@
 """All speed benchmarks, each against a reference implementation timed in the same process.
 
-    PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,train_group,train_gpu,dvc]
+    PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,train_group,train_gpu,dvc,parallel]
 
 - ssim:       iqa.score_all (the score stage) vs skimage's SSIM in a per-image loop (bench_ssim)
 - distort:    the batched distortions vs a per-image loop with the same libraries (bench_distort)
@@ -12,6 +12,9 @@
               timed, vs the one-run fp32 eager step; run when torch sees a GPU; alone:
               `python -m bench.run --only train_gpu` (or `python -m bench.bench_group --device cuda`)
 - dvc:        a no-op `dvc repro` on a finished tiny pipeline vs its full run (bench_dvc)
+- parallel:   the small profile's training and evaluation stages, sequential `dvc repro` vs
+              `stages.parallel` with 2 Dask workers of one torch thread (bench_parallel; --quick:
+              2 epochs)
 
 Writes bench/results.json and bench/results.md (the committed results; `make readme` copies the
 latter into README.md); each entry carries the
@@ -40,7 +43,7 @@ from iqals.io import write_text  # noqa: E402
 OUT = REPO_ROOT / "bench" / "out"
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
 RESULTS_MD = REPO_ROOT / "bench" / "results.md"
-ALL = ("ssim", "distort", "train_cpu", "train_cuda", "train_group", "train_gpu", "dvc")
+ALL = ("ssim", "distort", "train_cpu", "train_cuda", "train_group", "train_gpu", "dvc", "parallel")
 
 
 def _now() -> str:
@@ -107,6 +110,9 @@ def run_one(name: str, quick: bool) -> dict:
     if name == "dvc":
         from bench import bench_dvc
         return bench_dvc.main(repeats=2 if quick else 3, out=OUT / "bench_dvc.json")
+    if name == "parallel":
+        from bench import bench_parallel
+        return bench_parallel.main(workers=2, threads=1, epochs=2 if quick else None, out=OUT / "bench_parallel.json")
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(ALL)}")
 
 
@@ -154,6 +160,12 @@ def rows(name: str, r: dict) -> list[tuple]:
         return [(f"no-op dvc repro, finished tiny pipeline ({r['stages_in_full_run']} stages)",
                  f"{r['noop_repro_s']} s, {r['stages_rerun_by_noop']} stages rerun",
                  f"{r['full_repro_s']} s (full repro)", f"{r['ratio_full_over_noop']}x", "")]
+    if name == "parallel":
+        setting = f"{len(r['strategies'])} strategies x {r['epochs']} epochs, {r['train_size']} images, {r['device']}"
+        return [(f"training + evaluation stages ({setting})",
+                 f"{r['parallel_s']} s ({r['workers']} Dask workers x {r['threads_per_worker']} thread)",
+                 f"{r['sequential_s']} s (dvc repro, {r['sequential_torch_threads']} torch threads)",
+                 f"{r['ratio']}x", "")]
     return [(name, json.dumps(r)[:120], "", "", "")]
 
 
