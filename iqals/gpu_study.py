@@ -68,6 +68,8 @@ class Config:
     probe_seconds: float
     margin_seconds: float
     eval_jobs: int
+    slowdown: float              # real training epochs vs the probe's synthetic ones
+    after_training_seconds: float  # evaluate and report, when no measured time says otherwise
 
 
 def load_config(path: str | Path) -> Config:
@@ -75,7 +77,7 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise StudyError(f"{path}: no such study configuration (expected a file like gpu_study.yaml)")
     raw = yaml.safe_load(path.read_text())
-    want = {"name", "stage_order", "common", "converged", "long", "probe_seconds", "margin_seconds", "eval_jobs"}
+    want = {"name", "stage_order", "common", "converged", "long", "probe_seconds", "margin_seconds", "eval_jobs", "fit"}
     if not isinstance(raw, dict) or set(raw) != want:
         raise StudyError(f"{path}: expected exactly the keys {sorted(want)}, got {sorted(raw or {})}")
     long = raw["long"]
@@ -89,10 +91,15 @@ def load_config(path: str | Path) -> Config:
     for key in ("common", "converged"):
         if not isinstance(raw[key], dict):
             raise StudyError(f"{path}: {key}: expected a mapping of dotted params keys to values")
+    fit = raw["fit"]
+    if (not isinstance(fit, dict) or set(fit) != {"slowdown", "after_training_seconds"}
+            or not all(isinstance(v, (int, float)) and v > 0 for v in fit.values())):
+        raise StudyError(f"{path}: fit: expected positive slowdown and after_training_seconds, got {fit!r}")
     return Config(name=str(raw["name"]), stage_order=tuple(raw["stage_order"]), common=raw["common"],
                   converged=raw["converged"], long_epochs=tuple(sorted(epochs, reverse=True)),
                   decay_ratio=float(long["decay_ratio"]), probe_seconds=float(raw["probe_seconds"]),
-                  margin_seconds=float(raw["margin_seconds"]), eval_jobs=int(raw["eval_jobs"]))
+                  margin_seconds=float(raw["margin_seconds"]), eval_jobs=int(raw["eval_jobs"]),
+                  slowdown=float(fit["slowdown"]), after_training_seconds=float(fit["after_training_seconds"]))
 
 
 def with_overrides(raw_params: dict, overrides: dict) -> dict:
@@ -322,17 +329,26 @@ def choose_epochs(candidates, projected, remaining: float):
     return None
 
 
+def fit_seeds(seeds: list, fits) -> list:
+    """The longest prefix of `seeds` whose count k passes fits(k); at least the first seed."""
+    k = next((k for k in range(len(seeds), 0, -1) if fits(k)), 1)
+    return list(seeds[:k])
+
+
 @dataclass
 class Timing:
     """Measured times of one profile, from which a longer schedule is projected."""
     epochs: int
+    runs: int = 1                 # training runs (strategies x seeds)
     train_s: float = 0.0          # wall time of all training calls
     train_epoch_s: float = 0.0    # of which inside epochs (sum over calls of one run's epoch seconds)
     other_s: float = 0.0          # evaluate and report
 
-    def project(self, epochs: int) -> float:
+    def project(self, epochs: int, runs: int | None = None) -> float:
+        """Seconds of a profile of `epochs` epochs and `runs` runs (default: this one's): the
+        time inside epochs scales with both, the calls' start-up time does not."""
         fixed = max(self.train_s - self.train_epoch_s, 0.0)
-        per_epoch = (self.train_s - fixed) / self.epochs
+        per_epoch = (self.train_s - fixed) / self.epochs * (runs or self.runs) / self.runs
         return fixed + per_epoch * epochs + self.other_s
 
 
@@ -460,8 +476,27 @@ class Study:
             raise StudyError("no training-step variant passed the smoke check (see probe.json)")
         return result["chosen"]
 
-    def run_profile(self, name: str, raw_params: dict, variant: dict, dvc: dict, data_done: bool) -> Timing:
-        """One profile: data stages (once), grouped training, evaluate, report; archived as it goes."""
+    def fit_training(self, raw_params: dict, variant: dict) -> dict:
+        """raw_params with the most of its seeds whose training, at the probe's images/s slowed by
+        fit.slowdown, and evaluate and report (fit.after_training_seconds) fit the time left."""
+        ips, seeds = variant.get("images_per_s"), raw_params["train"]["seeds"]
+        if not ips:
+            return raw_params
+        n_images = raw_params["base"]["train_size"] or 50_000
+        per_seed = len(raw_params["strategies"]) * raw_params["train"]["epochs"] * n_images / ips * self.cfg.slowdown
+
+        def fits(k):
+            return k * per_seed + self.cfg.after_training_seconds <= self.left()
+        kept = fit_seeds(seeds, fits)
+        log.info("training projected at %.0f s per seed (%.0f img/s from the probe, x%.2f); %.0f s left: "
+                 "seeds %s%s", per_seed, ips, self.cfg.slowdown, self.left(), kept,
+                 "" if kept == list(seeds) else f" of {list(seeds)} (the others do not fit)")
+        return raw_params if kept == list(seeds) else with_overrides(raw_params, {"train.seeds": kept})
+
+    def run_profile(self, name: str, raw_params: dict, variant: dict, dvc: dict, data_done: bool,
+                    fit: bool = False) -> Timing:
+        """One profile: data stages (once), grouped training, evaluate, report; archived as it goes.
+        With `fit`, the seeds are cut to what fits the time left when training starts."""
         p = params_lib.parse(raw_params)
         run_dir = self.work / "run"
         for d in ("models", "logs", "plots", "data/predictions"):  # nothing of another profile
@@ -502,6 +537,12 @@ class Study:
                 if stage in train_stages:
                     if stage != next(s for s in self.cfg.stage_order if s in train_stages):
                         continue  # all training stages run together, in the first one's turn
+                    if fit and (fitted := self.fit_training(raw_params, variant)) is not raw_params:
+                        raw_params, steps = fitted, plan(dvc, fitted, self.cfg.stage_order)
+                        params_text = yaml.safe_dump(raw_params, sort_keys=False)
+                        (run_dir / "params.yaml").write_text(params_text)
+                        arc.add("params.yaml", params_text.encode())
+                        info["seeds_planned"], info["seeds"] = info["seeds"], raw_params["train"]["seeds"]
                     runs = [train_run(c) for _, s, c in steps if s in train_stages]
                     argvs = group_commands(runs, int(variant.get("group", 1)))
 
@@ -510,7 +551,7 @@ class Study:
                             arc.add_file(f"logs/{s}/seed{k}.tsv", run_dir / "logs" / s / f"seed{k}.tsv")
                         save()
                     res = self.run_commands(f"{name} train", argvs, int(variant.get("processes", 1)), after_train)
-                    timing.train_s = time.monotonic() - t
+                    timing.train_s, timing.runs = time.monotonic() - t, len(runs)
                     for argv in argvs:  # the first run of a call stands for the call's epochs
                         s, k = runs_of(argv)[0]
                         timing.train_epoch_s += _epoch_seconds(run_dir / "logs" / s / f"seed{k}.tsv")
@@ -633,20 +674,25 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
             log.info("%s: training projected from the probe: %.0f s (%d runs x %d epochs x %d images at "
                      "%.0f img/s)", name, n_runs * first["train"]["epochs"] * n_images / variant["images_per_s"],
                      n_runs, first["train"]["epochs"], n_images, variant["images_per_s"])
-        timing = study.run_profile(name, with_overrides(first, vo), variant, dvc, data_done=False)
+        timing = study.run_profile(name, with_overrides(first, vo), variant, dvc, data_done=False, fit=True)
         status[name] = "complete"
-        long_raw = {e: with_overrides(base, {**long_overrides(e, cfg.decay_ratio), **vo}) for e in cfg.long_epochs}
-        projected = {e: round(timing.project(e), 1) for e in cfg.long_epochs}
-        log.info("projected seconds per schedule (from %s): %s; %.0f s left", name, projected, study.left())
-        e = choose_epochs(cfg.long_epochs, timing.project, study.left())
+        # the longest schedule that fits with every seed; else with fewer (at least one)
+        seeds, n_strategies = list(base["train"]["seeds"]), len(base["strategies"])
+        projected = {e: round(timing.project(e, n_strategies * len(seeds)), 1) for e in cfg.long_epochs}
+        log.info("projected seconds per schedule, every seed (from %s): %s; %.0f s left", name, projected, study.left())
+        for k in range(len(seeds), 0, -1):
+            e = choose_epochs(cfg.long_epochs, lambda e: timing.project(e, n_strategies * k), study.left())
+            if e is not None:
+                break
         if e is None:
-            log.info("no longer schedule fits the %.0f s left", study.left())
+            log.info("no longer schedule fits the %.0f s left, even with one seed", study.left())
             return status
+        long_raw = with_overrides(base, {**long_overrides(e, cfg.decay_ratio), **vo, "train.seeds": seeds[:k]})
         name = profile_name(cfg, e)
-        log.info("%s: %d epochs, lr decay every %d (projected %.0f s)", name, e,
-                 long_raw[e]["train"]["lr_decay_epochs"], projected[e])
-        same_data = data_sections(long_raw[e]) == data_sections(first)
-        study.run_profile(name, long_raw[e], variant, dvc, data_done=same_data)
+        log.info("%s: %d epochs, lr decay every %d, seeds %s (projected %.0f s)", name, e,
+                 long_raw["train"]["lr_decay_epochs"], seeds[:k], timing.project(e, n_strategies * k))
+        same_data = data_sections(long_raw) == data_sections(first)
+        study.run_profile(name, long_raw, variant, dvc, data_done=same_data)
         status[name] = "complete"
         log.info("study done in %.0f s", study.elapsed())
         return status

@@ -2,6 +2,7 @@
 whole command is rehearsed on the CPU in tests/test_gpu_rehearsal.py."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -91,6 +92,77 @@ def test_choose_epochs_takes_the_longest_that_fits():
     assert t.project(160) == pytest.approx(20 + 800 + 30)
     assert gpu_study.choose_epochs([300, 200, 150, 100, 60], t.project, 900) == 150
     assert gpu_study.choose_epochs([300, 60], t.project, 100) is None
+
+
+def test_projection_scales_the_time_in_epochs_with_the_runs():
+    t = gpu_study.Timing(epochs=16, runs=51, train_s=100.0, train_epoch_s=80.0, other_s=30.0)
+    assert t.project(16, 34) == pytest.approx(20 + 80 * 34 / 51 + 30)
+    assert t.project(32) == t.project(32, 51) == pytest.approx(20 + 160 + 30)
+
+
+def test_fit_seeds_keeps_the_most_that_fit_and_at_least_one():
+    assert gpu_study.fit_seeds([0, 1, 2], lambda k: k <= 2) == [0, 1]
+    assert gpu_study.fit_seeds([0, 1, 2], lambda k: True) == [0, 1, 2]
+    assert gpu_study.fit_seeds([0, 1, 2], lambda k: False) == [0]
+
+
+def test_training_is_cut_to_the_seeds_that_fit(tmp_path, cfg, raw_params):
+    study = gpu_study.Study(tmp_path, tmp_path / "work", tmp_path / "out", cfg, budget_s=1000.0)
+    raw = gpu_study.with_overrides(raw_params, {**cfg.common, **cfg.converged})
+    runs_per_seed = len(raw["strategies"]) * 16 * 50_000
+    left = study.left()
+    # two seeds' training (slowed by fit.slowdown) plus evaluate and report fit, three do not
+    ips = 2.5 * runs_per_seed * cfg.slowdown / (left - cfg.after_training_seconds)
+    fitted = study.fit_training(raw, {"images_per_s": ips})
+    assert fitted["train"]["seeds"] == [0, 1] and fitted["train"]["epochs"] == 16
+    assert raw["train"]["seeds"] == [0, 1, 2]  # a copy
+    assert study.fit_training(raw, {"images_per_s": ips * 10}) is raw
+    assert study.fit_training(raw, {}) is raw  # no measured rate: as planned
+
+
+def test_a_cut_profile_trains_evaluates_and_records_the_kept_seeds(tmp_path, cfg, raw_params, dvc_yaml,
+                                                                   monkeypatch):
+    """run_profile with fit: the seeds are cut when training starts, and what follows (training
+    calls, the params.yaml evaluate reads, the archive, run.json) has the kept seeds only. The
+    stage commands are recorded, not run: each fake writes what its stage would."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "run").mkdir(parents=True)
+    out.mkdir()
+    study = gpu_study.Study(tmp_path, work, out, cfg, budget_s=1000.0)
+    raw = gpu_study.with_overrides(raw_params, {**cfg.common, **cfg.converged})
+    monkeypatch.setattr(study, "fit_training", lambda r, v: gpu_study.with_overrides(r, {"train.seeds": [0]}))
+    calls, run_dir = [], work / "run"
+
+    def fake_run(label, cmds, jobs, after=None):
+        for i, argv in enumerate(cmds):
+            calls.append(argv)
+            if argv[2] == "stages.train":
+                for s, k in gpu_study.runs_of(argv):
+                    (run_dir / "logs" / s).mkdir(parents=True, exist_ok=True)
+                    (run_dir / "logs" / s / f"seed{k}.tsv").write_text("epoch\tseconds\n1\t2.0\n")
+            elif argv[2] == "stages.evaluate":
+                s = argv[argv.index("--strategy") + 1]
+                (run_dir / "metrics").mkdir(exist_ok=True)
+                (run_dir / "metrics" / f"{s}.json").write_text("{}")
+                (run_dir / "data/predictions").mkdir(parents=True, exist_ok=True)
+                np.savez(run_dir / "data/predictions" / f"{s}.npz", probs=np.full((1, 2, 3, 10), 0.1, np.float32))
+            elif argv[2] == "stages.report":
+                (run_dir / "plots").mkdir(exist_ok=True)
+            if after:
+                after(i)
+        return [{"cmd": " ".join(a), "seconds": 0.0, "rc": 0} for a in cmds]
+    monkeypatch.setattr(study, "run_commands", fake_run)
+    timing = study.run_profile("p", raw, {"group": 17, "images_per_s": 1.0}, dvc_yaml, data_done=True, fit=True)
+
+    trained = [r for argv in calls if argv[2] == "stages.train" for r in gpu_study.runs_of(argv)]
+    assert sorted(trained) == sorted((s, "0") for s in raw["strategies"]) and timing.runs == len(raw["strategies"])
+    assert yaml.safe_load((run_dir / "params.yaml").read_text())["train"]["seeds"] == [0]
+    assert sum(argv[2] == "stages.evaluate" for argv in calls) == len(raw["strategies"])
+    with tarfile.open(out / "p.tar") as tar:
+        assert yaml.safe_load(tar.extractfile("params.yaml"))["train"]["seeds"] == [0]
+        info = json.load(tar.extractfile("run.json"))
+        assert info["seeds"] == [0] and info["seeds_planned"] == [0, 1, 2] and info["status"] == "complete"
+        assert "logs/S1/seed0.tsv" in tar.getnames() and "logs/S1/seed1.tsv" not in tar.getnames()
 
 
 def test_compact_predictions_keep_the_predicted_class():
