@@ -83,17 +83,19 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, groups: int = 1):
         super().__init__(size, alpha, beta, k)
         self.groups = groups
-        self._windows: dict = {}  # (channels per group, dtype, device) -> band matrix; not in state_dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             if self.groups != 1:
                 raise ValueError(f"grouped LocalResponseNorm needs (B, C, H, W) input, got {tuple(x.shape)}")
             return super().forward(x)
-        key = (x.shape[1] // self.groups, x.dtype, x.device)
-        if key not in self._windows:
-            self._windows[key] = _channel_window(key[0], self.size, self.alpha, x.dtype, x.device)
-        return _LRNFunction.apply(x, self._windows[key], self.beta, self.k)
+        if torch.is_autocast_enabled(x.device.type):  # in fp32: autocast would run pow in fp32 and the
+            with torch.autocast(x.device.type, enabled=False):  # product in bf16, mixing dtypes in backward
+                return self.forward(x.float())
+        # the band matrix is made on every call, not cached: a tensor kept from a compiled call
+        # would be overwritten by the next replay of its CUDA graph
+        m = _channel_window(x.shape[1] // self.groups, self.size, self.alpha, x.dtype, x.device)
+        return _LRNFunction.apply(x, m, self.beta, self.k)
 
 
 class Net(nn.Module):

@@ -84,6 +84,21 @@ def test_grouped_lrn_normalises_each_group_alone_float64(layout):
         torch.testing.assert_close(dx[:, blk], dx_ref, rtol=1e-12, atol=1e-14)
 
 
+def test_lrn_under_bf16_autocast_runs_in_float32():
+    """Under autocast the LRN takes its bf16 input to fp32 and runs there, forward and backward
+    (CUDA's autocast ran pow in fp32 and the band product in bf16, then the backward mixed them)."""
+    torch.manual_seed(3)
+    x = (torch.relu(torch.randn(4, 16, 6, 6)) * 3).bfloat16().contiguous(memory_format=CL)
+    g = torch.randn(4, 16, 6, 6)
+    lrn = model.LocalResponseNorm(9, 1e-3, 0.75, 1.0, groups=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, dx = _value_and_grad(lrn, x, g)
+    y_ref, dx_ref = _value_and_grad(lrn, x.float(), g)
+    assert y.dtype == torch.float32 and dx.dtype == torch.bfloat16  # the gradient of a bf16 input
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.float(), dx_ref, rtol=8e-3, atol=1e-5)  # bf16 rounding of the gradient
+
+
 def test_lrn_other_ranks_fall_back_to_stock():
     x = torch.rand(2, 7, 5)
     torch.testing.assert_close(model.LocalResponseNorm(3, 0.5)(x), nn.LocalResponseNorm(3, 0.5)(x))
