@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -67,7 +66,6 @@ class Config:
     decay_ratio: float
     probe_seconds: float
     margin_seconds: float
-    eval_jobs: int
     slowdown: float              # real training epochs vs the probe's synthetic ones
     after_training_seconds: float  # evaluate and report, when no measured time says otherwise
 
@@ -77,7 +75,7 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise StudyError(f"{path}: no such study configuration (expected a file like gpu_study.yaml)")
     raw = yaml.safe_load(path.read_text())
-    want = {"name", "stage_order", "common", "converged", "long", "probe_seconds", "margin_seconds", "eval_jobs", "fit"}
+    want = {"name", "stage_order", "common", "converged", "long", "probe_seconds", "margin_seconds", "fit"}
     if not isinstance(raw, dict) or set(raw) != want:
         raise StudyError(f"{path}: expected exactly the keys {sorted(want)}, got {sorted(raw or {})}")
     long = raw["long"]
@@ -98,7 +96,7 @@ def load_config(path: str | Path) -> Config:
     return Config(name=str(raw["name"]), stage_order=tuple(raw["stage_order"]), common=raw["common"],
                   converged=raw["converged"], long_epochs=tuple(sorted(epochs, reverse=True)),
                   decay_ratio=float(long["decay_ratio"]), probe_seconds=float(raw["probe_seconds"]),
-                  margin_seconds=float(raw["margin_seconds"]), eval_jobs=int(raw["eval_jobs"]),
+                  margin_seconds=float(raw["margin_seconds"]),
                   slowdown=float(fit["slowdown"]), after_training_seconds=float(fit["after_training_seconds"]))
 
 
@@ -237,6 +235,14 @@ def group_commands(runs: list[Run], group: int) -> list[list[str]]:
 def runs_of(argv: list[str]) -> list[tuple[str, str]]:
     """(strategy, seed) of each --run S:k of a grouped training call."""
     return [tuple(argv[j + 1].split(":")) for j, a in enumerate(argv) if a == "--run"]
+
+
+def evaluate_command(cmds: list[str]) -> list[str]:
+    """The evaluate stages' commands (`python -m stages.evaluate --strategy S`) as one call."""
+    argvs = [shlex.split(c) for c in cmds]
+    if any(a[:3] != ["python", "-m", "stages.evaluate"] or a[3::2] != ["--strategy"] for a in argvs):
+        raise StudyError(f"dvc.yaml evaluate commands {cmds[:2]}...: expected python -m stages.evaluate --strategy S")
+    return argvs[0][:3] + [x for a in argvs for x in a[3:]]
 
 
 def data_sections(raw_params: dict) -> dict:
@@ -388,54 +394,42 @@ class Study:
         return time.monotonic() - self.t0
 
     # -- running stage commands
-    def _popen(self, argv: list[str]) -> subprocess.Popen:
+    def _run(self, argv: list[str]) -> int | str:
+        """One stage command in the work folder, its output appended to stages.log; stopped (SIGTERM,
+        then SIGKILL) at the end of --budget-s."""
         argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
-        f = open(self.stage_log, "ab")
-        f.write(f"\n===== {time.strftime('%H:%M:%S')} {shlex.join(argv)}\n".encode())
-        f.flush()
-        p = subprocess.Popen(argv, cwd=self.work / "run", env=self.env, stdout=f, stderr=subprocess.STDOUT)
-        p._log = f  # closed when it ends
-        return p
-
-    def run_commands(self, label: str, cmds: list[list[str]], jobs: int, after=None) -> list[dict]:
-        """Run commands, up to `jobs` at once; `after(i)` as each one finishes; stop on failure."""
-        results = [None] * len(cmds)
-
-        def one(i):
-            t = time.monotonic()
-            p = self._popen(cmds[i])
-            while True:
+        with open(self.stage_log, "ab") as f:
+            f.write(f"\n===== {time.strftime('%H:%M:%S')} {shlex.join(argv)}\n".encode())
+            f.flush()
+            p = subprocess.Popen(argv, cwd=self.work / "run", env=self.env, stdout=f, stderr=subprocess.STDOUT)
+            try:
+                return p.wait(timeout=max(0.1, self.hard_stop - time.monotonic()))
+            except subprocess.TimeoutExpired:  # leave time to write what finished
+                p.terminate()
                 try:
-                    rc = p.wait(timeout=max(0.1, min(1.0, self.hard_stop - time.monotonic())))
-                    break
+                    p.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    if time.monotonic() >= self.hard_stop:  # leave time to write what finished
-                        p.terminate()
-                        try:
-                            p.wait(timeout=5)
-                        except subprocess.TimeoutExpired:
-                            p.kill()
-                            p.wait()
-                        rc = "stopped at the end of --budget-s"
-                        break
-            p._log.close()
-            results[i] = {"cmd": shlex.join(cmds[i]), "seconds": round(time.monotonic() - t, 2), "rc": rc}
-            return i
+                    p.kill()
+                    p.wait()
+                return "stopped at the end of --budget-s"
 
-        failed = None
-        with ThreadPoolExecutor(max(1, jobs)) as ex:
-            for i in ex.map(one, range(len(cmds))):
-                r = results[i]
-                log.info("%s %d/%d: %s  (%.1f s, rc %s; study at %.0f s, %.0f s left)", label, i + 1,
-                         len(cmds), r["cmd"].replace(sys.executable, "python"), r["seconds"], r["rc"],
-                         self.elapsed(), self.left())
-                if r["rc"] != 0:
-                    failed = failed or r
-                elif after and not failed:
-                    after(i)
-        if failed:
-            tail = self.stage_log.read_bytes()[-3000:].decode(errors="replace")
-            raise StudyError(f"stage failed (rc {failed['rc']}): {failed['cmd']}\n--- end of stages.log ---\n{tail}")
+    def run_commands(self, label: str, cmds: list[list[str]], after=None) -> list[dict]:
+        """Run commands one after another, `after(i)` as each one succeeds; stop at the first failure."""
+        results = []
+        for i, argv in enumerate(cmds):
+            t = time.monotonic()
+            rc = self._run(argv)
+            r = {"cmd": shlex.join(argv), "seconds": round(time.monotonic() - t, 2), "rc": rc}
+            results.append(r)
+            log.info("%s %d/%d: %s  (%.1f s, rc %s; study at %.0f s, %.0f s left)", label, i + 1, len(cmds),
+                     r["cmd"], r["seconds"], rc, self.elapsed(), self.left())
+            if rc != 0:
+                tail = self.stage_log.read_bytes()[-3000:].decode(errors="replace")
+                err = StudyError(f"stage failed (rc {rc}): {r['cmd']}\n--- end of stages.log ---\n{tail}")
+                err.calls = results
+                raise err
+            if after:
+                after(i)
         return results
 
     # -- steps
@@ -550,26 +544,28 @@ class Study:
                         for s, k in runs_of(argvs[i]):
                             arc.add_file(f"logs/{s}/seed{k}.tsv", run_dir / "logs" / s / f"seed{k}.tsv")
                         save()
-                    res = self.run_commands(f"{name} train", argvs, int(variant.get("processes", 1)), after_train)
+                    res = self.run_commands(f"{name} train", argvs, after_train)
                     timing.train_s, timing.runs = time.monotonic() - t, len(runs)
                     for argv in argvs:  # the first run of a call stands for the call's epochs
                         s, k = runs_of(argv)[0]
                         timing.train_epoch_s += _epoch_seconds(run_dir / "logs" / s / f"seed{k}.tsv")
-                    label = "train (grouped)"
+                    label = "train"
                 elif data_done and stage in ("download", "distort", "score", "corrupt"):
                     continue
+                elif stage == "evaluate":  # one process: one CUDA context, the models one after another
+                    try:
+                        res = self.run_commands(f"{name} {stage}", [evaluate_command(cmds)])
+                    finally:  # what finished is kept, also when the call was stopped
+                        for s in p.strategies:
+                            if (run_dir / "metrics" / f"{s}.json").is_file():  # written after the predictions
+                                arc.add_file(f"metrics/{s}.json", run_dir / "metrics" / f"{s}.json")
+                                arc.add(f"predictions/{s}.npz.xz",
+                                        pack_predictions(run_dir / "data/predictions" / f"{s}.npz"))
+                    timing.other_s += time.monotonic() - t
+                    label = stage
                 else:
-                    argvs = [shlex.split(c) for c in cmds]
-
-                    def after(i, stage=stage, argvs=argvs):
-                        if stage == "evaluate":
-                            s = argvs[i][argvs[i].index("--strategy") + 1]
-                            arc.add_file(f"metrics/{s}.json", run_dir / "metrics" / f"{s}.json")
-                            arc.add(f"predictions/{s}.npz.xz", pack_predictions(run_dir / "data/predictions" / f"{s}.npz"))
-                        save()
-                    res = self.run_commands(f"{name} {stage}", argvs,
-                                            self.cfg.eval_jobs if stage == "evaluate" else 1, after)
-                    if stage in ("evaluate", "report"):
+                    res = self.run_commands(f"{name} {stage}", [shlex.split(c) for c in cmds], lambda i: save())
+                    if stage == "report":
                         timing.other_s += time.monotonic() - t
                     label = stage
                 info["stages"].append({"stage": label, "seconds": round(time.monotonic() - t, 2), "calls": res})
@@ -580,6 +576,9 @@ class Study:
                     self._archive_data(arc, info)
                 save()
         except BaseException as e:
+            if getattr(e, "calls", None):  # the stage that failed, with the time of each call
+                label = "train" if stage in train_stages else stage
+                info["stages"].append({"stage": label, "seconds": round(time.monotonic() - t, 2), "calls": e.calls})
             save(f"failed: {str(e).splitlines()[0]}")
             raise
         save("complete")

@@ -18,11 +18,15 @@ def setup(name: str) -> params_lib.Params:
     return params_lib.load(PARAMS_FILE)
 
 
-def cli(doc: str, **defaults: str | None) -> argparse.Namespace:
-    """The stage's options: --name for each keyword, with that default (None: required)."""
+def cli(doc: str, **defaults: str | list | None) -> argparse.Namespace:
+    """The stage's options: --name for each keyword, with that default (None: required; a list:
+    the option may be repeated, [] = at least once)."""
     ap = argparse.ArgumentParser(description=doc)
     for name, default in defaults.items():
-        ap.add_argument(f"--{name}", default=default, required=default is None)
+        if isinstance(default, list):
+            ap.add_argument(f"--{name}", action="append", required=not default)
+        else:
+            ap.add_argument(f"--{name}", default=default, required=default is None)
     return ap.parse_args()
 
 

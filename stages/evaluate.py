@@ -1,4 +1,5 @@
-"""Stage evaluate: one strategy's models (every seed) on the ten test sets.
+"""Stage evaluate: one strategy's models (every seed) on the ten test sets; `--strategy` repeated
+evaluates several in one process (the GPU study does), writing what each one-strategy call writes.
 
 metrics/<strategy>.json: per test set, mean over seeds of accuracy, true-class confidence, NLL
 and ECE (and the std of accuracy); per seed, the accuracies; under "unseen", the accuracy on
@@ -21,21 +22,22 @@ from stages.common import cli, run, setup
 
 
 def main() -> None:
-    args = cli(__doc__, strategy=None, raw="data/raw", distorted="data/distorted", corrupted="data/corrupted",
+    args = cli(__doc__, strategy=[], raw="data/raw", distorted="data/distorted", corrupted="data/corrupted",
                models="models", metrics="metrics", predictions="data/predictions")
     p = setup("evaluate")
-    if args.strategy not in p.strategies:
-        raise UsageError(f"--strategy {args.strategy}: not in params.yaml strategies {sorted(p.strategies)}")
+    for name in args.strategy:
+        if name not in p.strategies:
+            raise UsageError(f"--strategy {name}: not in params.yaml strategies {sorted(p.strategies)}")
     device = model_lib.pick_device(p.train.device)
     images, labels = load_npz(Path(args.raw) / "test.npz", "test")
-    nets = {k: evaluate.load_model(Path(args.models) / args.strategy / f"seed{k}.pt", p, device)
-            for k in p.train.seeds}
-    probs, metrics = evaluate.evaluate_strategy(
-        args.strategy, nets, images, np.load(Path(args.distorted) / "test.npy", mmap_mode="r"),
-        np.load(Path(args.corrupted) / "test.npy", mmap_mode="r"), labels, p, device)
-    save_npz(Path(args.predictions) / f"{args.strategy}.npz", probs=probs, labels=labels,
-             seeds=np.array(p.train.seeds), test_sets=np.array(evaluate.TEST_SETS))
-    write_json(Path(args.metrics) / f"{args.strategy}.json", metrics)
+    distorted = np.load(Path(args.distorted) / "test.npy", mmap_mode="r")
+    corrupted = np.load(Path(args.corrupted) / "test.npy", mmap_mode="r")
+    for name in dict.fromkeys(args.strategy):
+        nets = {k: evaluate.load_model(Path(args.models) / name / f"seed{k}.pt", p, device) for k in p.train.seeds}
+        probs, metrics = evaluate.evaluate_strategy(name, nets, images, distorted, corrupted, labels, p, device)
+        save_npz(Path(args.predictions) / f"{name}.npz", probs=probs, labels=labels,
+                 seeds=np.array(p.train.seeds), test_sets=np.array(evaluate.TEST_SETS))
+        write_json(Path(args.metrics) / f"{name}.json", metrics)  # last: metrics mean both are written
 
 
 if __name__ == "__main__":

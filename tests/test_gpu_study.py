@@ -133,7 +133,7 @@ def test_a_cut_profile_trains_evaluates_and_records_the_kept_seeds(tmp_path, cfg
     monkeypatch.setattr(study, "fit_training", lambda r, v: gpu_study.with_overrides(r, {"train.seeds": [0]}))
     calls, run_dir = [], work / "run"
 
-    def fake_run(label, cmds, jobs, after=None):
+    def fake_run(label, cmds, after=None):
         for i, argv in enumerate(cmds):
             calls.append(argv)
             if argv[2] == "stages.train":
@@ -141,11 +141,11 @@ def test_a_cut_profile_trains_evaluates_and_records_the_kept_seeds(tmp_path, cfg
                     (run_dir / "logs" / s).mkdir(parents=True, exist_ok=True)
                     (run_dir / "logs" / s / f"seed{k}.tsv").write_text("epoch\tseconds\n1\t2.0\n")
             elif argv[2] == "stages.evaluate":
-                s = argv[argv.index("--strategy") + 1]
-                (run_dir / "metrics").mkdir(exist_ok=True)
-                (run_dir / "metrics" / f"{s}.json").write_text("{}")
-                (run_dir / "data/predictions").mkdir(parents=True, exist_ok=True)
-                np.savez(run_dir / "data/predictions" / f"{s}.npz", probs=np.full((1, 2, 3, 10), 0.1, np.float32))
+                for s in argv[4::2]:
+                    (run_dir / "metrics").mkdir(exist_ok=True)
+                    (run_dir / "metrics" / f"{s}.json").write_text("{}")
+                    (run_dir / "data/predictions").mkdir(parents=True, exist_ok=True)
+                    np.savez(run_dir / "data/predictions" / f"{s}.npz", probs=np.full((1, 2, 3, 10), 0.1, np.float32))
             elif argv[2] == "stages.report":
                 (run_dir / "plots").mkdir(exist_ok=True)
             if after:
@@ -157,12 +157,53 @@ def test_a_cut_profile_trains_evaluates_and_records_the_kept_seeds(tmp_path, cfg
     trained = [r for argv in calls if argv[2] == "stages.train" for r in gpu_study.runs_of(argv)]
     assert sorted(trained) == sorted((s, "0") for s in raw["strategies"]) and timing.runs == len(raw["strategies"])
     assert yaml.safe_load((run_dir / "params.yaml").read_text())["train"]["seeds"] == [0]
-    assert sum(argv[2] == "stages.evaluate" for argv in calls) == len(raw["strategies"])
+    evaluate = [argv for argv in calls if argv[2] == "stages.evaluate"]  # one call for every strategy
+    assert len(evaluate) == 1 and evaluate[0][3::2] == ["--strategy"] * len(raw["strategies"])
+    assert sorted(evaluate[0][4::2]) == sorted(raw["strategies"])
     with tarfile.open(out / "p.tar") as tar:
         assert yaml.safe_load(tar.extractfile("params.yaml"))["train"]["seeds"] == [0]
         info = json.load(tar.extractfile("run.json"))
         assert info["seeds"] == [0] and info["seeds_planned"] == [0, 1, 2] and info["status"] == "complete"
         assert "logs/S1/seed0.tsv" in tar.getnames() and "logs/S1/seed1.tsv" not in tar.getnames()
+        assert {f"predictions/{s}.npz.xz" for s in raw["strategies"]} <= set(tar.getnames())
+
+
+def test_an_evaluation_stopped_midway_keeps_what_finished(tmp_path, cfg, raw_params, dvc_yaml, monkeypatch):
+    """The one evaluate call is stopped after two strategies: their metrics and predictions are in
+    the archive, and run.json records the stopped call and the failure."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "run").mkdir(parents=True)
+    out.mkdir()
+    study = gpu_study.Study(tmp_path, work, out, cfg, budget_s=1000.0)
+    raw = gpu_study.with_overrides(raw_params, {**cfg.common, **cfg.converged})
+    run_dir = work / "run"
+
+    def fake_run(label, cmds, after=None):
+        if cmds[0][2] == "stages.evaluate":
+            (run_dir / "metrics").mkdir(exist_ok=True)
+            (run_dir / "data/predictions").mkdir(parents=True, exist_ok=True)
+            for s in cmds[0][4:8:2]:
+                np.savez(run_dir / "data/predictions" / f"{s}.npz", probs=np.full((1, 2, 3, 10), 0.1, np.float32))
+                (run_dir / "metrics" / f"{s}.json").write_text("{}")
+            err = gpu_study.StudyError("stage failed (rc stopped at the end of --budget-s)")
+            err.calls = [{"cmd": " ".join(cmds[0]), "seconds": 9.0, "rc": "stopped at the end of --budget-s"}]
+            raise err
+        for argv in cmds:
+            for s, k in gpu_study.runs_of(argv):
+                (run_dir / "logs" / s).mkdir(parents=True, exist_ok=True)
+                (run_dir / "logs" / s / f"seed{k}.tsv").write_text("epoch\tseconds\n1\t2.0\n")
+        return [{"cmd": " ".join(a), "seconds": 0.0, "rc": 0} for a in cmds]
+    monkeypatch.setattr(study, "run_commands", fake_run)
+    with pytest.raises(gpu_study.StudyError, match="stopped"):
+        study.run_profile("p", raw, {"group": 51}, dvc_yaml, data_done=True)
+    first_two = list(raw["strategies"])[:2]
+    with tarfile.open(out / "p.tar") as tar:
+        names = set(tar.getnames())
+        info = json.load(tar.extractfile("run.json"))
+    assert {f"predictions/{s}.npz.xz" for s in first_two} | {f"metrics/{s}.json" for s in first_two} <= names
+    assert not any(n.startswith("predictions/") and n.split("/")[1][:-7] not in first_two for n in names)
+    assert info["status"].startswith("failed: stage failed") and info["stages"][-1]["stage"] == "evaluate"
+    assert info["stages"][-1]["calls"][0]["rc"] == "stopped at the end of --budget-s"
 
 
 def test_compact_predictions_keep_the_predicted_class():
@@ -210,11 +251,11 @@ def test_register_metrics_keeps_dvc_yaml_valid(tmp_path, repo_root):
     path = tmp_path / "dvc.yaml"
     shutil.copy(repo_root / "dvc.yaml", path)
     before = yaml.safe_load(path.read_text())
-    assert gpu_results.register_metrics(path, "results/gpu_e16/metrics")
-    assert not gpu_results.register_metrics(path, "results/gpu_e16/metrics")  # once
-    assert gpu_results.register_metrics(path, "results/gpu_e100/metrics")
+    assert gpu_results.register_metrics(path, "results/gpu_x1/metrics")
+    assert not gpu_results.register_metrics(path, "results/gpu_x1/metrics")  # once
+    assert gpu_results.register_metrics(path, "results/gpu_x2/metrics")
     after = yaml.safe_load(path.read_text())
-    assert after["metrics"] == ["results/gpu_e16/metrics", "results/gpu_e100/metrics"]
+    assert after["metrics"] == (before["metrics"] or []) + ["results/gpu_x1/metrics", "results/gpu_x2/metrics"]
     assert after["stages"] == before["stages"] and after["vars"] == before["vars"]
     assert "# Results of GPU runs" in path.read_text()  # comments stay
 
@@ -261,6 +302,6 @@ def test_a_stage_running_past_the_budget_is_stopped(tmp_path, cfg):
     study = gpu_study.Study(tmp_path, tmp_path / "work", tmp_path / "out", cfg, budget_s=2.0)
     t = time.monotonic()
     with pytest.raises(gpu_study.StudyError, match="stopped at the end of --budget-s"):
-        study.run_commands("sleep", [["python", "-c", "import time; time.sleep(60)"]], jobs=1)
+        study.run_commands("sleep", [["python", "-c", "import time; time.sleep(60)"]])
     assert time.monotonic() - t < 20
     assert "time.sleep(60)" in (tmp_path / "out" / "stages.log").read_text()

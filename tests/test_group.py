@@ -308,6 +308,14 @@ def test_cli_trains_runs_together_as_the_single_form_would(tmp_path, repo_root, 
         close(grouped["model"][k], v)
     assert [r["loss"] for r in grouped["history"]] == pytest.approx([r["loss"] for r in one["history"]], rel=1e-5)
     assert (tmp_path / "models" / "S1" / "seed0.pt").exists() and (tmp_path / "logs" / "S1" / "seed0.tsv").exists()
+    # evaluate likewise: several strategies in one call write what one-strategy calls write
+    sh(py + ["stages.corrupt"], tmp_path, env)
+    sh(py + ["stages.evaluate", "--strategy", "S1", "--strategy", "S2"], tmp_path, env)
+    sh(py + ["stages.evaluate", "--strategy", "S2", "--metrics", "one_m", "--predictions", "one_p"], tmp_path, env)
+    assert (tmp_path / "metrics" / "S2.json").read_text() == (tmp_path / "one_m" / "S2.json").read_text()
+    with np.load(tmp_path / "data/predictions/S2.npz") as a, np.load(tmp_path / "one_p/S2.npz") as b:
+        assert np.array_equal(a["probs"], b["probs"])
+    assert (tmp_path / "metrics" / "S1.json").is_file() and not (tmp_path / "one_m" / "S1.json").exists()
     r = subprocess.run(py + ["stages.train", "--run", "S1:0", "--run", "S3:0"], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "S3 (labels iqa_ls) needs --scores" in r.stderr
