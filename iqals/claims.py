@@ -21,6 +21,8 @@ FAMILIES = {
     ("iqa_ls", "shuffled_ls"): "IQA-LS vs shuffled",   # is it which image gets which score?
 }
 CLAIM = "claim"  # the pseudo test set: per-image mean over the claim sets
+COLUMNS = ["family", "train_set", "a", "b", "test_set", "diff", "ci_lo", "ci_hi", "p", "p_cmh", "p_t_seeds",
+           "p_holm", "significant"]  # of comparisons()
 
 
 def find(strategies: dict[str, Strategy], train_set: str, labels: str) -> str | None:
@@ -79,9 +81,9 @@ def comparisons(strategies: dict[str, Strategy], preds: dict[str, dict], claim_l
                 rows.append({**base, "test_set": t, **compare(ca[:, j], cb[:, j], boot)})
             idx = [TEST_SETS.index(t) for t in claim_sets(strategies[a], claim_levels)]
             rows.append({**base, "test_set": CLAIM, **compare(ca[:, idx].mean(1), cb[:, idx].mean(1), boot)})
+    if not rows:  # nothing to compare (a run cut short): the columns all the same
+        return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows)
-    if df.empty:
-        return df
     df["p_holm"] = np.nan
     for _, g in df.groupby(["family", df["test_set"] == CLAIM]):
         df.loc[g.index, "p_holm"] = stats.holm(g["p"].to_numpy())
@@ -148,4 +150,5 @@ def family_counts(comps: pd.DataFrame) -> pd.DataFrame:
                      "a_better": int((per["significant"] & (per["diff"] > 0)).sum()),
                      "a_worse": int((per["significant"] & (per["diff"] < 0)).sum()),
                      "claim_cells": len(claim), "claim_significant": int(claim["significant"].sum())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["family", "cells", "significant", "a_better", "a_worse", "claim_cells",
+                                       "claim_significant"])

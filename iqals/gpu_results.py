@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from .gpu_study import REPO, StudyError, _sha256, load_config, plan
+from .io import write_text
 
 log = logging.getLogger("gpu_results")
 
@@ -142,6 +143,86 @@ def unpack_all(folder: str | Path, results: str | Path = "results", dvc_yaml: st
     return out
 
 
+_CALL = re.compile(r"^\S+ (?P<profile>\S+) (?P<stage>\S+) (?P<i>\d+)/(?P<n>\d+): (?P<cmd>.+?)  "
+                   r"\((?P<s>[\d.]+) s, rc (?P<rc>[^;]+); study at (?P<at>[\d.]+) s")
+
+
+def logged_calls(study_log: str, profile: str) -> dict[str, list[dict]]:
+    """Stage -> its calls as the driver logged them (seconds, rc), failed stages included."""
+    out: dict[str, list[dict]] = {}
+    for line in study_log.splitlines():
+        m = _CALL.match(line)
+        if m and m["profile"] == profile:
+            out.setdefault(m["stage"], []).append({"cmd": m["cmd"], "seconds": float(m["s"]), "rc": m["rc"],
+                                                   "at": float(m["at"])})
+    return out
+
+
+def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None) -> str:
+    """RUN.md of a GPU profile: machine, training step, schedule, status, the time of every stage
+    and the probe, all from run.json, probe.json, study.log and the training logs."""
+    d = Path(profile_dir)
+    info = json.loads((d / "run.json").read_text())
+    raw = yaml.safe_load((d / "params.yaml").read_text())
+    v, t = info["variant"], raw["train"]
+    n_train = raw["base"]["train_size"] or 50_000
+    evaluated = sorted(f.stem for f in (d / "metrics").glob("*.json") if f.stem in info["strategies"])
+    absent = [s for s in info["strategies"] if s not in evaluated]
+    test = json.loads((d / "metrics" / f"{evaluated[0]}.json").read_text())["test_images"] if evaluated else None
+    rows = [("device", f"{info.get('device')}, torch {info.get('torch')}, Python {info.get('python')}, "
+                       f"{info.get('cpus')} CPU cores"),
+            ("training step", f"{v['precision']}, {v['step']}, {v['group']} runs stacked per call (the probe's "
+                              f"fastest that passed its check: {v['images_per_s']:,.0f} images/s)"),
+            ("schedule", f"{info['epochs']} epochs, lr {t['lr']:g} x{t['lr_decay']:g} every "
+                         f"{info['lr_decay_epochs']} epochs, batch {t['batch_size']}, {n_train:,} training images"),
+            ("seeds", str(info["seeds"]) + (f" (planned {info['seeds_planned']}: the others did not fit)"
+                                            if info.get("seeds_planned") else "")),
+            ("strategies", f"{len(info['strategies'])} trained; {len(evaluated)} evaluated"
+                           + (f"; not evaluated: {', '.join(absent)}" if absent else "")),
+            ("test set", f"{test:,} images" if test else "none evaluated"),
+            ("status", info["status"])]
+    if checks:
+        rows.append(("data", "the test images, distorted copies and scores regenerated on the CPU have the "
+                             "GPU run's sha256" if all(checks.values()) else
+                             f"differ from the GPU run's: {[f for f, ok in checks.items() if not ok]}"))
+    md = [f"**GPU run `{d.name}`**", "", "| | |", "|---|---|", *[f"| {k} | {x} |" for k, x in rows], "",
+          "Time of each part on the device (wall seconds; a call stopped at the end of `--budget-s` counts "
+          "as not finished):", "", "| part | seconds | calls |", "|---|---|---|"]
+    probe = json.loads((d / "probe.json").read_text()) if (d / "probe.json").is_file() else None
+    if probe:
+        md.append(f"| smoke checks and timing probe | {probe['seconds']:.1f} | 1 |")
+    logged = logged_calls((d / "study.log").read_text(), d.name) if (d / "study.log").is_file() else {}
+    recorded = {s["stage"].split()[0]: s for s in info["stages"]}  # "train (grouped)": older runs
+    ends = [max(c["at"] for c in calls) for calls in logged.values()]
+    for stage in dict.fromkeys([*recorded, *logged]):
+        calls = recorded[stage]["calls"] if stage in recorded else logged[stage]
+        done = [c for c in calls if str(c["rc"]) == "0"]
+        note = f"{len(done)} of {len(calls)} finished" if len(done) < len(calls) else f"{len(calls)}"
+        if stage in recorded:
+            secs = recorded[stage]["seconds"]
+        else:  # from the end of the stage before it to the end of its last call
+            end = max(c["at"] for c in calls)
+            secs = end - max([e for e in ends if e < end], default=0.0)
+        if stage.startswith("train") and stage in recorded:
+            images = len(info["seeds"]) * len(info["strategies"]) * info["epochs"] * n_train
+            note += f"; {images:,} training images, {images / secs:,.0f} images/s over the calls"
+        md.append(f"| {stage} | {secs:.1f}{'' if stage in recorded else ' (stopped)'} | {note} |")
+    if "report" not in recorded:
+        md.append("| report | not run on the device | regenerated on the CPU |")
+    if probe:
+        md += ["", "The probe: each variant's steps against the CPU fp32 step from the same weights and batches "
+               "(largest relative difference of the gradients), then images/s summed over its runs on synthetic "
+               "resident data:", "", "| precision | step | runs stacked | images/s | check | gradients rel. diff |",
+               "|---|---|---|---|---|---|"]
+        for r in probe["results"]:
+            rate = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else "-"
+            why = r.get("error") or r.get("skipped") or "failed"
+            check = "passed" if r.get("ok") else why[:70] + ("..." if len(why) > 70 else "")
+            grad = f"{r['smoke']['gradients_rel']:.1e}" if "smoke" in r else "-"
+            md.append(f"| {r['precision']} | {r['step']} | {r['group']} | {rate} | {check} | {grad} |")
+    return "\n".join(md) + "\n"
+
+
 def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path | None = None,
                       cifar: str | Path | None = None, repo: Path = REPO,
                       config: str | Path | None = None) -> dict:
@@ -184,6 +265,7 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
         "--predictions", str(profile_dir / "predictions"), "--logs", str(profile_dir / "logs"),
         "--raw", str(work / "data/raw"),
         "--distorted", str(work / "data/distorted"), "--scores", str(work / "data/scores"),
-        "--paper", str(repo / "reference"), "--out", str(out)])
+        "--paper", str(repo / "reference"), "--out", str(out), "--missing", "skip"])
     log.info("report regenerated from %s into %s", profile_dir, out)
+    write_text(profile_dir / "RUN.md", run_markdown(profile_dir, checks))
     return checks

@@ -5,22 +5,31 @@ checks that each agrees with its source file.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .errors import ExpectedError
 from .io import write_text
 
-# README block name -> the file that fills it (written by the pipeline or the benchmarks)
-BLOCKS = {"report": "plots/report.md", "bench": "bench/results.md"}
+# README block name -> the file that fills it (written by the pipeline, gpu_results or the benchmarks)
+HEADLINE = "results/gpu_e16"  # the GPU run the README leads with
+BLOCKS = {"gpu_run": f"{HEADLINE}/RUN.md", "gpu_report": f"{HEADLINE}/plots/report.md",
+          "report": "plots/report.md", "bench": "bench/results.md"}
+_LINK = re.compile(r"(!?\[[^\]]*\]\()(?![a-z]+:|/|#)([^)]+\))")
+
+
+def rebase(text: str, folder: str) -> str:
+    """Relative links of a file in `folder` made relative to the repository root."""
+    return _LINK.sub(lambda m: f"{m[1]}{folder}/{m[2]}", text) if folder not in ("", ".") else text
 
 
 def sync(root: str | Path = ".") -> None:
     """Copy every source of BLOCKS between `<!-- name:begin -->` and `<!-- name:end -->` in
-    root/README.md."""
+    root/README.md, its relative links rebased to the root."""
     root, readme = Path(root), Path(root) / "README.md"
     for name, source in BLOCKS.items():
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        text, old = (root / source).read_text(), readme.read_text()
+        text, old = rebase((root / source).read_text(), str(Path(source).parent)), readme.read_text()
         if begin not in old or end not in old:
             raise ExpectedError(f"{readme}: markers {begin} / {end} not found")
         head, rest = old.split(begin, 1)

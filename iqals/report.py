@@ -171,27 +171,28 @@ def report_markdown(p: Params, *, regime_text: str, t2_md: str, claim_text: list
         "distorted levels; ECE and NLL averaged over the ten test sets.", "",
         markdown(ctrl), "",
         f"Tests per family (Holm within each family; primary test: bootstrap over {seeds_note}; beside it in "
-        "plots/comparisons.csv: per-seed McNemar combined over seeds by Cochran-Mantel-Haenszel, and a paired "
+        "comparisons.csv (beside this report): per-seed McNemar combined over seeds by Cochran-Mantel-Haenszel, and a paired "
         "t-test of per-seed accuracies when there are two or more seeds):", "",
         markdown(counts), "",
         "### Calibration and confidence vs quality", "",
         "Spearman's rho between the true-class confidence (mean over seeds) and the test image's quality score, "
-        "per distortion type over its three levels; ECE/NLL per test set in plots/calibration.csv.", "",
+        "per distortion type over its three levels; ECE/NLL per test set in calibration.csv.", "",
         markdown(calib[["strategy", "labels", "train_set", *[f"rho_{d}" for d in DISTORTIONS],
                         "pristine_ece", "pristine_nll"]]), "",
         f"Targets clipped to iqa.clip on the training set: {clipped}.", "",
         f"### Corruptions never seen in training (CIFAR-10-C style, severities {list(p.corrupt.severities)})", "",
-        "Accuracy per family, mean over severities and seeds (plots/unseen.csv).", "",
+        "Accuracy per family, mean over severities and seeds (unseen.csv).", "",
         markdown(unseen_df), "",
-        "![Figure 3](plots/fig3.png)", "", "![Figure 4](plots/fig4.png)", "",
-        "![Confidence vs quality](plots/confidence_quality.png)", "", "![Training curves](plots/training.png)", "",
+        "![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", "",
+        "![Confidence vs quality](confidence_quality.png)", "", "![Training curves](training.png)", "",
     ]
     return "\n".join(md)
 
 
 def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict, n_train: int, n_full: int,
-          clipped: int) -> dict:
-    """Every table, the report's markdown and the summary, from the evaluate stage's outputs."""
+          clipped: int, not_evaluated: list[str] = ()) -> dict:
+    """Every table, the report's markdown and the summary, from the evaluate stage's outputs
+    (`not_evaluated`: strategies of the run without results, left out of `p` and named)."""
     r, n_seeds, n_test = p.report, len(p.train.seeds), len(next(iter(preds.values()))["labels"])
     boot = stats.Bootstrap(n_test, n_seeds, r.bootstrap, derive_seed(p.base.seed, "report bootstrap"))
     comps = claims.comparisons(p.strategies, preds, r.claim_levels, boot, r.alpha)
@@ -204,11 +205,15 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
     s1 = next((n for n in r.table2 if n in metrics), None)
     regime_text = regime(p, n_train, n_full, n_test, metrics[s1]["pristine"]["acc"] if s1 else None,
                          float(paper_rows[s1]["pristine"]) if s1 else None)
+    if not_evaluated:
+        regime_text += (f" **Not evaluated:** {', '.join(not_evaluated)} (no metrics or predictions in this "
+                        "run's results): they are absent from every table and from the comparisons that need them.")
     t2_md, conclusions = table2_markdown(tables["table2"], n_seeds), claims.conclusion_lines(comps, r.alpha)
     md = report_markdown(p, regime_text=regime_text, t2_md=t2_md, conclusions=conclusions,
                          claim_text=claims.claim_lines(p.strategies, comps, paper_rows, r.claim_levels),
                          counts=tables["family_counts"], ctrl=tables["controls"], calib=tables["calibration"],
                          unseen_df=tables["unseen"], clipped=clipped, n_boot=r.bootstrap)
-    summary = {"test_images": n_test, "seeds": list(p.train.seeds), "conclusions": conclusions,
+    summary = {"test_images": n_test, "seeds": list(p.train.seeds), "not_evaluated": list(not_evaluated),
+               "conclusions": conclusions,
                "families": tables["family_counts"].set_index("family").to_dict(orient="index")}
     return {"tables": tables, "table2_md": t2_md, "report_md": md, "summary": summary}

@@ -8,6 +8,7 @@ confidence_quality.png and training.png.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -20,12 +21,14 @@ import pandas as pd  # noqa: E402
 from iqals import figures  # noqa: E402
 from iqals import report as rep  # noqa: E402
 from iqals.data import CLASSES, SPLITS, DataError, load_npz, official_index  # noqa: E402
+from iqals.errors import UsageError  # noqa: E402
 from iqals.io import atomic_path, read_json, write_json, write_text  # noqa: E402
 from stages.common import cli, run, setup  # noqa: E402
 
 log = logging.getLogger("report")
 INPUTS = {"metrics": "metrics", "predictions": "data/predictions", "logs": "logs", "raw": "data/raw",
           "distorted": "data/distorted", "scores": "data/scores", "paper": "reference", "out": "plots"}
+MISSING = ("error", "skip")  # --missing: a strategy without results stops the report, or is left out
 
 
 def save_fig(fig, path: Path) -> None:
@@ -39,12 +42,23 @@ def save_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False, float_format="%.5g")
 
 
+def evaluated(a: dict[str, Path], p, missing: str):
+    """params with the strategies that have results; those without are an error, or with
+    --missing skip (a GPU run cut short) left out of every table and named in the report."""
+    absent = [n for n in p.strategies if not (a["metrics"] / f"{n}.json").is_file()
+              or not (a["predictions"] / f"{n}.npz").is_file()]
+    if absent and missing != "skip":
+        raise DataError(f"{a['metrics']}, {a['predictions']}: nothing for {absent} (run their evaluate stages)")
+    if absent:
+        log.warning("not evaluated, left out of the report: %s", ", ".join(absent))
+        keep = {n: s for n, s in p.strategies.items() if n not in absent}
+        report = replace(p.report, fig4_strategies=[n for n in p.report.fig4_strategies if n in keep])
+        p = replace(p, strategies=keep, report=report)
+    return p, absent
+
+
 def load_inputs(a: dict[str, Path], p) -> dict:
-    """Everything the report reads, checked to be there before anything is computed."""
-    missing = [n for n in p.strategies if not (a["metrics"] / f"{n}.json").is_file()
-               or not (a["predictions"] / f"{n}.npz").is_file()]
-    if missing:
-        raise DataError(f"{a['metrics']}, {a['predictions']}: nothing for {missing} (run their evaluate stages)")
+    """Everything the report reads (for the strategies of `p`, which must have results)."""
     preds = {}
     for n in p.strategies:
         with np.load(a["predictions"] / f"{n}.npz") as z:
@@ -57,10 +71,13 @@ def load_inputs(a: dict[str, Path], p) -> dict:
 
 
 def main() -> None:
-    a = {k: Path(v) for k, v in vars(cli(__doc__, **INPUTS)).items()}
-    p, out = setup("report"), a["out"]
-    d = load_inputs(a, p)
-    r = rep.build(p, **d)
+    args = vars(cli(__doc__, **INPUTS, missing="error"))
+    if args["missing"] not in MISSING:
+        raise UsageError(f"--missing {args.pop('missing')}: expected one of {list(MISSING)}")
+    missing, a = args.pop("missing"), {k: Path(v) for k, v in args.items()}
+    p, absent = evaluated(a, setup("report"), missing)
+    out, d = a["out"], load_inputs(a, p)
+    r = rep.build(p, **d, not_evaluated=absent)
     for name, df in r["tables"].items():
         save_csv(df, out / f"{name}.csv")
     write_text(out / "table2.md", r["table2_md"])

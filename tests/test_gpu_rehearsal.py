@@ -45,7 +45,7 @@ def clean_copy(dest: Path, repo_root: Path) -> None:
     cfg = yaml.safe_load((dest / "gpu_study.yaml").read_text())
     cfg.update(common={"base.train_size": 100, "train.seeds": SEEDS},
                converged={"train.epochs": 1, "train.lr_decay_epochs": 1},
-               long={"epochs": [3, 2], "decay_ratio": 0.5}, probe_seconds=0.5, margin_seconds=5, eval_jobs=2)
+               long={"epochs": [3, 2], "decay_ratio": 0.5}, probe_seconds=0.5, margin_seconds=5)
     (dest / "gpu_study.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -103,7 +103,7 @@ def test_the_command_returns_one_archive_per_profile(rehearsal):
     assert want <= members
     assert not any(m.endswith(".pt") for m in members)  # no models
     stages = [s["stage"] for s in run["stages"]]
-    assert stages == ["train (grouped)", "evaluate", "report"]  # the data stages ran once, in gpu_e1
+    assert stages == ["train", "evaluate", "report"]  # the data stages ran once, in gpu_e1
     assert all(c["rc"] == 0 for s in run["stages"] for c in s["calls"])
 
 
@@ -133,6 +133,18 @@ def test_results_layout_metrics_and_regenerated_report(rehearsal, tiny_cifar):
     b = pd.read_csv(r1 / "plots" / "calibration.csv")
     assert np.allclose(a.select_dtypes("number"), b.select_dtypes("number"), atol=0.02)
     assert pd.read_csv(tmp / "regen_plots" / "comparisons.csv").equals(pd.read_csv(r1 / "plots" / "comparisons.csv"))
+    run_md = (r1 / "RUN.md").read_text()  # the run's summary, written beside the results
+    for row in ("| smoke checks and timing probe |", "| train |", "| evaluate |", "| report |", "| status | complete |"):
+        assert row in run_md, row
+    # a run cut short: a strategy without results is left out of the regenerated report, and named
+    cut = tmp / "cut"
+    shutil.copytree(r1, cut)
+    (cut / "metrics" / "S3.json").unlink()
+    (cut / "predictions" / "S3.npz").unlink()
+    gpu_results.regenerate_report(cut, tmp / "regen_cut", cifar=tiny_cifar, repo=dest)
+    md = (cut / "plots" / "report.md").read_text()
+    assert "**Not evaluated:** S3" in md and "| S3 |" not in md and "| S2 |" in md
+    assert "not evaluated: S3" in (cut / "RUN.md").read_text()
 
 
 @pytest.mark.slow
