@@ -12,7 +12,6 @@ holds fewer), else N synthetic natural-looking images.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -30,7 +29,6 @@ from iqals import distort  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.params import load  # noqa: E402
 from iqals.seeds import derive_seed  # noqa: E402
-from iqals.io import write_json  # noqa: E402
 
 _CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101,
               "constant": cv2.BORDER_CONSTANT}
@@ -102,7 +100,7 @@ def _timed(fn):
     return time.perf_counter() - t, out
 
 
-def main(n: int | None = None, out: str | Path | None = None) -> dict:
+def main(n: int | None = None) -> dict:
     n = int(n if n is not None else os.environ.get("BENCH_N", 5000))
     cfg = load(REPO_ROOT / "params.yaml")
     d, seed = cfg.distort, cfg.base.seed
@@ -143,14 +141,9 @@ def main(n: int | None = None, out: str | Path | None = None) -> dict:
     for kind, r in result["types"].items():
         md = r.get("max_abs_diff", "n/a")
         print(f"{kind:6} {r['batched_s']:10.3f} {r['loop_s']:9.3f} {r['speedup']:8.2f} {md!s:>11}")
-    if out is not None:
-        write_json(out, result)
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=None, help="images (default $BENCH_N or 5000)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "bench_distort.json"))
-    args = ap.parse_args()
-    main(args.n, args.out)
+    from bench.cli import run
+    run(main, __doc__)

@@ -11,8 +11,6 @@ contains "Running stage" (it must not; that is asserted).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -47,7 +45,7 @@ def _timed(cmd, cwd, env) -> tuple[float, str]:
     return time.perf_counter() - t, out
 
 
-def main(repeats: int = 3, keep: str | Path | None = None, out: str | Path | None = None) -> dict:
+def main(repeats: int = 3, keep: str | Path | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_dvc_"))
     try:
         dest = tmp / "project"
@@ -86,19 +84,11 @@ def main(repeats: int = 3, keep: str | Path | None = None, out: str | Path | Non
     print(f"dvc {result['dvc']}: full repro of the tiny pipeline ({stages} stages) {t_full:.1f} s; "
           f"no-op repro {result['noop_repro_s']:.2f} s (median of {repeats}: {result['noop_repro_s_all']}), "
           f"stages rerun: {len(reran)}; dvc status {t_status:.2f} s ({'up to date' if result['status_up_to_date'] else 'CHANGED'})")
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
     assert not reran, f"a no-op dvc repro ran stages: {reran}"
     assert result["status_up_to_date"], status
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3, help="no-op repro runs (median reported)")
-    ap.add_argument("--keep", default=None, help="copy the finished project here")
-    ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "bench_dvc.json"))
-    args = ap.parse_args()
-    main(args.repeats, args.keep, args.out)
+    from bench.cli import run
+    run(main, __doc__)

@@ -13,7 +13,6 @@ timed in the same process (iqals/variants.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,7 +26,6 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.bench_train import cpu_name  # noqa: E402
 from iqals import variants  # noqa: E402
-from iqals.io import write_json  # noqa: E402
 from iqals.params import load  # noqa: E402
 
 STUDY = {"runs": 51, "images": 50_000}  # 17 strategies x 3 seeds on the full training set
@@ -62,7 +60,7 @@ def _cuda(p, seconds: float) -> dict:
 
 
 def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, ...] = (3,), rounds: int = 3,
-         quick: bool = False, out: str | Path | None = None) -> dict:
+         quick: bool = False) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_group: --device cuda but torch sees no CUDA device")
@@ -94,20 +92,9 @@ def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, .
     else:
         for g, v in result["images_per_s"].items():
             print(f"fp32 eager {g:8} {v:8.0f} images/s (summed over runs), {result['ratio_vs_group1'][g]:.2f}x group1")
-    if out is not None:
-        write_json(out, result)
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    ap.add_argument("--seconds", type=float, default=None,
-                    help="cpu: timing per variant per round (3); cuda: the whole probe (90)")
-    ap.add_argument("--groups", default="3", help="cpu: group sizes besides 1, comma-separated")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None, help="JSON file (default bench/out/bench_group_<device>.json)")
-    args = ap.parse_args()
-    main(args.device, args.seconds, tuple(int(g) for g in args.groups.split(",")), args.rounds, args.quick,
-         args.out or REPO_ROOT / "bench" / "out" / f"bench_group_{torch.device(args.device).type}.json")
+    from bench.cli import run
+    run(main, __doc__)

@@ -12,12 +12,11 @@ and every evaluation; torch's default threads, as a user runs it) and
 both wall times, their ratio, and that `dvc status` is clean after each. With --device cuda the
 training stages ask for the GPU, --stages-per-gpu of them at a time.
 
-    PYTHONPATH=. python -m bench.bench_parallel [--workers 2] [--threads-per-worker 1] [--epochs 10]
+    PYTHONPATH=. python -m bench.bench_parallel [--workers 2] [--threads 1] [--epochs 10]
         [--strategies S1,S2,...] [--device cpu|cuda] [--stages-per-gpu 1] [--keep DIR]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.bench_dvc import tiny_cifar  # noqa: E402
 from bench.bench_train import cpu_name  # noqa: E402
-from tests.test_pipeline import COPY, sh  # noqa: E402
+from tests.test_pipeline import copy_repo, sh  # noqa: E402
 
 UPSTREAM = ["download", "distort", "score", "corrupt"]
 
@@ -51,11 +50,7 @@ def cifar_source(tmp: Path) -> tuple[Path, str]:
 def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, device: str,
               train_size: int | None = None) -> list[str]:
     """The pipeline with the committed params (small profile), optionally fewer epochs/images/strategies."""
-    dest.mkdir(parents=True)
-    for name in COPY:
-        src = REPO_ROOT / name
-        (shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy(src, dest / name))
+    copy_repo(dest, REPO_ROOT)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     if epochs is not None:  # keep the decay at the same fraction of the schedule
         frac = raw["train"]["lr_decay_epochs"] / raw["train"]["epochs"]
@@ -77,8 +72,7 @@ def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, devi
 
 
 def main(workers: int = 2, threads: int = 1, epochs: int | None = None, strategies: list[str] | None = None,
-         device: str = "cpu", stages_per_gpu: int = 1, keep: str | Path | None = None,
-         out: str | Path | None = None, train_size: int | None = None) -> dict:
+         device: str = "cpu", stages_per_gpu: int = 1, keep: str | Path | None = None, train_size: int | None = None) -> dict:
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_parallel_"))
@@ -129,25 +123,10 @@ def main(workers: int = 2, threads: int = 1, epochs: int | None = None, strategi
         "status_clean": {k: "up to date" in v for k, v in status.items()},
     }
     print(json.dumps(result, indent=2))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
     assert all(result["status_clean"].values()), status
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads-per-worker", type=int, default=1)
-    ap.add_argument("--epochs", type=int, default=None, help="default: params.yaml's (small profile: 10)")
-    ap.add_argument("--train-size", type=int, default=None, help="default: params.yaml's (small profile: 2000)")
-    ap.add_argument("--strategies", default=None, help="comma-separated subset (default: all in params.yaml)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--stages-per-gpu", type=int, default=1)
-    ap.add_argument("--keep", default=None, help="copy both finished projects here")
-    ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "bench_parallel.json"))
-    a = ap.parse_args()
-    main(a.workers, a.threads_per_worker, a.epochs, a.strategies.split(",") if a.strategies else None,
-         a.device, a.stages_per_gpu, a.keep, a.out, a.train_size)
+    from bench.cli import run
+    run(main, __doc__)

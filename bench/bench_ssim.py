@@ -18,7 +18,6 @@ N synthetic natural-looking images.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -37,7 +36,6 @@ from bench.bench_distort import synthetic_images  # noqa: E402
 from iqals import distort, iqa  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.params import load  # noqa: E402
-from iqals.io import write_json  # noqa: E402
 
 
 def bench_images(n: int) -> tuple[np.ndarray, str]:
@@ -74,7 +72,7 @@ def _best(fn, repeats: int):
     return best, out
 
 
-def main(n: int | None = None, loop_n: int = 300, repeats: int = 3, out: str | Path | None = None) -> dict:
+def main(n: int | None = None, loop_n: int = 300, repeats: int = 3) -> dict:
     n = int(n if n is not None else os.environ.get("BENCH_N", 2000))
     loop_n = min(loop_n, n)
     cfg = load(REPO_ROOT / "params.yaml")
@@ -116,16 +114,9 @@ def main(n: int | None = None, loop_n: int = 300, repeats: int = 3, out: str | P
         print(f"{k:20} {us[k]:9.3f} {result['speedup'][k]:9.1f} {result['max_abs_diff_vs_skimage'][k]:22.2e}")
     k = "score_all_1_thread"
     print(f"{'score_all, 1 thread':20} {us[k]:9.3f} {result['speedup'][k]:9.1f}")
-    if out is not None:
-        write_json(out, result)
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=None, help="images (default $BENCH_N or 2000)")
-    ap.add_argument("--loop-n", type=int, default=300, help="images for the skimage loop (default 300)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each batched path; the best counts")
-    ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "bench_ssim.json"))
-    args = ap.parse_args()
-    main(args.n, args.loop_n, args.repeats, args.out)
+    from bench.cli import run
+    run(main, __doc__)

@@ -29,7 +29,6 @@ full schedule, 9 strategies x 2000 epochs x 50,000 images, at the measured speed
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -55,7 +54,6 @@ from iqals import steps as steps_lib  # noqa: E402
 from iqals import train as train_lib  # noqa: E402
 from iqals.mixture import epoch_draw, soft_targets  # noqa: E402
 from iqals.params import DISTORTIONS, NUM_CLASSES, load  # noqa: E402
-from iqals.io import write_json  # noqa: E402
 
 STRATEGY = "S3"
 PAPER = {"strategies": 9, "epochs": 2000, "images": 50_000}
@@ -135,8 +133,7 @@ def _equivalence(p, data, device) -> dict:
                                       for a, b in zip(ga, gb))}
 
 
-def main(device: str = "cpu", n: int | None = None, epochs: int | None = None, quick: bool = False,
-         out: str | Path | None = None) -> dict:
+def main(device: str = "cpu", n: int | None = None, epochs: int | None = None, quick: bool = False) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_train: --device cuda but torch sees no CUDA device")
@@ -232,18 +229,9 @@ def main(device: str = "cpu", n: int | None = None, epochs: int | None = None, q
         print(f"{label:28} {med[k]:9.0f} {PAPER['images'] / med[k]:12.2f} {schedule / med[k] / 3600:17.1f}")
     print(f"ratio ours/reference: {result['ratio']:.2f} (whole call {result['ratio_whole_call']:.2f}); "
           f"max |diff| logits {diff['logits']:.2e}, gradients {diff['gradients']:.2e}")
-    if out is not None:
-        write_json(out, result)
     return result
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    ap.add_argument("--n", type=int, default=None, help="images per epoch (cpu 2000, cuda 50000)")
-    ap.add_argument("--epochs", type=int, default=None, help="timed epochs of each loop (cpu 7, cuda 3)")
-    ap.add_argument("--quick", action="store_true", help="fewer images")
-    ap.add_argument("--out", default=None, help="JSON file (default bench/out/bench_train_<device>.json)")
-    args = ap.parse_args()
-    main(args.device, args.n, args.epochs, args.quick,
-         args.out or REPO_ROOT / "bench" / "out" / f"bench_train_{torch.device(args.device).type}.json")
+    from bench.cli import run
+    run(main, __doc__)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from iqals.io import write_text  # noqa: E402
+from iqals.io import write_json, write_text  # noqa: E402
 
 OUT = REPO_ROOT / "bench" / "out"
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
@@ -81,39 +82,31 @@ def machine() -> dict:
     return info
 
 
+def cases(quick: bool) -> dict[str, tuple[str, dict]]:
+    """Benchmark name -> (bench module, keyword arguments of its main)."""
+    def q(short, full):
+        return short if quick else full
+    return {"ssim": ("bench_ssim", {"n": q(500, 2000), "loop_n": q(100, 300), "repeats": q(2, 3)}),
+            "distort": ("bench_distort", {"n": q(1000, 5000)}),
+            "train_cpu": ("bench_train", {"device": "cpu", "quick": quick}),
+            "train_cuda": ("bench_train", {"device": "cuda", "quick": quick}),
+            "train_group": ("bench_group", {"device": "cpu", "quick": quick}),
+            "train_gpu": ("bench_group", {"device": "cuda", "quick": quick}),
+            "dvc": ("bench_dvc", {"repeats": q(2, 3)}),
+            "parallel": ("bench_parallel", {"workers": 2, "threads": 1, "epochs": q(2, None)})}
+
+
 def run_one(name: str, quick: bool) -> dict:
-    if name == "ssim":
-        from bench import bench_ssim
-        return bench_ssim.main(n=500 if quick else 2000, loop_n=100 if quick else 300,
-                               repeats=2 if quick else 3, out=OUT / "bench_ssim.json")
-    if name == "distort":
-        from bench import bench_distort
-        return bench_distort.main(n=1000 if quick else 5000, out=OUT / "bench_distort.json")
-    if name == "train_cpu":
-        from bench import bench_train
-        return bench_train.main("cpu", quick=quick, out=OUT / "bench_train_cpu.json")
-    if name == "train_cuda":
+    if name not in ALL:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(ALL)}")
+    module, kwargs = cases(quick)[name]
+    if kwargs.get("device") == "cuda":
         import torch
         if not torch.cuda.is_available():
-            return {"skipped": "no CUDA device; on a GPU run: python -m bench.run --only train_cuda"}
-        from bench import bench_train
-        return bench_train.main("cuda", quick=quick, out=OUT / "bench_train_cuda.json")
-    if name == "train_group":
-        from bench import bench_group
-        return bench_group.main("cpu", quick=quick, out=OUT / "bench_group_cpu.json")
-    if name == "train_gpu":
-        import torch
-        if not torch.cuda.is_available():
-            return {"skipped": "no CUDA device; on a GPU run: python -m bench.run --only train_gpu"}
-        from bench import bench_group
-        return bench_group.main("cuda", quick=quick, out=OUT / "bench_group_cuda.json")
-    if name == "dvc":
-        from bench import bench_dvc
-        return bench_dvc.main(repeats=2 if quick else 3, out=OUT / "bench_dvc.json")
-    if name == "parallel":
-        from bench import bench_parallel
-        return bench_parallel.main(workers=2, threads=1, epochs=2 if quick else None, out=OUT / "bench_parallel.json")
-    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(ALL)}")
+            return {"skipped": f"no CUDA device; on a GPU run: python -m bench.run --only {name}"}
+    result = importlib.import_module(f"bench.{module}").main(**kwargs)
+    write_json(OUT / f"{module}{'_' + kwargs['device'] if 'device' in kwargs else ''}.json", result)
+    return result
 
 
 def rows(name: str, r: dict) -> list[tuple]:

@@ -17,19 +17,15 @@ import pytest
 import yaml
 
 from iqals import gpu_results, pack
+from test_pipeline import COPY, copy_repo
 
-COPY = ["stages", "iqals", "reference", "dvc.yaml", "params.yaml", "gpu_study.yaml"]
 ONEHOT, SCORED = ["S1", "S2"], ["S3"]
 SEEDS = [0, 1]
 
 
 def clean_copy(dest: Path, repo_root: Path) -> None:
     """The repository as it travels, shrunk to the tiny data (as tests/test_pipeline.py does)."""
-    dest.mkdir(parents=True)
-    for name in COPY:
-        src = repo_root / name
-        (shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy(src, dest / name))
+    copy_repo(dest, repo_root, COPY + ["gpu_study.yaml"])
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["train"].update(batch_size=50)
     raw["strategies"] = {k: v for k, v in raw["strategies"].items() if k in ONEHOT + SCORED}

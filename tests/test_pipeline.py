@@ -68,13 +68,18 @@ def test_each_stage_lists_every_module_it_imports(repo_root):
         assert not missing, f"dvc.yaml stage {name}: deps lack {sorted(missing)}"
 
 
-def make_project(dest: Path, repo_root: Path, **train) -> dict:
-    """A copy of the pipeline with params shrunk to the tiny data; returns the environment."""
+def copy_repo(dest: Path, repo_root: Path, names=COPY) -> None:
+    """The files and folders `names` of the repository, copied into dest (no __pycache__)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in COPY:
+    for name in names:
         src = repo_root / name
         (shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy(src, dest / name))
+
+
+def make_project(dest: Path, repo_root: Path, **train) -> dict:
+    """A copy of the pipeline with params shrunk to the tiny data; returns the environment."""
+    copy_repo(dest, repo_root)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["base"].update(train_size=100, test_size=None)
     raw["train"].update({"epochs": 2, "lr_decay_epochs": 1, "batch_size": 50, **train})
