@@ -53,8 +53,11 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 def _die_with_worker() -> None:  # preexec_fn: loaded libc only, nothing that takes a lock
     # if the worker process dies (killed, OOM, node lost) its stage command gets SIGINT and
-    # exits through its `finally` blocks instead of running on beside the task's retry
+    # exits through its `finally` blocks instead of running on beside the task's retry; SIGINT
+    # back to its default first: a worker started in the background (`cmd &`, nohup) ignores it,
+    # and an ignored disposition would pass to the command through exec
     if _LIBC is not None:
+        _LIBC.signal(signal.SIGINT, 0)  # SIG_DFL
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
 
 

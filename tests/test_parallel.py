@@ -101,7 +101,9 @@ def scenario(tmp_path_factory, repo_root, tiny_cifar):
     blocker.unlink()
 
     # run 2: interrupted like Ctrl-C once evaluate@S2 has started
-    proc = subprocess.Popen(PARALLEL, cwd=dest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(PARALLEL, cwd=dest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+                            # reaches it, also when pytest itself runs in the background (SIGINT ignored)
     lines, deadline = [], time.time() + 600
     for line in proc.stdout:
         lines.append(line)
