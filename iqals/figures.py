@@ -1,13 +1,18 @@
 """The report's figures: Figure 3 beside the paper's, Figure 4, confidence vs quality, training curves.
 
-Each function takes the data and a matplotlib.pyplot module and returns the figure.
+Each function takes the data and a matplotlib.pyplot module and returns the figure; `write_all`
+draws and saves the four of a report.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .params import DISTORTIONS, LEVELS, test_set_name
+from .data import CLASSES, load_npz
+from .io import atomic_path
+from .params import DISTORTIONS, LEVELS, Params, test_set_name
 
 PAPER_STYLE = {"alpha": 0.35, "linestyle": "--", "marker": "x"}  # the paper's values: same colour, faint
 
@@ -113,3 +118,26 @@ def training_curves(logs: dict[str, pd.DataFrame], plt):
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     return fig
+
+
+def write_all(p: Params, d: dict, a: dict[str, Path], plt) -> None:
+    """The report's four figures from its inputs `d` (iqals.report.read_inputs) and the paths `a`
+    of the report stage (raw, distorted, logs, out)."""
+    from .report import true_confidence
+
+    def save(fig, name: str) -> None:
+        with atomic_path(a["out"] / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+
+    preds, r = d["preds"], p.report
+    images, labels = load_npz(a["raw"] / "test.npz", "test")
+    blurred = np.load(a["distorted"] / "test.npy", mmap_mode="r")[0]
+    conf = {n: true_confidence(preds[n]).mean(0)[1:].reshape(d["scores"]["test"].shape) for n in p.strategies}
+    logs = {n: pd.concat([pd.read_csv(a["logs"] / n / f"seed{k}.tsv", sep="\t") for k in p.train.seeds])
+            for n in p.strategies}
+    save(fig3(d["metrics"], d["paper_rows"], r.fig3_panels, len(p.train.seeds), plt), "fig3.png")
+    save(fig4(images, blurred, labels, [i for i in r.fig4_examples if i < len(labels)],
+              {n: preds[n]["probs"] for n in r.fig4_strategies}, plt, CLASSES), "fig4.png")
+    save(confidence_quality(conf, p.strategies, d["scores"]["test"], r.quality_bins, plt), "confidence_quality.png")
+    save(training_curves(logs, plt), "training.png")

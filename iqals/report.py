@@ -1,16 +1,25 @@
 """Table 2, controls, calibration, unseen corruptions, and the report's text.
 
-Pure functions over the evaluate stage's metrics and predictions; stages/report.py does I/O.
+Pure functions over the evaluate stage's metrics and predictions (`build`), between the report
+stage's reading of its inputs (`evaluated`, `read_inputs`) and its writing (`write`).
 """
 from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
 from . import claims, stats
+from .data import SPLITS, DataError, official_index
+from .io import atomic_path, read_json, write_json, write_text
 from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, Strategy
 from .seeds import derive_seed
+
+log = logging.getLogger("report")
 
 def _fmt(v, digits: int) -> str:
     if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
@@ -217,3 +226,41 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
                "conclusions": conclusions,
                "families": tables["family_counts"].set_index("family").to_dict(orient="index")}
     return {"tables": tables, "table2_md": t2_md, "report_md": md, "summary": summary}
+
+
+def evaluated(a: dict[str, Path], p: Params, skip_missing: bool) -> tuple[Params, list[str]]:
+    """params with the strategies that have results; those without are an error, or with
+    skip_missing (a GPU run cut short) left out of every table and named in the report."""
+    absent = [n for n in p.strategies if not (a["metrics"] / f"{n}.json").is_file()
+              or not (a["predictions"] / f"{n}.npz").is_file()]
+    if absent and not skip_missing:
+        raise DataError(f"{a['metrics']}, {a['predictions']}: nothing for {absent} (run their evaluate stages)")
+    if absent:
+        log.warning("not evaluated, left out of the report: %s", ", ".join(absent))
+        keep = {n: s for n, s in p.strategies.items() if n not in absent}
+        report = dataclasses.replace(p.report, fig4_strategies=[n for n in p.report.fig4_strategies if n in keep])
+        p = dataclasses.replace(p, strategies=keep, report=report)
+    return p, absent
+
+
+def read_inputs(a: dict[str, Path], p: Params) -> dict:
+    """Everything build() reads, for the strategies of `p` (which must have results)."""
+    preds = {}
+    for n in p.strategies:
+        with np.load(a["predictions"] / f"{n}.npz") as z:
+            preds[n] = {k: z[k] for k in ("probs", "labels", "seeds")}
+    return {"metrics": {n: read_json(a["metrics"] / f"{n}.json") for n in p.strategies}, "preds": preds,
+            "paper_rows": paper_by_name(pd.read_csv(a["paper"] / "paper_table2.csv"), p.report.table2),
+            "scores": {s: np.load(a["scores"] / f"{s}.npy") for s in SPLITS},
+            "n_train": len(official_index(a["raw"] / "train.npz")), "n_full": SPLITS["train"],
+            "clipped": sum(v["clipped"] for v in read_json(a["metrics"] / "score.json")["train"].values())}
+
+
+def write(r: dict, out: Path) -> None:
+    """build()'s tables as CSV, Table 2 and the report as markdown, the summary as JSON, into out."""
+    for name, df in r["tables"].items():
+        with atomic_path(out / f"{name}.csv") as tmp:
+            df.to_csv(tmp, index=False, float_format="%.5g")
+    write_text(out / "table2.md", r["table2_md"])
+    write_text(out / "report.md", r["report_md"])
+    write_json(out / "summary.json", r["summary"])

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import mixture, seeds, stacked, steps
 from . import model as model_lib
-from .errors import TrainingError
+from .errors import TrainingError, UsageError
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, true_class_probability
 from .params import DISTORTIONS, LEVELS, NUM_COPIES, Params, Strategy, copy_index
@@ -78,6 +78,34 @@ def prepare_group(runs: list[tuple[Strategy, int]], images: np.ndarray, labels: 
             h.update(copy_hash[c])
         out.append(TrainData(pool, labels_t, torch.from_numpy(q).float().to(device), h.hexdigest()[:16]))
     return out
+
+
+def parse_runs(strategy: str | None, seed: int | None, run: list[str] | None, scores: str | None,
+               p: Params) -> list[tuple[Strategy, int]]:
+    """The train stage's runs (--strategy S --seed k, or --run S:k ...), checked against
+    params.yaml and --scores."""
+    if (run is None) == (strategy is None or seed is None):
+        raise UsageError("give either --strategy S --seed k, or one or more --run S:k")
+    specs = [(strategy, str(seed))] if run is None else [r.partition(":")[::2] for r in run]
+    runs = []
+    for name, k in specs:
+        if name not in p.strategies:
+            raise UsageError(f"strategy {name!r}: not in params.yaml strategies {sorted(p.strategies)}")
+        if not k.isdigit() or int(k) not in p.train.seeds:
+            raise UsageError(f"{name}:{k}: seed not in params.yaml train.seeds {list(p.train.seeds)}")
+        if (name, int(k)) in [(s.name, j) for s, j in runs]:
+            raise UsageError(f"run {name}:{k} given twice")
+        runs.append((p.strategies[name], int(k)))
+    needy = [s for s, _ in runs if s.needs_scores]
+    if needy and scores is None:
+        s = needy[0]
+        raise UsageError(f"strategy {s.name} (labels {s.labels}) needs --scores: train it in dvc.yaml's "
+                         "train_scored group")
+    if not needy and scores is not None:
+        s = runs[0][0]
+        raise UsageError(f"strategy {s.name} (labels {s.labels}) must not read scores: train it in dvc.yaml's "
+                         "train_onehot group" + (" (no run given needs --scores)" if len(runs) > 1 else ""))
+    return runs
 
 
 def lr_at(epoch: int, p: Params) -> float:

@@ -20,38 +20,10 @@ import numpy as np
 
 from iqals import train as train_lib
 from iqals.data import load_npz
-from iqals.errors import UsageError
 from iqals.model import pick_device
-from iqals.params import Params, Strategy
 from stages.common import run, setup
 
 log = logging.getLogger("train")
-
-
-def parse_runs(args: argparse.Namespace, p: Params) -> list[tuple[Strategy, int]]:
-    """The (strategy, seed) runs asked for, checked against params.yaml and --scores."""
-    if (args.run is None) == (args.strategy is None or args.seed is None):
-        raise UsageError("give either --strategy S --seed k, or one or more --run S:k")
-    specs = [(args.strategy, str(args.seed))] if args.run is None else [r.partition(":")[::2] for r in args.run]
-    runs = []
-    for name, seed in specs:
-        if name not in p.strategies:
-            raise UsageError(f"strategy {name!r}: not in params.yaml strategies {sorted(p.strategies)}")
-        if not seed.isdigit() or int(seed) not in p.train.seeds:
-            raise UsageError(f"{name}:{seed}: seed not in params.yaml train.seeds {list(p.train.seeds)}")
-        if (name, int(seed)) in [(s.name, k) for s, k in runs]:
-            raise UsageError(f"run {name}:{seed} given twice")
-        runs.append((p.strategies[name], int(seed)))
-    needy = [s for s, _ in runs if s.needs_scores]
-    if needy and args.scores is None:
-        s = needy[0]
-        raise UsageError(f"strategy {s.name} (labels {s.labels}) needs --scores: train it in dvc.yaml's "
-                         "train_scored group")
-    if not needy and args.scores is not None:
-        s = runs[0][0]
-        raise UsageError(f"strategy {s.name} (labels {s.labels}) must not read scores: train it in dvc.yaml's "
-                         "train_onehot group" + (" (no run given needs --scores)" if len(runs) > 1 else ""))
-    return runs
 
 
 def main() -> None:
@@ -68,7 +40,7 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (tests)")
     args = ap.parse_args()
     p = setup("train")
-    runs = parse_runs(args, p)
+    runs = train_lib.parse_runs(args.strategy, args.seed, args.run, args.scores, p)
     images, labels = load_npz(Path(args.raw) / "train.npz", "train")
     distorted = (np.load(Path(args.distorted) / "train.npy", mmap_mode="r")
                  if any(s.distortions for s, _ in runs) else None)

@@ -257,22 +257,19 @@ def test_gpu_group_training_matches_cpu(tmp_path, tiny, raw_params, step, precis
         assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
 
 
-def cli_args(*argv):
-    import argparse
-    ns = argparse.Namespace(strategy=None, seed=None, run=None, scores=None)
+def cli_args(*argv) -> dict:
+    """The train stage's options as parse_runs takes them."""
+    out = {"strategy": None, "seed": None, "run": None, "scores": None}
     for k, v in argv:
-        if k == "run":
-            ns.run = (ns.run or []) + [v]
-        else:
-            setattr(ns, k, v)
-    return ns
+        out[k] = (out["run"] or []) + [v] if k == "run" else v
+    return out
 
 
 def test_cli_runs_are_checked_against_params_and_scores(params):
-    from stages.train import parse_runs
-    runs = parse_runs(cli_args(("run", "S1:0"), ("run", "S3:0"), ("scores", "data/scores")), params)
+    from iqals.train import parse_runs
+    runs = parse_runs(**cli_args(("run", "S1:0"), ("run", "S3:0"), ("scores", "data/scores")), p=params)
     assert [(s.name, k) for s, k in runs] == [("S1", 0), ("S3", 0)]  # one-hot beside IQA-LS: --scores once
-    assert [(s.name, k) for s, k in parse_runs(cli_args(("strategy", "S2"), ("seed", 0)), params)] == [("S2", 0)]
+    assert [(s.name, k) for s, k in parse_runs(**cli_args(("strategy", "S2"), ("seed", 0)), p=params)] == [("S2", 0)]
     for argv, match in [([("run", "S1:0")], None), ([("run", "S3:0")], "S3 .* needs --scores"),
                         ([("run", "S1:0"), ("scores", "s")], "S1 .* must not read scores"),
                         ([("run", "S1:7")], r"S1:7: seed not in params.yaml train.seeds"),
@@ -281,10 +278,10 @@ def test_cli_runs_are_checked_against_params_and_scores(params):
                         ([("run", "S1:0"), ("strategy", "S1"), ("seed", 0)], "either --strategy"),
                         ([], "either --strategy")]:
         if match is None:
-            parse_runs(cli_args(*argv), params)
+            parse_runs(**cli_args(*argv), p=params)
         else:
             with pytest.raises(ValueError, match=match):
-                parse_runs(cli_args(*argv), params)
+                parse_runs(**cli_args(*argv), p=params)
 
 
 @pytest.mark.slow
