@@ -4,7 +4,7 @@
 
 Each parameter of main() is an option (`loop_n` -> `--loop-n`) of the type its annotation names: int,
 float, a comma-separated list (tuple[int, ...], list[str]), a flag for a bool, else a string.
-The result goes to `--out` (default bench/out/<module>.json).
+The result goes to `--out` (default bench/out/<module>[_<device>].json, as bench.run names it).
 """
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def _convert(annotation: str):
     return int if annotation.startswith("int") else float if annotation.startswith("float") else str
 
 
+def out_path(module: str, kwargs: dict) -> Path:
+    """bench/out/<module>[_<device>].json: where a benchmark's result goes by default."""
+    return OUT / f"{module}{'_' + str(kwargs['device']) if kwargs.get('device') else ''}.json"
+
+
 def run(main, doc: str) -> dict:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, p in inspect.signature(main).parameters.items():
@@ -32,9 +37,9 @@ def run(main, doc: str) -> dict:
             ap.add_argument(flag, action="store_true")
         else:
             ap.add_argument(flag, type=_convert(str(p.annotation)), default=p.default, help=f"default {p.default}")
-    ap.add_argument("--out", type=Path, default=OUT / f"{main.__module__.rsplit('.', 1)[-1]}.json")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/out/<module>[_<device>].json")
     args = vars(ap.parse_args())
-    out = args.pop("out")
+    out = args.pop("out") or out_path(Path(inspect.getsourcefile(main)).stem, args)  # run as __main__ too
     result = main(**args)
     write_json(out, result)
     return result

@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.cli import out_path  # noqa: E402
 from iqals.io import write_json, write_text  # noqa: E402
 
 OUT = REPO_ROOT / "bench" / "out"
@@ -105,7 +106,7 @@ def run_one(name: str, quick: bool) -> dict:
         if not torch.cuda.is_available():
             return {"skipped": f"no CUDA device; on a GPU run: python -m bench.run --only {name}"}
     result = importlib.import_module(f"bench.{module}").main(**kwargs)
-    write_json(OUT / f"{module}{'_' + kwargs['device'] if 'device' in kwargs else ''}.json", result)
+    write_json(out_path(module, kwargs), result)
     return result
 
 

@@ -12,7 +12,8 @@ import pandas as pd
 
 from .data import CLASSES, load_npz
 from .io import atomic_path
-from .params import DISTORTIONS, LEVELS, Params, test_set_name
+from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, test_set_name
+from .report import true_confidence
 
 PAPER_STYLE = {"alpha": 0.35, "linestyle": "--", "marker": "x"}  # the paper's values: same colour, faint
 
@@ -29,8 +30,7 @@ def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list
     'all3' shows each strategy per distortion type, as the paper's Figure 3(d)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), constrained_layout=True)
     x = np.arange(LEVELS + 1)
-    paper = {n: {t: {"acc": float(r[t])} for t in r.index if t not in ("strategy", "regularization", "train_set")}
-             for n, r in paper_rows.items()}
+    paper = {n: {t: {"acc": float(r[t])} for t in TEST_SETS} for n, r in paper_rows.items()}
 
     def line(ax, name, kind, color, style, label):
         m = metrics[name]
@@ -123,8 +123,6 @@ def training_curves(logs: dict[str, pd.DataFrame], plt):
 def write_all(p: Params, d: dict, a: dict[str, Path], plt) -> None:
     """The report's four figures from its inputs `d` (iqals.report.read_inputs) and the paths `a`
     of the report stage (raw, distorted, logs, out)."""
-    from .report import true_confidence
-
     def save(fig, name: str) -> None:
         with atomic_path(a["out"] / name) as tmp:
             fig.savefig(tmp, format="png", dpi=110)

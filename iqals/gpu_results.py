@@ -26,7 +26,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .gpu_study import REPO, StudyError, _sha256, load_config, plan
+from .gpu_study import REPO, StudyError, _sha256, load_config, plan, stage_env, with_python
 from .io import write_text
 
 log = logging.getLogger("gpu_results")
@@ -238,25 +237,26 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
                  and "foreach" not in st and any(str(o) in needs for o in st["outs"] if isinstance(o, str))]
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text((profile_dir / "params.yaml").read_text())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo)] + [
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), PYTHONUNBUFFERED="1")
-    if cifar:
-        env["CIFAR10_LOCAL"] = str(Path(cifar).resolve())
+    env = stage_env(repo, **({"CIFAR10_LOCAL": str(Path(cifar).resolve())} if cifar else {}))
     want = (json.loads((profile_dir / "run.json").read_text()).get("data_sha256", {})
             if (profile_dir / "run.json").is_file() else {})
 
     def sh(argv):
-        argv = [sys.executable if i == 0 and a == "python" else a for i, a in enumerate(argv)]
+        argv = with_python(argv)
         r = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
         if r.returncode:
             raise StudyError(f"{shlex.join(argv)} failed (rc {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
 
-    if not all(_sha256(work / f) == h for f, h in want.items() if h) or not want:
+    def matches():
+        return {f: _sha256(work / f) == h for f, h in want.items() if h}
+
+    checks = matches()
+    if not want or not all(checks.values()):
         for _, stage, cmd in steps:
             if stage in producers:
                 log.info("data for the report: %s", cmd)
                 sh(shlex.split(cmd))
-    checks = {f: _sha256(work / f) == h for f, h in want.items() if h}
+        checks = matches()
     for f, ok in checks.items():
         if not ok:
             log.warning("%s differs from the GPU run's (other OpenCV/torch?): the report's inputs "

@@ -41,6 +41,7 @@ import numpy as np
 import yaml
 
 from . import params as params_lib
+from .data import SPLITS, sha256
 from .io import atomic_path, write_json
 from .params import ParamError
 
@@ -48,6 +49,9 @@ log = logging.getLogger("gpu_study")
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE_CAP = 15 * 2**20  # bytes per archive file: the device returns files of at most 16 MiB
+
+
+DATA_STAGES = ("download", "distort", "score", "corrupt")  # run once for profiles with the same data sections
 
 
 class StudyError(RuntimeError):
@@ -245,6 +249,17 @@ def evaluate_command(cmds: list[str]) -> list[str]:
     return argvs[0][:3] + [x for a in argvs for x in a[3:]]
 
 
+def stage_env(repo: Path, **extra: str) -> dict:
+    """The environment of a stage command run outside DVC: `repo` first on PYTHONPATH, unbuffered."""
+    path = [str(repo)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", **extra)
+
+
+def with_python(argv: list[str]) -> list[str]:
+    """A dvc.yaml command's argv with its leading `python` made this interpreter."""
+    return [sys.executable] + argv[1:] if argv and argv[0] == "python" else argv
+
+
 def data_sections(raw_params: dict) -> dict:
     """What the data stages read: everything but training, strategies, evaluation and report."""
     return {k: v for k, v in raw_params.items() if k not in ("train", "strategies", "evaluate", "report")}
@@ -359,13 +374,7 @@ class Timing:
 
 
 def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256(path) if path.is_file() else None
 
 
 def _epoch_seconds(tsv: Path) -> float:
@@ -383,9 +392,7 @@ class Study:
         self.deadline = self.t0 + budget_s - cfg.margin_seconds  # what plans may use
         self.hard_stop = self.t0 + budget_s  # a stage still running then is stopped
         self.stage_log = self.out / "stages.log"
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.repo)] + [
-            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-            PYTHONUNBUFFERED="1", TQDM_MININTERVAL="15", CIFAR10_LOCAL=str(self.work / "cifar10"))
+        self.env = stage_env(self.repo, TQDM_MININTERVAL="15", CIFAR10_LOCAL=str(self.work / "cifar10"))
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -397,7 +404,7 @@ class Study:
     def _run(self, argv: list[str]) -> int | str:
         """One stage command in the work folder, its output appended to stages.log; stopped (SIGTERM,
         then SIGKILL) at the end of --budget-s."""
-        argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
+        argv = with_python(argv)
         with open(self.stage_log, "ab") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} {shlex.join(argv)}\n".encode())
             f.flush()
@@ -452,8 +459,9 @@ class Study:
         key = hashlib.sha256(Path(variants.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
         key += f"-{torch.__version__}-{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}"
         cache = self.work / "probe.json"
-        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-            result = json.loads(cache.read_text())
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:
+            result = cached
             log.info("variant from the earlier probe (%s): %s", cache, result["chosen"])
         else:
             t = time.monotonic()
@@ -476,7 +484,7 @@ class Study:
         ips, seeds = variant.get("images_per_s"), raw_params["train"]["seeds"]
         if not ips:
             return raw_params
-        n_images = raw_params["base"]["train_size"] or 50_000
+        n_images = raw_params["base"]["train_size"] or SPLITS["train"]
         per_seed = len(raw_params["strategies"]) * raw_params["train"]["epochs"] * n_images / ips * self.cfg.slowdown
 
         def fits(k):
@@ -524,6 +532,8 @@ class Study:
         timing = Timing(epochs=p.train.epochs)
         steps = plan(dvc, raw_params, self.cfg.stage_order)
         train_stages = {s for _, s, c in steps if train_run(c)}
+        if data_done:  # from an earlier profile, unchanged since: hashed once
+            self._archive_data(arc, info)
         try:
             for stage in self.cfg.stage_order:
                 cmds = [c for _, s, c in steps if s == stage]
@@ -550,7 +560,7 @@ class Study:
                         s, k = runs_of(argv)[0]
                         timing.train_epoch_s += _epoch_seconds(run_dir / "logs" / s / f"seed{k}.tsv")
                     label = "train"
-                elif data_done and stage in ("download", "distort", "score", "corrupt"):
+                elif data_done and stage in DATA_STAGES:
                     continue
                 elif stage == "evaluate":  # one process: one CUDA context, the models one after another
                     try:
@@ -564,7 +574,7 @@ class Study:
                     timing.other_s += time.monotonic() - t
                     label = stage
                 else:
-                    res = self.run_commands(f"{name} {stage}", [shlex.split(c) for c in cmds], lambda i: save())
+                    res = self.run_commands(f"{name} {stage}", [shlex.split(c) for c in cmds])
                     if stage == "report":
                         timing.other_s += time.monotonic() - t
                     label = stage
@@ -572,7 +582,7 @@ class Study:
                 if stage == "report":
                     for f in sorted((run_dir / "plots").iterdir()):
                         arc.add_file(f"plots/{f.name}", f)
-                if stage in ("download", "distort", "score", "corrupt") or data_done:
+                if stage in DATA_STAGES:
                     self._archive_data(arc, info)
                 save()
         except BaseException as e:
@@ -617,7 +627,7 @@ def describe(cfg: Config, ips: list[float], group: int, repo: Path = REPO) -> st
             train_done = True
         else:
             lines.append(cmd)
-    n = first["base"]["train_size"] or 50_000
+    n = first["base"]["train_size"] or SPLITS["train"]
     lines += ["", f"# training: {len(runs)} runs x epochs x {n} images; minutes at the given images/s",
               "| schedule | lr decay every | training images | " + " | ".join(f"{x:,.0f} img/s" for x in ips) + " |",
               "|---|---|---|" + "---|" * len(ips)]
@@ -667,12 +677,6 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         name = profile_name(cfg, int(first["train"]["epochs"]))
         log.info("%s: %d strategies x %d seeds, %d epochs (%.0f s left)", name, len(first["strategies"]),
                  len(first["train"]["seeds"]), first["train"]["epochs"], study.left())
-        n_runs = len(first["strategies"]) * len(first["train"]["seeds"])
-        n_images = first["base"]["train_size"] or 50_000
-        if variant.get("images_per_s"):
-            log.info("%s: training projected from the probe: %.0f s (%d runs x %d epochs x %d images at "
-                     "%.0f img/s)", name, n_runs * first["train"]["epochs"] * n_images / variant["images_per_s"],
-                     n_runs, first["train"]["epochs"], n_images, variant["images_per_s"])
         timing = study.run_profile(name, with_overrides(first, vo), variant, dvc, data_done=False, fit=True)
         status[name] = "complete"
         # the longest schedule that fits with every seed; else with fewer (at least one)

@@ -59,7 +59,7 @@ def decode_images(b: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(planes.transpose(1, 2, 3, 0))
 
 
-def _chunks(split: str, key: str, a: np.ndarray) -> list[tuple[bytes, dict]]:
+def _chunks(key: str, a: np.ndarray) -> list[tuple[bytes, dict]]:
     """Raw bytes of each chunk of one array, with its record (before compression)."""
     images = key == "images"
     out = []
@@ -88,7 +88,7 @@ def pack(src: str | Path, out: str | Path, max_part_bytes: int, name: str = "cif
                    "sha256": array_sha256(a), "codec": "planar-rowdelta-xz" if key == "images" else "xz",
                    "chunks": []}
             arrays.append(rec)
-            jobs += [(rec, raw, c) for raw, c in _chunks(split, key, a)]
+            jobs += [(rec, raw, c) for raw, c in _chunks(key, a)]
     with ThreadPoolExecutor(threads or os.cpu_count()) as ex:  # lzma releases the GIL
         blobs = list(ex.map(lambda job: lzma.compress(job[1], preset=XZ_PRESET), jobs))
     stream, offset = [], 0

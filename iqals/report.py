@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 from . import claims, stats
 from .data import SPLITS, DataError, official_index
 from .io import atomic_path, read_json, write_json, write_text
-from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, Strategy
+from .params import DISTORTIONS, LABEL_RULES, LEVELS, TEST_SETS, Params, Strategy
 from .seeds import derive_seed
 
 log = logging.getLogger("report")
@@ -85,8 +85,7 @@ def controls(strategies: dict[str, Strategy], metrics: dict, epsilons: dict[str,
     """Per mix: accuracy of each label rule on pristine and over the claim sets' distorted levels,
     beside the mix's mean IQA-LS epsilon (= the uniform_ls control's epsilon)."""
     rows = []
-    order = {r: i for i, r in enumerate(("original", "iqa_ls", "uniform_ls", "shuffled_ls"))}
-    for name, s in sorted(strategies.items(), key=lambda kv: (kv[1].train_set, order[kv[1].labels])):
+    for name, s in sorted(strategies.items(), key=lambda kv: (kv[1].train_set, LABEL_RULES.index(kv[1].labels))):
         if name not in metrics or not s.distortions:
             continue
         m = metrics[name]
