@@ -11,8 +11,6 @@ github.com/hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py: "the origi
 - motion_blur: a float64 port of ImageMagick's MotionBlurImage kernel, not ImageMagick (Wand);
 - impulse_noise: per-value Bernoulli salt-and-pepper, as scikit-image >= 0.19 random_noise
   does (the 2019 version picked a fixed number of coordinates with replacement);
-- pixelate: Pillow's BOX resampling in numpy (`_pil_box_matrix`), so that the pipeline does not
-  depend on Pillow; a test checks it against Pillow;
 - uint8 output rounds half up (the original truncates with np.uint8: 0.8 * 255 = 203.99999...
   becomes 203).
 """
@@ -23,6 +21,7 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from .seeds import derive_seed, image_streams
@@ -70,36 +69,6 @@ def _plasma_fractal(rng: np.random.Generator, wibbledecay: float, mapsize: int =
         wibble /= wibbledecay
     m -= m.min()
     return m / m.max()
-
-
-def _pil_box_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of Pillow's BOX resampling (libImaging/Resample.c precompute_coeffs).
-
-    Output pixel k has centre (k + 0.5) * scale in input coordinates; input pixel j gets weight 1
-    when (j + 0.5 - centre) / filterscale lies in (-0.5, 0.5], then the row is normalised.
-    Downscaling averages the pixels whose centres fall in a window one output pixel wide (not
-    exact area coverage, unlike OpenCV's INTER_AREA); upscaling is nearest neighbour.
-    """
-    scale = n_in / n_out
-    fscale = max(scale, 1.0)
-    support = 0.5 * fscale
-    w = np.zeros((n_out, n_in))
-    for k in range(n_out):
-        centre = (k + 0.5) * scale
-        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
-        for j in range(lo, hi):
-            t = (j - centre + 0.5) / fscale
-            w[k, j] = 1.0 if -0.5 < t <= 0.5 else 0.0
-    return w / w.sum(axis=1, keepdims=True)
-
-
-def _pil_resize_box(x: np.ndarray, n_out: int) -> np.ndarray:
-    """Pillow Image.resize((n_out, n_out), BOX) of uint8-valued (N, H, W, C): horizontal pass,
-    rounding to 8 bits, then vertical pass, rounding (Pillow's order and its 8-bit intermediate)."""
-    a = _pil_box_matrix(x.shape[2], n_out)
-    t = np.floor(np.einsum("kj,nijc->nikc", a, x) + 0.5)
-    a = _pil_box_matrix(x.shape[1], n_out)
-    return np.floor(np.einsum("ki,nijc->nkjc", a, t) + 0.5)
 
 
 # ------------------------------------------------------------------ the corruptions
@@ -175,10 +144,11 @@ def fog(x, c, rngs):
 
 
 def pixelate(x, c, rngs):
-    """make_cifar_c.py pixelate: PIL resize to int(32 c) with BOX, then back to 32 with BOX (c: the
+    """make_cifar_c.py pixelate: Pillow resize to int(32 c) with BOX, then back to 32 with BOX (c: the
     side of the intermediate image, as a fraction of 32)."""
-    small = _pil_resize_box(np.floor(x * 255 + 0.5), int(SIZE * c))
-    return _pil_resize_box(small, SIZE)
+    n = int(SIZE * c)
+    return np.stack([np.asarray(Image.fromarray(im).resize((n, n), Image.BOX).resize((SIZE, SIZE), Image.BOX))
+                     for im in np.floor(x * 255 + 0.5).astype(np.uint8)]).astype(np.float64)
 
 
 def elastic_transform(x, c, rngs):

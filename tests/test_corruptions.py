@@ -5,6 +5,7 @@ import math
 
 import cv2
 import numpy as np
+from PIL import Image
 import pytest
 
 from iqals import corruptions
@@ -152,7 +153,7 @@ def test_pixelate_by_hand(images):
 
 
 def test_pixelate_matches_pillow(images):
-    Image = pytest.importorskip("PIL.Image")  # the original's resampler, if installed
+    """The original's calls on the uint8 image (the hand-made reference is test_pixelate_by_hand)."""
     for s, c in enumerate(corruptions.FAMILIES["pixelate"][1], 1):
         n = int(32 * c)
         ref = np.stack([np.asarray(Image.fromarray(im).resize((n, n), Image.BOX).resize((32, 32), Image.BOX))
