@@ -42,6 +42,7 @@ import yaml
 
 from . import params as params_lib
 from .data import SPLITS, sha256
+from .errors import ExpectedError
 from .io import atomic_path, write_json
 from .params import ParamError
 
@@ -54,7 +55,7 @@ ARCHIVE_CAP = 15 * 2**20  # bytes per archive file: the device returns files of 
 DATA_STAGES = ("download", "distort", "score", "corrupt")  # run once for profiles with the same data sections
 
 
-class StudyError(RuntimeError):
+class StudyError(ExpectedError, RuntimeError):
     """The study cannot go on: bad configuration, a stage failed, or no time left."""
 
 

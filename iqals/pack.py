@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import SPLITS, load_npz
+from .errors import ExpectedError
 from .io import atomic_path, save_npz, write_json
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ CHUNK_ROWS = 5000  # images per independently compressed chunk: threads compress
 XZ_PRESET = 6      # preset 9 is no smaller on CIFAR-10 (measured) and slower
 
 
-class PackError(ValueError):
+class PackError(ExpectedError, ValueError):
     """A part is missing, truncated or corrupt, or the packed data differ from what was packed."""
 
 

@@ -25,16 +25,17 @@ def rebase(text: str, folder: str) -> str:
 
 def sync(root: str | Path = ".") -> None:
     """Copy every source of BLOCKS between `<!-- name:begin -->` and `<!-- name:end -->` in
-    root/README.md, its relative links rebased to the root."""
+    root/README.md, its relative links rebased to the root; one write, after every block is found."""
     root, readme = Path(root), Path(root) / "README.md"
+    text = readme.read_text()
     for name, source in BLOCKS.items():
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        text, old = rebase((root / source).read_text(), str(Path(source).parent)), readme.read_text()
-        if begin not in old or end not in old:
+        if begin not in text or end not in text:
             raise ExpectedError(f"{readme}: markers {begin} / {end} not found")
-        head, rest = old.split(begin, 1)
-        write_text(readme, head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
-
+        block = rebase((root / source).read_text(), str(Path(source).parent))
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
+    write_text(readme, text)
 
 if __name__ == "__main__":
     try:

@@ -21,9 +21,13 @@ def run_stage(repo_root, body: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
-@pytest.mark.parametrize("error", ["ParamError", "DataError", "UsageError"])
+MODULES = {"ParamError": "iqals.params", "DataError": "iqals.data", "UsageError": "iqals.errors",
+           "PackError": "iqals.pack", "StudyError": "iqals.gpu_study"}
+
+
+@pytest.mark.parametrize("error", list(MODULES))
 def test_expected_errors_print_one_line(repo_root, error):
-    mod = {"ParamError": "iqals.params", "DataError": "iqals.data", "UsageError": "iqals.errors"}[error]
+    mod = MODULES[error]
     r = run_stage(repo_root, f"from {mod} import {error}; raise {error}('--strategy S42: not in params.yaml')")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["ERROR:stage:--strategy S42: not in params.yaml"], r.stderr

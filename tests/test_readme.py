@@ -58,6 +58,13 @@ def test_make_readme_fills_every_block_from_its_source(tmp_path, repo_root):
     (tmp_path / "README.md").write_text("# no markers\n")
     with pytest.raises(ExpectedError, match="markers"):
         readme.sync(tmp_path)
+    # the last block's markers missing: nothing is written, not even the blocks before it
+    last = list(readme.BLOCKS)[-1]
+    partial = text.replace(f"<!-- {last}:end -->", "")
+    (tmp_path / "README.md").write_text(partial)
+    with pytest.raises(ExpectedError, match=f"{last}:end"):
+        readme.sync(tmp_path)
+    assert (tmp_path / "README.md").read_text() == partial
 
 
 def test_make_clean_keeps_committed_results_and_test_fast_skips_slow(repo_root):
