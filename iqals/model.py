@@ -111,20 +111,6 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(384, 192)
         self.out = nn.Linear(192, NUM_CLASSES)
 
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every layer's output, named as in Table 1 (the shape test reads these)."""
-        f = {}
-        f["conv1"] = x = F.relu(self.conv1(x))
-        f["pool1"] = x = _pool_same(x)
-        f["lrn1"] = x = self.lrn(x)
-        f["conv2"] = x = F.relu(self.conv2(x))
-        f["lrn2"] = x = self.lrn(x)
-        f["pool2"] = x = _pool_same(x)
-        f["fc1"] = x = F.relu(self.fc1(x.flatten(1)))
-        f["fc2"] = x = F.relu(self.fc2(x))
-        f["logits"] = self.out(x)
-        return f
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last: oneDNN's convolutions, the max pools and the LRN's product over
         # channels are all faster on it (CPU; on GPU train.py passes channels-last already)
