@@ -157,6 +157,15 @@ def logged_calls(study_log: str, profile: str) -> dict[str, list[dict]]:
     return out
 
 
+def _code(c: dict | None) -> str:
+    """run.json's code entry in words (iqals.gpu_study.code_version)."""
+    if c is None:
+        return "not recorded (run.json had no code entry before 2026-11-27)"
+    where = (f"commit {c['commit'][:12]}" + (" with uncommitted changes" if c["uncommitted_changes"] else "")
+             if c["commit"] else "no git checkout where it ran")
+    return f"sources sha256 {c['source_sha256']} (iqals/ and stages/: `iqals.gpu_study.code_version`), {where}"
+
+
 def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None) -> str:
     """RUN.md of a GPU profile: machine, training step, schedule, status, the time of every stage
     and the probe, all from run.json, probe.json, study.log and the training logs."""
@@ -179,7 +188,8 @@ def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None)
             ("strategies", f"{len(info['strategies'])} trained; {len(evaluated)} evaluated"
                            + (f"; not evaluated: {', '.join(absent)}" if absent else "")),
             ("test set", f"{test:,} images" if test else "none evaluated"),
-            ("status", info["status"])]
+            ("status", info["status"]),
+            ("code", _code(info.get("code")))]
     if checks:
         rows.append(("data", "the test images, distorted copies and scores regenerated on the CPU have the "
                              "GPU run's sha256" if all(checks.values()) else

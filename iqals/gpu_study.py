@@ -378,6 +378,22 @@ def _sha256(path: Path) -> str | None:
     return sha256(path) if path.is_file() else None
 
 
+def code_version(repo: Path) -> dict:
+    """Which code ran: a sha256 of iqals/ and stages/ (any checkout can be matched against it), and
+    the git commit where the tree is a checkout (the device's copy of the working tree may not be)."""
+    h = hashlib.sha256()
+    for f in sorted([*repo.glob("iqals/*.py"), *repo.glob("stages/*.py")]):
+        h.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes())
+    git = [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain", "--", "iqals", "stages"]]
+    try:
+        head, dirty = (subprocess.run(a, cwd=repo, capture_output=True, text=True, timeout=30) for a in git)
+    except OSError:  # no git
+        head = dirty = None
+    commit = head.stdout.strip() if head is not None and head.returncode == 0 else None
+    return {"source_sha256": h.hexdigest()[:16], "commit": commit,
+            "uncommitted_changes": bool(dirty.stdout.strip()) if commit else None}
+
+
 def _epoch_seconds(tsv: Path) -> float:
     lines = tsv.read_text().splitlines()
     col = lines[0].split("\t").index("seconds")
@@ -513,7 +529,7 @@ class Study:
         info = {"profile": name, "status": "running", "epochs": p.train.epochs,
                 "lr_decay_epochs": p.train.lr_decay_epochs, "seeds": list(p.train.seeds),
                 "strategies": list(p.strategies), "variant": variant, "stages": [],
-                "python": platform.python_version(), "cpus": os.cpu_count()}
+                "python": platform.python_version(), "cpus": os.cpu_count(), "code": code_version(self.repo)}
         try:
             import torch
             info["torch"] = torch.__version__

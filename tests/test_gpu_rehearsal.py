@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from iqals import gpu_results, pack
+from iqals import gpu_results, gpu_study, pack
 from test_pipeline import COPY, copy_repo
 
 ONEHOT, SCORED = ["S1", "S2"], ["S3"]
@@ -90,6 +90,8 @@ def test_the_command_returns_one_archive_per_profile(rehearsal):
         run = json.loads(tar.extractfile("run.json").read())
         params = yaml.safe_load(tar.extractfile("params.yaml").read())
     assert run["status"] == "complete" and run["epochs"] == 3 and run["seeds"] == SEEDS
+    assert run["code"] == {"source_sha256": gpu_study.code_version(dest)["source_sha256"], "commit": None,
+                           "uncommitted_changes": None}  # the copy is no git checkout, as on the device
     assert params["train"]["epochs"] == 3 and params["train"]["lr_decay_epochs"] == 2  # 0.5 x 3, half up
     assert params["train"]["precision"] == probe["chosen"]["precision"]
     want = {"params.yaml", "run.json", "probe.json", "study.log", "metrics/score.json", "plots/report.md",
@@ -130,7 +132,8 @@ def test_results_layout_metrics_and_regenerated_report(rehearsal, tiny_cifar):
     assert np.allclose(a.select_dtypes("number"), b.select_dtypes("number"), atol=0.02)
     assert pd.read_csv(tmp / "regen_plots" / "comparisons.csv").equals(pd.read_csv(r1 / "plots" / "comparisons.csv"))
     run_md = (r1 / "RUN.md").read_text()  # the run's summary, written beside the results
-    for row in ("| smoke checks and timing probe |", "| train |", "| evaluate |", "| report |", "| status | complete |"):
+    for row in ("| smoke checks and timing probe |", "| train |", "| evaluate |", "| report |", "| status | complete |",
+                "| code | sources sha256 "):
         assert row in run_md, row
     # a run cut short: a strategy without results is left out of the regenerated report, and named
     cut = tmp / "cut"

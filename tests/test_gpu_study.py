@@ -305,3 +305,24 @@ def test_a_stage_running_past_the_budget_is_stopped(tmp_path, cfg):
         study.run_commands("sleep", [["python", "-c", "import time; time.sleep(60)"]])
     assert time.monotonic() - t < 20
     assert "time.sleep(60)" in (tmp_path / "out" / "stages.log").read_text()
+
+
+def test_code_version_names_the_sources_and_the_commit(tmp_path, repo_root):
+    """run.json says which code ran: a hash of iqals/ and stages/, and the commit in a git checkout."""
+    tree = tmp_path / "tree"
+    for d in ("iqals", "stages"):
+        shutil.copytree(repo_root / d, tree / d, ignore=shutil.ignore_patterns("__pycache__"))
+    v = gpu_study.code_version(tree)
+    assert v == {"source_sha256": gpu_study.code_version(repo_root)["source_sha256"], "commit": None,
+                 "uncommitted_changes": None}  # a plain copy, as on the device
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tree)]
+    for argv in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "x"]):
+        subprocess.run(git + argv, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert gpu_study.code_version(tree) == {**v, "commit": head, "uncommitted_changes": False}
+    with open(tree / "stages" / "train.py", "a") as f:
+        f.write("\n")
+    changed = gpu_study.code_version(tree)
+    assert changed["uncommitted_changes"] is True and changed["source_sha256"] != v["source_sha256"]
+    assert "commit " + head[:12] + " with uncommitted changes" in gpu_results._code(changed)
+    assert "not recorded" in gpu_results._code(None)
