@@ -269,7 +269,7 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
         checks = matches()
     for f, ok in checks.items():
         if not ok:
-            log.warning("%s differs from the GPU run's (other OpenCV/torch?): the report's inputs "
+            log.warning("%s differs from the GPU run's (other code, OpenCV or torch?): the report's inputs "
                         "besides the results are not the run's", f)
     sh(["python", "-m", "stages.report", "--metrics", str(profile_dir / "metrics"),
         "--predictions", str(profile_dir / "predictions"), "--logs", str(profile_dir / "logs"),
