@@ -387,7 +387,7 @@ def code_version(repo: Path) -> dict:
     git = [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain", "--", "iqals", "stages"]]
     try:
         head, dirty = (subprocess.run(a, cwd=repo, capture_output=True, text=True, timeout=30) for a in git)
-    except OSError:  # no git
+    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
         head = dirty = None
     commit = head.stdout.strip() if head is not None and head.returncode == 0 else None
     return {"source_sha256": h.hexdigest()[:16], "commit": commit,
