@@ -42,7 +42,6 @@ if str(REPO_ROOT) not in sys.path:
 from bench.cli import out_path  # noqa: E402
 from iqals.io import write_json, write_text  # noqa: E402
 
-OUT = REPO_ROOT / "bench" / "out"
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
 RESULTS_MD = REPO_ROOT / "bench" / "results.md"
 ALL = ("ssim", "distort", "train_cpu", "train_cuda", "train_group", "train_gpu", "dvc", "parallel")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .data import SPLITS
 from .gpu_study import REPO, StudyError, _sha256, load_config, plan, stage_env, with_python
 from .io import write_text
 
@@ -173,7 +174,7 @@ def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None)
     info = json.loads((d / "run.json").read_text())
     raw = yaml.safe_load((d / "params.yaml").read_text())
     v, t = info["variant"], raw["train"]
-    n_train = raw["base"]["train_size"] or 50_000
+    n_train = raw["base"]["train_size"] or SPLITS["train"]
     evaluated = sorted(f.stem for f in (d / "metrics").glob("*.json") if f.stem in info["strategies"])
     absent = [s for s in info["strategies"] if s not in evaluated]
     test = json.loads((d / "metrics" / f"{evaluated[0]}.json").read_text())["test_images"] if evaluated else None
