@@ -8,7 +8,8 @@
    from dvc.yaml exactly as DVC expands them (tests/test_gpu_study.py compares both), except
    that the per-run training stages become grouped `stages.train --run S:k ...` calls.
 4. First the converged schedule, then the longest schedule of the list whose projected time
-   (from the converged run's measured times) fits what is left of the budget.
+   (from the converged run's measured times) fits what is left of the budget. Or, given
+   `epochs`, `seeds` or `strategies`, one profile with those instead (`one_profile`).
 5. After every stage the profile's results go into <out>/<profile>.tar: params.yaml, run.json
    (variant, device, per-stage times, data checksums), probe.json, study.log, metrics,
    per-epoch logs, compact predictions (predicted class, float16 probabilities) and plots; no
@@ -127,6 +128,25 @@ def long_overrides(epochs: int, ratio: float) -> dict:
     return {"train.epochs": epochs, "train.lr_decay_epochs": max(1, decay)}
 
 
+def one_profile(cfg: Config, raw_params: dict, epochs: int | None = None, seeds: list[int] | None = None,
+                strategies: list[str] | None = None) -> dict:
+    """The overrides of a single profile: the converged one with another schedule (decay at the
+    paper's ratio), seeds or subset of strategies (in params.yaml's order)."""
+    out = dict(cfg.converged)
+    if epochs is not None:
+        out.update(long_overrides(epochs, cfg.decay_ratio))
+    if seeds is not None:
+        out["train.seeds"] = list(seeds)
+    if strategies is not None:
+        known = raw_params["strategies"]
+        if not strategies or set(strategies) - set(known):
+            raise StudyError(f"--strategies {','.join(strategies)}: expected some of {', '.join(known)}")
+        if need := [s for s in raw_params["report"]["fig4_strategies"] if s not in strategies]:
+            raise StudyError(f"--strategies {','.join(strategies)}: Figure 4 (report.fig4_strategies) needs {', '.join(need)}")
+        out["strategies"] = {s: v for s, v in known.items() if s in strategies}
+    return out
+
+
 def profile_name(cfg: Config, epochs: int) -> str:
     return f"{cfg.name}_e{epochs}"
 
@@ -192,9 +212,16 @@ def expand_stages(dvc: dict, raw_params: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def _strategy_of(cmd: str) -> str | None:
+    argv = shlex.split(cmd)
+    return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--strategy"), None)
+
+
 def plan(dvc: dict, raw_params: dict, stage_order: tuple[str, ...]) -> list[tuple[str, str, str]]:
-    """expand_stages in the order `dvc repro` runs them (stage_order, then dvc.yaml's order)."""
-    stages = expand_stages(dvc, raw_params)
+    """expand_stages in the order `dvc repro` runs them (stage_order, then dvc.yaml's order),
+    without the stages of strategies that params' `strategies` leaves out (`one_profile`; DVC
+    itself would refuse such a params.yaml)."""
+    stages = [s for s in expand_stages(dvc, raw_params) if _strategy_of(s[2]) in (None, *raw_params["strategies"])]
     names = list(dict.fromkeys(s for _, s, _ in stages))
     if sorted(names) != sorted(stage_order):
         raise StudyError(f"stage_order {list(stage_order)} does not list exactly dvc.yaml's stages {names}: "
@@ -378,6 +405,18 @@ def _sha256(path: Path) -> str | None:
     return sha256(path) if path.is_file() else None
 
 
+# the modules a probe runs (iqals/variants.py and what it imports): a cached probe holds while they do
+PROBE_SOURCES = ("variants", "model", "stacked", "steps", "train", "mixture", "params", "seeds")
+
+
+def probe_key(torch_version: str, device_name: str) -> str:
+    """Identity of a probe's result: the training-step sources it ran, torch and the device."""
+    h = hashlib.sha256()
+    for m in PROBE_SOURCES:
+        h.update((Path(__file__).parent / f"{m}.py").read_bytes())
+    return f"{h.hexdigest()[:16]}-{torch_version}-{device_name}"
+
+
 def code_version(repo: Path) -> dict:
     """Which code ran: a sha256 of iqals/ and stages/ (any checkout can be matched against it), and
     the git commit where the tree is a checkout (the device's copy of the working tree may not be)."""
@@ -473,8 +512,8 @@ class Study:
         except ImportError as e:
             raise StudyError(f"the training-step variants (iqals/variants.py) are missing: {e}") from None
         device = model_lib.pick_device(p.train.device)
-        key = hashlib.sha256(Path(variants.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-        key += f"-{torch.__version__}-{torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}"
+        key = probe_key(torch.__version__,
+                        torch.cuda.get_device_name() if device.type == "cuda" else platform.processor())
         cache = self.work / "probe.json"
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
         if cached.get("key") == key:
@@ -658,8 +697,10 @@ def describe(cfg: Config, ips: list[float], group: int, repo: Path = REPO) -> st
 
 def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s: float,
               probe_only: bool = False, probe_seconds: float | None = None, device: str | None = None,
-              repo: Path = REPO) -> dict:
-    """The whole study (module docstring); returns {profile: status}."""
+              repo: Path = REPO, epochs: int | None = None, seeds: list[int] | None = None,
+              strategies: list[str] | None = None) -> dict:
+    """The whole study (module docstring); returns {profile: status}. Given epochs, seeds or
+    strategies: that one profile only (`one_profile`), no longer schedule after it."""
     cfg = load_config(config)
     out.mkdir(parents=True, exist_ok=True)
     (work / "run").mkdir(parents=True, exist_ok=True)
@@ -671,7 +712,8 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         raw = yaml.safe_load((repo / "params.yaml").read_text())
         dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
         base = with_overrides(raw, {**cfg.common, **({"train.device": device} if device else {})})
-        first = with_overrides(base, cfg.converged)
+        single = not (epochs is None and seeds is None and strategies is None)
+        first = with_overrides(base, one_profile(cfg, base, epochs, seeds, strategies))
         plan(dvc, first, cfg.stage_order)  # dvc.yaml and stage_order agree, before any work
         if parts is not None and not probe_only:
             from .pack import check_parts
@@ -696,6 +738,8 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
                  len(first["train"]["seeds"]), first["train"]["epochs"], study.left())
         timing = study.run_profile(name, with_overrides(first, vo), variant, dvc, data_done=False, fit=True)
         status[name] = "complete"
+        if single:
+            return status
         # the longest schedule that fits with every seed; else with fewer (at least one)
         seeds, n_strategies = list(base["train"]["seeds"]), len(base["strategies"])
         projected = {e: round(timing.project(e, n_strategies * len(seeds)), 1) for e in cfg.long_epochs}

@@ -4,7 +4,9 @@
 
 reassembles CIFAR-10 from its parts, smoke-checks and times the training-step variants, then
 runs the pipeline's own stages (the order and commands of `dvc repro`, training grouped) for
-the converged schedule and then the longest schedule of gpu_study.yaml that fits the budget.
+the converged schedule and then the longest schedule of gpu_study.yaml that fits the budget;
+with --epochs, --seeds or --strategies, that one profile instead (e.g. `--epochs 60 --seeds 0
+--strategies S1,S2,S3,S4,S5,S6,S7,S8,S9`: Table 2 only, one seed, lr decay at the paper's ratio).
 Results: <out>/<profile>.tar after every stage, <out>/study.log, <out>/stages.log,
 <out>/probe.json. `--probe-only` stops after the probe (a first device call); a later call on
 the same machine reuses its result. `--describe --ips N` prints the plan and the projected
@@ -32,6 +34,12 @@ def main() -> None:
     ap.add_argument("--probe-only", action="store_true", help="stop after the smoke check and probe")
     ap.add_argument("--probe-s", type=float, default=None, help="override probe_seconds of the config")
     ap.add_argument("--device", default=None, help="override train.device (auto | cpu | cuda)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="one profile of this many epochs (decay at gpu_study.yaml's long.decay_ratio)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="one profile with these seeds (comma-separated)")
+    ap.add_argument("--strategies", type=lambda s: s.split(","), default=None,
+                    help="one profile with only these strategies (comma-separated, e.g. S1,S2,S3)")
     ap.add_argument("--describe", action="store_true",
                     help="only print the plan and the projected training minutes per schedule")
     ap.add_argument("--ips", type=float, action="append", help="with --describe: images/s summed over runs")
@@ -45,7 +53,8 @@ def main() -> None:
     try:
         status = gpu_study.run_study(args.parts, args.work, args.out, args.config, args.budget_s,
                                      probe_only=args.probe_only, probe_seconds=args.probe_s,
-                                     device=args.device)
+                                     device=args.device, epochs=args.epochs, seeds=args.seeds,
+                                     strategies=args.strategies)
     except PackError as e:
         raise gpu_study.StudyError(f"data parts: {e}") from None
     logging.getLogger("gpu_study").info("status: %s", status)

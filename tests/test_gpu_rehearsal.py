@@ -49,7 +49,7 @@ def device_env(dest: Path, tmp: Path) -> dict:
     """PYTHONPATH as on the GPU machine: the copy, and no dvc or piq (blocked on purpose)."""
     block = tmp / "absent"
     for name in ("dvc", "piq"):
-        (block / name).mkdir(parents=True)
+        (block / name).mkdir(parents=True, exist_ok=True)
         (block / name / "__init__.py").write_text(f"raise ImportError('{name} is absent on the GPU machine')\n")
     return dict(os.environ, PYTHONPATH=f"{block}{os.pathsep}{dest}", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                 PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -144,6 +144,29 @@ def test_results_layout_metrics_and_regenerated_report(rehearsal, tiny_cifar):
     md = (cut / "plots" / "report.md").read_text()
     assert "**Not evaluated:** S3" in md and "| S3 |" not in md and "| S2 |" in md
     assert "not evaluated: S3" in (cut / "RUN.md").read_text()
+
+
+@pytest.mark.slow
+def test_one_profile_of_some_strategies_and_seeds(rehearsal):
+    """--epochs/--seeds/--strategies: that profile alone, reusing the reassembled data and the probe."""
+    tmp, dest, _, _ = rehearsal
+    out = tmp / "OUT_one"
+    r = subprocess.run([sys.executable, "-m", "stages.gpu_study", "--out", str(out), "--budget-s", "600",
+                        "--work", str(tmp / "work"), "--epochs", "2", "--seeds", "1", "--strategies", "S3,S1,S2"],
+                       cwd=dest, env=device_env(dest, tmp), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_e2.tar", "probe.json", "stages.log", "study.log"]
+    assert "variant from the earlier probe" in (out / "study.log").read_text()
+    with tarfile.open(out / "gpu_e2.tar") as tar:
+        members = set(tar.getnames())
+        run = json.loads(tar.extractfile("run.json").read())
+        params = yaml.safe_load(tar.extractfile("params.yaml").read())
+    assert run["status"] == "complete" and run["seeds"] == [1] and run["strategies"] == ["S1", "S2", "S3"]
+    assert params["train"]["epochs"] == 2 and params["train"]["lr_decay_epochs"] == 1  # 0.5 x 2
+    assert list(params["strategies"]) == ["S1", "S2", "S3"]  # params.yaml's order
+    assert {m for m in members if m.startswith(("metrics/S", "logs/"))} == {
+        f"{d}/{s}{f}" for s in ("S1", "S2", "S3") for d, f in (("metrics", ".json"), ("logs", "/seed1.tsv"))}
+    assert [s["stage"] for s in run["stages"]][-3:] == ["train", "evaluate", "report"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,47 @@ def test_plan_is_what_dvc_repro_runs(tmp_path, repo_root, raw_params, cfg):
     got = gpu_study.plan(yaml.safe_load((tmp_path / "dvc.yaml").read_text()), raw, cfg.stage_order)
     assert [(n, c) for n, _, c in got] == want
     assert ("train_onehot@S1-3", "python -m stages.train --strategy S1 --seed 3") in want  # the case matters
+
+
+def test_plan_leaves_out_the_strategies_params_leave_out(dvc_yaml, raw_params, cfg):
+    full = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order)
+    sub = gpu_study.with_overrides(raw_params, gpu_study.one_profile(cfg, raw_params, strategies=["S3", "S2", "S1"]))
+    steps = gpu_study.plan(dvc_yaml, sub, cfg.stage_order)
+    strategies = {gpu_study._strategy_of(c) for _, _, c in steps} - {None}
+    assert strategies == {"S1", "S2", "S3"} and len(full) > len(steps)
+    n_seeds = len(raw_params["train"]["seeds"])
+    assert sum(1 for _, s, _ in steps if s == "train_onehot") == 2 * n_seeds
+    assert [c for _, s, c in steps if s == "train_scored"] == [
+        f"python -m stages.train --strategy S3 --seed {k} --scores data/scores" for k in raw_params["train"]["seeds"]]
+    assert [x for x in full if gpu_study._strategy_of(x[2]) is None] == [
+        x for x in steps if gpu_study._strategy_of(x[2]) is None]  # data stages and report unchanged
+
+
+def test_one_profile_overrides(cfg, raw_params):
+    assert gpu_study.one_profile(cfg, raw_params) == cfg.converged
+    o = gpu_study.one_profile(cfg, raw_params, epochs=60, seeds=[0], strategies=["S9", "S3", "S1", "S2"])
+    assert o["train.epochs"] == 60 and o["train.lr_decay_epochs"] == 11  # 0.175 x 60 = 10.5, half up
+    assert o["train.seeds"] == [0] and list(o["strategies"]) == ["S1", "S2", "S3", "S9"]
+    assert o["strategies"]["S9"] == raw_params["strategies"]["S9"]
+    for bad in (["S1", "S10"], []):
+        with pytest.raises(gpu_study.StudyError, match="--strategies.*expected some of S1, S2"):
+            gpu_study.one_profile(cfg, raw_params, strategies=bad)
+    fig4 = raw_params["report"]["fig4_strategies"]
+    with pytest.raises(gpu_study.StudyError, match=f"Figure 4 .* needs {fig4[-1]}"):
+        gpu_study.one_profile(cfg, raw_params, strategies=fig4[:-1])
+
+
+def test_probe_key_follows_the_step_sources_torch_and_device(tmp_path, monkeypatch):
+    key = gpu_study.probe_key("2.11.0", "NVIDIA H100")
+    assert key == gpu_study.probe_key("2.11.0", "NVIDIA H100")
+    assert key != gpu_study.probe_key("2.11.1", "NVIDIA H100") != gpu_study.probe_key("2.11.0", "NVIDIA H200")
+    src = Path(gpu_study.__file__).parent
+    for m in gpu_study.PROBE_SOURCES:
+        (tmp_path / f"{m}.py").write_bytes((src / f"{m}.py").read_bytes())
+    monkeypatch.setattr(gpu_study, "__file__", str(tmp_path / "gpu_study.py"))  # the driver itself is not hashed
+    assert gpu_study.probe_key("2.11.0", "NVIDIA H100") == key
+    (tmp_path / "steps.py").write_text((src / "steps.py").read_text() + "\n# changed\n")
+    assert gpu_study.probe_key("2.11.0", "NVIDIA H100") != key
 
 
 def test_stage_order_lists_the_repository_stages(dvc_yaml, raw_params, cfg):
