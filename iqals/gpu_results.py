@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from .data import SPLITS
-from .gpu_study import REPO, StudyError, _sha256, load_config, plan, stage_env, with_python
+from .gpu_study import REPO, StudyError, _sha256, commit_of_sources, load_config, plan, stage_env, with_python
 from .io import write_text
 
 log = logging.getLogger("gpu_results")
@@ -133,6 +133,10 @@ def unpack_all(folder: str | Path, results: str | Path = "results", dvc_yaml: st
     out = {}
     for name, vols in found.items():
         dest = unpack_profile(vols, Path(results) / name)
+        whole = Path(folder) / "study.log"  # the call's whole log: also what came after the last archive write
+        if whole.is_file() and (dest / "study.log").is_file() and \
+                whole.read_text().startswith((dest / "study.log").read_text()):
+            shutil.copyfile(whole, dest / "study.log")
         status = json.loads((dest / "run.json").read_text()).get("status") if (dest / "run.json").is_file() else None
         log.info("%s -> %s (status: %s)", ", ".join(v.name for v in vols), dest, status)
         if dvc_yaml and (dest / "metrics").is_dir():
@@ -158,16 +162,23 @@ def logged_calls(study_log: str, profile: str) -> dict[str, list[dict]]:
     return out
 
 
-def _code(c: dict | None) -> str:
-    """run.json's code entry in words (iqals.gpu_study.code_version)."""
+def _code(c: dict | None, repo: Path = REPO) -> str:
+    """run.json's code entry in words (iqals.gpu_study.code_version): the commit of this
+    repository with those sources, else what the machine's copy said of itself."""
     if c is None:
         return "not recorded (run.json had no code entry before 2026-11-27)"
-    where = (f"commit {c['commit'][:12]}" + (" with uncommitted changes" if c["uncommitted_changes"] else "")
-             if c["commit"] else "no git checkout where it ran")
-    return f"sources sha256 {c['source_sha256']} (iqals/ and stages/: `iqals.gpu_study.code_version`), {where}"
+    found = commit_of_sources(repo, c["source_sha256"])
+    if found:
+        where = f"those of commit {found[:12]} (matched in this repository's history)"
+    elif c["commit"]:
+        where = (f"not in this repository's history; the machine's copy said commit {c['commit'][:12]}"
+                 + (" with uncommitted changes" if c["uncommitted_changes"] else ""))
+    else:
+        where = "not in this repository's history; no git checkout where it ran"
+    return f"sources sha256 {c['source_sha256']} (iqals/ and stages/: `iqals.gpu_study.code_version`): {where}"
 
 
-def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None) -> str:
+def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None, repo: Path = REPO) -> str:
     """RUN.md of a GPU profile: machine, training step, schedule, status, the time of every stage
     and the probe, all from run.json, probe.json, study.log and the training logs."""
     d = Path(profile_dir)
@@ -180,8 +191,8 @@ def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None)
     test = json.loads((d / "metrics" / f"{evaluated[0]}.json").read_text())["test_images"] if evaluated else None
     rows = [("device", f"{info.get('device')}, torch {info.get('torch')}, Python {info.get('python')}, "
                        f"{info.get('cpus')} CPU cores"),
-            ("training step", f"{v['precision']}, {v['step']}, {v['group']} runs stacked per call (the probe's "
-                              f"fastest that passed its check: {v['images_per_s']:,.0f} images/s)"),
+            ("training step", f"{v['precision']}, {v['step']}, up to {v['group']} runs stacked per call (the probe's "
+                              f"fastest that passed its check: {v['images_per_s']:,.0f} images/s at {v['group']})"),
             ("schedule", f"{info['epochs']} epochs, lr {t['lr']:g} x{t['lr_decay']:g} every "
                          f"{info['lr_decay_epochs']} epochs, batch {t['batch_size']}, {n_train:,} training images"),
             ("seeds", str(info["seeds"]) + (f" (planned {info['seeds_planned']}: the others did not fit)"
@@ -190,11 +201,11 @@ def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None)
                            + (f"; not evaluated: {', '.join(absent)}" if absent else "")),
             ("test set", f"{test:,} images" if test else "none evaluated"),
             ("status", info["status"]),
-            ("code", _code(info.get("code")))]
+            ("code", _code(info.get("code"), repo))]
     if checks:
-        rows.append(("data", "the test images, distorted copies and scores regenerated on the CPU have the "
-                             "GPU run's sha256" if all(checks.values()) else
-                             f"differ from the GPU run's: {[f for f, ok in checks.items() if not ok]}"))
+        same, other = ([f"`{f}`" for f, ok in checks.items() if ok is want] for want in (True, False))
+        rows.append(("data", "regenerated on the CPU: " + (f"the same as the GPU run's: {', '.join(same)}" if same else "")
+                     + ("; " if same and other else "") + (f"different: {', '.join(other)}" if other else "")))
     md = [f"**GPU run `{d.name}`**", "", "| | |", "|---|---|", *[f"| {k} | {x} |" for k, x in rows], "",
           "Time of each part on the device (wall seconds; a call stopped at the end of `--budget-s` counts "
           "as not finished):", "", "| part | seconds | calls |", "|---|---|---|"]
@@ -268,6 +279,9 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
                 log.info("data for the report: %s", cmd)
                 sh(shlex.split(cmd))
         checks = matches()
+    for f in sorted((work / "metrics").glob("*.json")):  # the data stages' summaries, where both have them
+        if (profile_dir / "metrics" / f.name).is_file():
+            checks[f"metrics/{f.name}"] = json.loads(f.read_text()) == json.loads((profile_dir / "metrics" / f.name).read_text())
     for f, ok in checks.items():
         if not ok:
             log.warning("%s differs from the GPU run's (other code, OpenCV or torch?): the report's inputs "
@@ -278,5 +292,5 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
         "--distorted", str(work / "data/distorted"), "--scores", str(work / "data/scores"),
         "--paper", str(repo / "reference"), "--out", str(out), "--missing", "skip"])
     log.info("report regenerated from %s into %s", profile_dir, out)
-    write_text(profile_dir / "RUN.md", run_markdown(profile_dir, checks))
+    write_text(profile_dir / "RUN.md", run_markdown(profile_dir, checks, repo))
     return checks

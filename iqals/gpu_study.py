@@ -417,20 +417,52 @@ def probe_key(torch_version: str, device_name: str) -> str:
     return f"{h.hexdigest()[:16]}-{torch_version}-{device_name}"
 
 
-def code_version(repo: Path) -> dict:
-    """Which code ran: a sha256 of iqals/ and stages/ (any checkout can be matched against it), and
-    the git commit where the tree is a checkout (the device's copy of the working tree may not be)."""
+SOURCES = ("iqals", "stages")  # the code a run's results depend on: their top-level *.py files
+
+
+def _source_hash(files) -> str:
+    """sha256 over (path, contents) pairs, in path order."""
     h = hashlib.sha256()
-    for f in sorted([*repo.glob("iqals/*.py"), *repo.glob("stages/*.py")]):
-        h.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes())
-    git = [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain", "--", "iqals", "stages"]]
+    for name, data in sorted(files):
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()[:16]
+
+
+def code_version(repo: Path) -> dict:
+    """Which code ran: a sha256 of iqals/ and stages/ (any checkout can be matched against it:
+    `commit_of_sources`), and the git commit where the tree is a checkout (the device's copy may
+    be none, or carry older git metadata than its files)."""
+    files = [(f.relative_to(repo).as_posix(), f.read_bytes()) for d in SOURCES for f in repo.glob(f"{d}/*.py")]
+    git = [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain", "--", *SOURCES]]
     try:
         head, dirty = (subprocess.run(a, cwd=repo, capture_output=True, text=True, timeout=30) for a in git)
     except (OSError, subprocess.SubprocessError):  # no git, or it hangs
         head = dirty = None
     commit = head.stdout.strip() if head is not None and head.returncode == 0 else None
-    return {"source_sha256": h.hexdigest()[:16], "commit": commit,
+    return {"source_sha256": _source_hash(files), "commit": commit,
             "uncommitted_changes": bool(dirty.stdout.strip()) if commit else None}
+
+
+def commit_of_sources(repo: Path, source_sha256: str) -> str | None:
+    """The newest commit of repo's history whose iqals/ and stages/ hash to source_sha256 (the
+    commit that last changed them to that state); None if none does or there is no git."""
+    def git(*a, **kw):
+        return subprocess.run(["git", *a], cwd=repo, capture_output=True, check=True, timeout=120, **kw).stdout
+    try:
+        for commit in git("log", "--format=%H", "--", *SOURCES).decode().split():
+            names = [n for n in git("ls-tree", "--name-only", commit, *(f"{d}/" for d in SOURCES)).decode().split("\n")
+                     if n.endswith(".py")]
+            out, files = git("cat-file", "--batch", input="".join(f"{commit}:{n}\n" for n in names).encode()), []
+            for n in names:  # each: "<sha> blob <size>\n<contents>\n"
+                header, out = out.split(b"\n", 1)
+                size = int(header.split()[2])
+                files.append((n, out[:size]))
+                out = out[size + 1:]
+            if _source_hash(files) == source_sha256:
+                return commit
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None
 
 
 def _epoch_seconds(tsv: Path) -> float:

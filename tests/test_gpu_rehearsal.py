@@ -112,6 +112,9 @@ def test_results_layout_metrics_and_regenerated_report(rehearsal, tiny_cifar):
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
     got = gpu_results.unpack_all(out, dest / "results", dest / "dvc.yaml", root=dest)
     assert sorted(got) == ["gpu_e1", "gpu_e3"]
+    for name in got:  # each profile keeps the call's whole log, the choice of the longer schedule included
+        assert (dest / "results" / name / "study.log").read_text() == (out / "study.log").read_text()
+    assert "projected seconds per schedule" in (out / "study.log").read_text()
     r1 = dest / "results" / "gpu_e1"
     assert yaml.safe_load((r1 / "params.yaml").read_text())["train"]["epochs"] == 1
     assert len((r1 / "logs" / "S3" / "seed1.tsv").read_text().splitlines()) == 2  # header + 1 epoch
@@ -125,6 +128,7 @@ def test_results_layout_metrics_and_regenerated_report(rehearsal, tiny_cifar):
     # the report regenerates on the CPU from the brought-back results alone
     checks = gpu_results.regenerate_report(r1, tmp / "regen", tmp / "regen_plots", cifar=tiny_cifar, repo=dest)
     assert checks and all(checks.values())  # the report's other inputs equal the run's
+    assert {"data/scores/train.npy", "metrics/score.json"} <= set(checks)  # bytes, and the per-level summaries
     for f in ("table2.csv", "controls.csv", "unseen.csv"):  # from metrics: identical
         assert (tmp / "regen_plots" / f).read_text() == (r1 / "plots" / f).read_text(), f
     a = pd.read_csv(tmp / "regen_plots" / "calibration.csv")  # from float16 probabilities: close

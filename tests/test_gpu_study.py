@@ -366,5 +366,28 @@ def test_code_version_names_the_sources_and_the_commit(tmp_path, repo_root):
         f.write("\n")
     changed = gpu_study.code_version(tree)
     assert changed["uncommitted_changes"] is True and changed["source_sha256"] != v["source_sha256"]
-    assert "commit " + head[:12] + " with uncommitted changes" in gpu_results._code(changed)
-    assert "not recorded" in gpu_results._code(None)
+    assert "not in this repository's history; the machine's copy said commit " + head[:12] + \
+        " with uncommitted changes" in gpu_results._code(changed, tree)
+    assert "not recorded" in gpu_results._code(None, tree)
+    # the CPU side finds the commit by the sources' hash, whatever git metadata the machine's copy had
+    assert gpu_study.commit_of_sources(tree, v["source_sha256"]) == head
+    assert f"those of commit {head[:12]} (matched" in gpu_results._code({**v, "commit": "0" * 40}, tree)
+    assert gpu_study.commit_of_sources(tree, changed["source_sha256"]) is None
+    for argv in (["commit", "-q", "-am", "y"], ["commit", "-q", "--allow-empty", "-m", "z"]):
+        subprocess.run(git + argv, check=True, capture_output=True)
+    second = subprocess.run(git + ["rev-parse", "HEAD~1"], capture_output=True, text=True).stdout.strip()
+    assert gpu_study.commit_of_sources(tree, changed["source_sha256"]) == second  # the one that made them
+    assert gpu_study.commit_of_sources(tree, v["source_sha256"]) == head
+    assert gpu_study.commit_of_sources(tmp_path / "nowhere", v["source_sha256"]) is None
+
+
+def test_run_summary_names_the_data_that_match_and_that_differ(repo_root):
+    d = repo_root / "results" / "gpu_e16"
+    md = gpu_results.run_markdown(d, {"data/raw/test.npz": True, "data/scores/test.npy": False,
+                                      "metrics/score.json": True}, repo_root)
+    assert ("| data | regenerated on the CPU: the same as the GPU run's: `data/raw/test.npz`, `metrics/score.json`; "
+            "different: `data/scores/test.npy` |") in md
+    assert "| data | regenerated on the CPU: the same as the GPU run's: `data/raw/test.npz` |" in \
+        gpu_results.run_markdown(d, {"data/raw/test.npz": True}, repo_root)
+    assert "| data |" not in gpu_results.run_markdown(d, None, repo_root)
+
