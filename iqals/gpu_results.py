@@ -131,12 +131,12 @@ def unpack_all(folder: str | Path, results: str | Path = "results", dvc_yaml: st
     if not found:
         raise StudyError(f"{folder}: no <profile>.tar archives (expected the files a GPU run wrote to $OUT)")
     out = {}
+    whole = Path(folder) / "study.log"  # the call's whole log: also what came after the last archive write
+    whole = whole.read_text() if whole.is_file() else None
     for name, vols in found.items():
         dest = unpack_profile(vols, Path(results) / name)
-        whole = Path(folder) / "study.log"  # the call's whole log: also what came after the last archive write
-        if whole.is_file() and (dest / "study.log").is_file() and \
-                whole.read_text().startswith((dest / "study.log").read_text()):
-            shutil.copyfile(whole, dest / "study.log")
+        if whole is not None and (dest / "study.log").is_file() and whole.startswith((dest / "study.log").read_text()):
+            write_text(dest / "study.log", whole)
         status = json.loads((dest / "run.json").read_text()).get("status") if (dest / "run.json").is_file() else None
         log.info("%s -> %s (status: %s)", ", ".join(v.name for v in vols), dest, status)
         if dvc_yaml and (dest / "metrics").is_dir():
