@@ -80,13 +80,13 @@ def prepare_group(runs: list[tuple[Strategy, int]], images: np.ndarray, labels: 
     return out
 
 
-def parse_runs(strategy: str | None, seed: int | None, run: list[str] | None, scores: str | None,
+def parse_runs(strategy: str | None, seed: int | str | None, run: list[str], scores: str | None,
                p: Params) -> list[tuple[Strategy, int]]:
     """The train stage's runs (--strategy S --seed k, or --run S:k ...), checked against
     params.yaml and --scores."""
-    if (run is None) == (strategy is None or seed is None):
+    if bool(run) == (strategy is not None and seed is not None):
         raise UsageError("give either --strategy S --seed k, or one or more --run S:k")
-    specs = [(strategy, str(seed))] if run is None else [r.partition(":")[::2] for r in run]
+    specs = [(strategy, str(seed))] if not run else [r.partition(":")[::2] for r in run]
     runs = []
     for name, k in specs:
         if name not in p.strategies:

@@ -8,25 +8,21 @@ import sys
 from iqals import params as params_lib
 from iqals.errors import ExpectedError
 
-PARAMS_FILE = "params.yaml"
-
 
 def setup(name: str) -> params_lib.Params:
     """Configure logging and load + validate params.yaml before any work starts."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    return params_lib.load(PARAMS_FILE)
+    return params_lib.load()
 
 
 def cli(doc: str, **defaults: str | list | None) -> argparse.Namespace:
-    """The stage's options: --name for each keyword, with that default (None: required; a list:
-    the option may be repeated, [] = at least once)."""
-    ap = argparse.ArgumentParser(description=doc)
+    """The stage's options: --name (underscores as dashes) for each keyword, with that default
+    (None: not given; a list: the option may be repeated, and its values are appended)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in defaults.items():
-        if isinstance(default, list):
-            ap.add_argument(f"--{name}", action="append", required=not default)
-        else:
-            ap.add_argument(f"--{name}", default=default, required=default is None)
+        ap.add_argument(f"--{name.replace('_', '-')}", default=default,
+                        action="append" if isinstance(default, list) else "store")
     return ap.parse_args()
 
 

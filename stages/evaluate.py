@@ -1,5 +1,6 @@
 """Stage evaluate: one strategy's models (every seed) on the ten test sets; `--strategy` repeated
-evaluates several in one process (the GPU study does), writing what each one-strategy call writes.
+evaluates several in one process (the GPU study does), writing what each one-strategy call writes;
+without `--strategy`, every strategy of params.yaml.
 
 metrics/<strategy>.json: per test set, mean over seeds of accuracy, true-class confidence, NLL
 and ECE (and the std of accuracy); per seed, the accuracies; under "unseen", the accuracy on
@@ -25,14 +26,15 @@ def main() -> None:
     args = cli(__doc__, strategy=[], raw="data/raw", distorted="data/distorted", corrupted="data/corrupted",
                models="models", metrics="metrics", predictions="data/predictions")
     p = setup("evaluate")
-    for name in args.strategy:
+    names = list(dict.fromkeys(args.strategy or p.strategies))
+    for name in names:
         if name not in p.strategies:
             raise UsageError(f"--strategy {name}: not in params.yaml strategies {sorted(p.strategies)}")
     device = model_lib.pick_device(p.train.device)
     images, labels = load_npz(Path(args.raw) / "test.npz", "test")
     distorted = np.load(Path(args.distorted) / "test.npy", mmap_mode="r")
     corrupted = np.load(Path(args.corrupted) / "test.npy", mmap_mode="r")
-    for name in dict.fromkeys(args.strategy):
+    for name in names:
         nets = {k: evaluate.load_model(Path(args.models) / name / f"seed{k}.pt", p, device) for k in p.train.seeds}
         probs, metrics = evaluate.evaluate_strategy(name, nets, images, distorted, corrupted, labels, p, device)
         save_npz(Path(args.predictions) / f"{name}.npz", probs=probs, labels=labels,

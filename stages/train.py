@@ -12,7 +12,6 @@ lets an interrupted run resume.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -21,24 +20,14 @@ import numpy as np
 from iqals import train as train_lib
 from iqals.data import load_npz
 from iqals.model import pick_device
-from stages.common import run, setup
+from stages.common import cli, run, setup
 
 log = logging.getLogger("train")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategy")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--run", action="append", metavar="S:k", help="a run to train together with the others")
-    ap.add_argument("--raw", default="data/raw")
-    ap.add_argument("--distorted", default="data/distorted")
-    ap.add_argument("--scores", default=None, help="data/scores: iff some run's strategy uses them")
-    ap.add_argument("--models", default="models")
-    ap.add_argument("--logs", default="logs")
-    ap.add_argument("--checkpoints", default="checkpoints")
-    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (tests)")
-    args = ap.parse_args()
+    args = cli(__doc__, strategy=None, seed=None, run=[], raw="data/raw", distorted="data/distorted",
+               scores=None, models="models", logs="logs", checkpoints="checkpoints", stop_after=None)
     p = setup("train")
     runs = train_lib.parse_runs(args.strategy, args.seed, args.run, args.scores, p)
     images, labels = load_npz(Path(args.raw) / "train.npz", "train")
@@ -50,11 +39,10 @@ def main() -> None:
         log.info("%s seed %d: %s / %s, %d images, %d epochs on %s (%s, %s step)", s.name, seed, s.labels,
                  s.train_set, len(labels), p.train.epochs, device, p.train.precision, p.train.step)
     data = train_lib.prepare_group(runs, images, labels, distorted, scores, p, device)
-    names = [f"{s.name}/seed{seed}" for s, seed in runs]
-    train_lib.train_group([train_lib.Run(s, seed, d, Path(args.models) / f"{name}.pt", Path(args.logs) / f"{name}.tsv",
-                                         Path(args.checkpoints) / f"{name}.pt")
-                           for (s, seed), d, name in zip(runs, data, names)], p, device, stop_after=args.stop_after)
-
+    runs = [train_lib.Run(s, k, d, Path(args.models) / f"{s.name}/seed{k}.pt",
+                          Path(args.logs) / f"{s.name}/seed{k}.tsv", Path(args.checkpoints) / f"{s.name}/seed{k}.pt")
+            for (s, k), d in zip(runs, data)]
+    train_lib.train_group(runs, p, device, stop_after=int(args.stop_after) if args.stop_after else None)
 
 if __name__ == "__main__":
     run(main)

@@ -45,3 +45,16 @@ def test_unexpected_errors_keep_their_traceback(repo_root, error):
 def test_expected_errors_share_one_base():
     for cls in (ParamError, DataError, UsageError):
         assert issubclass(cls, ExpectedError) and issubclass(cls, ValueError), cls
+
+
+def test_cli_defaults_repeats_and_dashes(monkeypatch):
+    from stages.common import cli
+    opts = dict(strategy=None, run=[], raw="data/raw", stop_after=None)
+    monkeypatch.setattr(sys, "argv", ["stage"])
+    assert vars(cli("doc", **opts)) == {"strategy": None, "run": [], "raw": "data/raw", "stop_after": None}
+    monkeypatch.setattr(sys, "argv", ["stage", "--run", "S1:0", "--run", "S3:1", "--stop-after", "2", "--raw", "r"])
+    assert vars(cli("doc", **opts)) == {"strategy": None, "run": ["S1:0", "S3:1"], "raw": "r", "stop_after": "2"}
+    assert opts["run"] == []  # the default list is not appended to
+    monkeypatch.setattr(sys, "argv", ["stage", "--stop_after", "2"])
+    with pytest.raises(SystemExit):  # the option is spelt with a dash
+        cli("doc", **opts)

@@ -259,9 +259,9 @@ def test_gpu_group_training_matches_cpu(tmp_path, tiny, raw_params, step, precis
 
 def cli_args(*argv) -> dict:
     """The train stage's options as parse_runs takes them."""
-    out = {"strategy": None, "seed": None, "run": None, "scores": None}
+    out = {"strategy": None, "seed": None, "run": [], "scores": None}
     for k, v in argv:
-        out[k] = (out["run"] or []) + [v] if k == "run" else v
+        out[k] = out["run"] + [v] if k == "run" else v
     return out
 
 
@@ -269,13 +269,14 @@ def test_cli_runs_are_checked_against_params_and_scores(params):
     from iqals.train import parse_runs
     runs = parse_runs(**cli_args(("run", "S1:0"), ("run", "S3:0"), ("scores", "data/scores")), p=params)
     assert [(s.name, k) for s, k in runs] == [("S1", 0), ("S3", 0)]  # one-hot beside IQA-LS: --scores once
-    assert [(s.name, k) for s, k in parse_runs(**cli_args(("strategy", "S2"), ("seed", 0)), p=params)] == [("S2", 0)]
+    assert [(s.name, k) for s, k in parse_runs(**cli_args(("strategy", "S2"), ("seed", "0")), p=params)] == [("S2", 0)]
     for argv, match in [([("run", "S1:0")], None), ([("run", "S3:0")], "S3 .* needs --scores"),
                         ([("run", "S1:0"), ("scores", "s")], "S1 .* must not read scores"),
                         ([("run", "S1:7")], r"S1:7: seed not in params.yaml train.seeds"),
                         ([("run", "Q9:0")], "strategy 'Q9': not in params.yaml"),
                         ([("run", "S1:0"), ("run", "S1:0")], "run S1:0 given twice"),
-                        ([("run", "S1:0"), ("strategy", "S1"), ("seed", 0)], "either --strategy"),
+                        ([("run", "S1:0"), ("strategy", "S1"), ("seed", "0")], "either --strategy"),
+                        ([("strategy", "S1")], "either --strategy"), ([("strategy", "S1"), ("seed", "x")], "S1:x: seed not"),
                         ([], "either --strategy")]:
         if match is None:
             parse_runs(**cli_args(*argv), p=params)
@@ -313,6 +314,11 @@ def test_cli_trains_runs_together_as_the_single_form_would(tmp_path, repo_root, 
     with np.load(tmp_path / "data/predictions/S2.npz") as a, np.load(tmp_path / "one_p/S2.npz") as b:
         assert np.array_equal(a["probs"], b["probs"])
     assert (tmp_path / "metrics" / "S1.json").is_file() and not (tmp_path / "one_m" / "S1.json").exists()
+    # no --strategy: every strategy of params.yaml, in its order (S3 has no model here)
+    r = subprocess.run(py + ["stages.evaluate", "--metrics", "all_m", "--predictions", "all_p"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "models/S3/seed0.pt: no trained model" in r.stderr, r.stderr
+    assert sorted(f.name for f in (tmp_path / "all_m").iterdir()) == ["S1.json", "S2.json"]
     r = subprocess.run(py + ["stages.train", "--run", "S1:0", "--run", "S3:0"], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "S3 (labels iqa_ls) needs --scores" in r.stderr
