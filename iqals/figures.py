@@ -1,7 +1,7 @@
 """The report's figures: Figure 3 beside the paper's, Figure 4, confidence vs quality, training curves.
 
-Each function takes the data and a matplotlib.pyplot module and returns the figure; `write_all`
-draws and saves the four of a report.
+Each function takes the data and returns a matplotlib Figure, made without pyplot (no global
+state, no backend to choose: savefig renders with Agg); `write_all` draws and saves the four.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from .data import CLASSES, load_npz
 from .io import atomic_path
@@ -24,11 +25,12 @@ def _curve(values: dict, kind: str, key: str = "acc") -> list:
     return [values["pristine"][key]] + [values[test_set_name(t, lv)][key] for lv in range(LEVELS)]
 
 
-def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list[str]], n_seeds: int, plt):
+def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list[str]], n_seeds: int):
     """Accuracy vs distortion level, ours solid (with std over seeds as error bars when there are
     several) and the paper's faint and dashed in the same colour; baseline S1 dotted. The panel
     'all3' shows each strategy per distortion type, as the paper's Figure 3(d)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), constrained_layout=True)
+    fig = Figure(figsize=(4 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels))
     x = np.arange(LEVELS + 1)
     paper = {n: {t: {"acc": float(r[t])} for t in TEST_SETS} for n, r in paper_rows.items()}
 
@@ -58,12 +60,12 @@ def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list
     return fig
 
 
-def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, strategy_probs: dict, plt,
+def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, strategy_probs: dict,
          class_names):
     """Example test images at pristine and blur levels 1-3, with each strategy's true-class
     confidence (mean over seeds) under each thumbnail, as in the paper's Figure 4."""
-    fig, axes = plt.subplots(len(examples), LEVELS + 1, figsize=(8, 2.4 * len(examples)), constrained_layout=True)
-    axes = np.atleast_2d(axes)
+    fig = Figure(figsize=(8, 2.4 * len(examples)), layout="constrained")
+    axes = fig.subplots(len(examples), LEVELS + 1, squeeze=False)
     for r, i in enumerate(examples):
         for c in range(LEVELS + 1):
             ax = axes[r, c]
@@ -79,13 +81,14 @@ def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, 
     return fig
 
 
-def confidence_quality(conf: dict[str, np.ndarray], strategies, test_scores: np.ndarray, bins: int, plt):
+def confidence_quality(conf: dict[str, np.ndarray], strategies, test_scores: np.ndarray, bins: int):
     """Mean true-class confidence per quantile bin of the quality score, one panel per distortion
     type (its three levels pooled), for the strategies trained on pristine or on that type.
 
     conf: name -> float (types, levels, N), mean over seeds; test_scores: (types, levels, N).
     """
-    fig, axes = plt.subplots(1, len(DISTORTIONS), figsize=(5 * len(DISTORTIONS), 3.8), constrained_layout=True)
+    fig = Figure(figsize=(5 * len(DISTORTIONS), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(DISTORTIONS))
     for t, (ax, kind) in enumerate(zip(axes, DISTORTIONS)):
         s = test_scores[t].ravel()
         edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
@@ -104,9 +107,10 @@ def confidence_quality(conf: dict[str, np.ndarray], strategies, test_scores: np.
     return fig
 
 
-def training_curves(logs: dict[str, pd.DataFrame], plt):
+def training_curves(logs: dict[str, pd.DataFrame]):
     """Loss and training accuracy per epoch, mean over seeds, one line per strategy."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for i, (name, df) in enumerate(logs.items()):
         mean = df.groupby("epoch")[["loss", "train_acc"]].mean()
         style = "-" if i < 10 else "--"  # more strategies than colours
@@ -120,13 +124,12 @@ def training_curves(logs: dict[str, pd.DataFrame], plt):
     return fig
 
 
-def write_all(p: Params, d: dict, a: dict[str, Path], plt) -> None:
+def write_all(p: Params, d: dict, a: dict[str, Path]) -> None:
     """The report's four figures from its inputs `d` (iqals.report.read_inputs) and the paths `a`
     of the report stage (raw, distorted, logs, out)."""
     def save(fig, name: str) -> None:
         with atomic_path(a["out"] / name) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
 
     preds, r = d["preds"], p.report
     images, labels = load_npz(a["raw"] / "test.npz", "test")
@@ -134,8 +137,8 @@ def write_all(p: Params, d: dict, a: dict[str, Path], plt) -> None:
     conf = {n: true_confidence(preds[n]).mean(0)[1:].reshape(d["scores"]["test"].shape) for n in p.strategies}
     logs = {n: pd.concat([pd.read_csv(a["logs"] / n / f"seed{k}.tsv", sep="\t") for k in p.train.seeds])
             for n in p.strategies}
-    save(fig3(d["metrics"], d["paper_rows"], r.fig3_panels, len(p.train.seeds), plt), "fig3.png")
+    save(fig3(d["metrics"], d["paper_rows"], r.fig3_panels, len(p.train.seeds)), "fig3.png")
     save(fig4(images, blurred, labels, [i for i in r.fig4_examples if i < len(labels)],
-              {n: preds[n]["probs"] for n in r.fig4_strategies}, plt, CLASSES), "fig4.png")
-    save(confidence_quality(conf, p.strategies, d["scores"]["test"], r.quality_bins, plt), "confidence_quality.png")
-    save(training_curves(logs, plt), "training.png")
+              {n: preds[n]["probs"] for n in r.fig4_strategies}, CLASSES), "fig4.png")
+    save(confidence_quality(conf, p.strategies, d["scores"]["test"], r.quality_bins), "confidence_quality.png")
+    save(training_curves(logs), "training.png")

@@ -155,48 +155,6 @@ def regime(p: Params, n_train: int, n_full: int, n_test: int, s1_acc: float | No
     return text
 
 
-def report_markdown(p: Params, *, regime_text: str, t2_md: str, claim_text: list[str], conclusions: list[str],
-                    counts: pd.DataFrame, ctrl: pd.DataFrame, calib: pd.DataFrame, unseen_df: pd.DataFrame,
-                    clipped: int, n_boot: int) -> str:
-    levels = ", ".join(str(lv) for lv in p.report.claim_levels)
-    seeds_note = ("images and seeds" if len(p.train.seeds) > 1 else
-                  "images only (one seed: training-run variance is not included)")
-    md = [
-        "### Table 2, regenerated", "", regime_text, "",
-        "Each cell: our top-1 accuracy in %" + (" ± std over seeds" if len(p.train.seeds) > 1 else "")
-        + " (the paper's, our difference).", "", t2_md,
-        f"### Does IQA-LS beat its one-hot twin? Judged on pristine and levels {levels} of the mix's own "
-        "distortions (the paper's claim); level 3 stays in the tables", "",
-        f"Differences in points with 95% intervals from a bootstrap over {seeds_note} ({n_boot} replicates), "
-        "beside the paper's difference:", "", *claim_text, "",
-        "### Conclusions per mix", "",
-        f"Computed on the claim sets (per-image mean over pristine and levels {levels}): better / worse when the "
-        f"Holm-corrected p < {p.report.alpha:g}, else indistinguishable.", "", *conclusions, "",
-        "### Controls: is it the quality signal or just smoothing?", "",
-        "uniform_ls asks *is it the amount of smoothing?* (every image smoothed with the mix's mean IQA-LS "
-        "epsilon); shuffled_ls asks *is it which image gets which score?* (IQA-LS targets permuted within "
-        "each level, so each epoch smooths exactly as much). Accuracy on pristine and over the claim sets' "
-        "distorted levels; ECE and NLL averaged over the ten test sets.", "",
-        markdown(ctrl), "",
-        f"Tests per family (Holm within each family; primary test: bootstrap over {seeds_note}; beside it in "
-        "comparisons.csv (beside this report): per-seed McNemar combined over seeds by Cochran-Mantel-Haenszel, and a paired "
-        "t-test of per-seed accuracies when there are two or more seeds):", "",
-        markdown(counts), "",
-        "### Calibration and confidence vs quality", "",
-        "Spearman's rho between the true-class confidence (mean over seeds) and the test image's quality score, "
-        "per distortion type over its three levels; ECE/NLL per test set in calibration.csv.", "",
-        markdown(calib[["strategy", "labels", "train_set", *[f"rho_{d}" for d in DISTORTIONS],
-                        "pristine_ece", "pristine_nll"]]), "",
-        f"Targets clipped to iqa.clip on the training set: {clipped}.", "",
-        f"### Corruptions never seen in training (CIFAR-10-C style, severities {list(p.corrupt.severities)})", "",
-        "Accuracy per family, mean over severities and seeds (unseen.csv).", "",
-        markdown(unseen_df), "",
-        "![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", "",
-        "![Confidence vs quality](confidence_quality.png)", "", "![Training curves](training.png)", "",
-    ]
-    return "\n".join(md)
-
-
 def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict, n_train: int, n_full: int,
           clipped: int, not_evaluated: list[str] = ()) -> dict:
     """Every table, the report's markdown and the summary, from the evaluate stage's outputs
@@ -217,10 +175,41 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         regime_text += (f" **Not evaluated:** {', '.join(not_evaluated)} (no metrics or predictions in this "
                         "run's results): they are absent from every table and from the comparisons that need them.")
     t2_md, conclusions = table2_markdown(tables["table2"], n_seeds), claims.conclusion_lines(comps, r.alpha)
-    md = report_markdown(p, regime_text=regime_text, t2_md=t2_md, conclusions=conclusions,
-                         claim_text=claims.claim_lines(p.strategies, comps, paper_rows, r.claim_levels),
-                         counts=tables["family_counts"], ctrl=tables["controls"], calib=tables["calibration"],
-                         unseen_df=tables["unseen"], clipped=clipped, n_boot=r.bootstrap)
+    levels = ", ".join(str(lv) for lv in r.claim_levels)
+    seeds_note = "images and seeds" if n_seeds > 1 else "images only (one seed: training-run variance is not included)"
+    md = "\n".join([
+        "### Table 2, regenerated", "", regime_text, "",
+        "Each cell: our top-1 accuracy in %" + (" ± std over seeds" if n_seeds > 1 else "")
+        + " (the paper's, our difference).", "", t2_md,
+        f"### Does IQA-LS beat its one-hot twin? Judged on pristine and levels {levels} of the mix's own "
+        "distortions (the paper's claim); level 3 stays in the tables", "",
+        f"Differences in points with 95% intervals from a bootstrap over {seeds_note} ({r.bootstrap} replicates), "
+        "beside the paper's difference:", "", *claims.claim_lines(p.strategies, comps, paper_rows, r.claim_levels), "",
+        "### Conclusions per mix", "",
+        f"Computed on the claim sets (per-image mean over pristine and levels {levels}): better / worse when the "
+        f"Holm-corrected p < {r.alpha:g}, else indistinguishable.", "", *conclusions, "",
+        "### Controls: is it the quality signal or just smoothing?", "",
+        "uniform_ls asks *is it the amount of smoothing?* (every image smoothed with the mix's mean IQA-LS "
+        "epsilon); shuffled_ls asks *is it which image gets which score?* (IQA-LS targets permuted within "
+        "each level, so each epoch smooths exactly as much). Accuracy on pristine and over the claim sets' "
+        "distorted levels; ECE and NLL averaged over the ten test sets.", "",
+        markdown(tables["controls"]), "",
+        f"Tests per family (Holm within each family; primary test: bootstrap over {seeds_note}; beside it in "
+        "comparisons.csv (beside this report): per-seed McNemar combined over seeds by Cochran-Mantel-Haenszel, and a paired "
+        "t-test of per-seed accuracies when there are two or more seeds):", "",
+        markdown(tables["family_counts"]), "",
+        "### Calibration and confidence vs quality", "",
+        "Spearman's rho between the true-class confidence (mean over seeds) and the test image's quality score, "
+        "per distortion type over its three levels; ECE/NLL per test set in calibration.csv.", "",
+        markdown(tables["calibration"][["strategy", "labels", "train_set", *[f"rho_{d}" for d in DISTORTIONS],
+                                        "pristine_ece", "pristine_nll"]]), "",
+        f"Targets clipped to iqa.clip on the training set: {clipped}.", "",
+        f"### Corruptions never seen in training (CIFAR-10-C style, severities {list(p.corrupt.severities)})", "",
+        "Accuracy per family, mean over severities and seeds (unseen.csv).", "",
+        markdown(tables["unseen"]), "",
+        "![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", "",
+        "![Confidence vs quality](confidence_quality.png)", "", "![Training curves](training.png)", "",
+    ])
     summary = {"test_images": n_test, "seeds": list(p.train.seeds), "not_evaluated": list(not_evaluated),
                "conclusions": conclusions,
                "families": tables["family_counts"].set_index("family").to_dict(orient="index")}

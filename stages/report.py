@@ -11,15 +11,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from iqals import figures  # noqa: E402
-from iqals import report as rep  # noqa: E402
-from iqals.errors import UsageError  # noqa: E402
-from stages.common import cli, run, setup  # noqa: E402
+from iqals import figures
+from iqals import report as rep
+from iqals.errors import UsageError
+from stages.common import cli, run, setup
 
 INPUTS = {"metrics": "metrics", "predictions": "data/predictions", "logs": "logs", "raw": "data/raw",
           "distorted": "data/distorted", "scores": "data/scores", "paper": "reference", "out": "plots"}
@@ -33,7 +28,7 @@ def main() -> None:
     p, absent = rep.evaluated(a, setup("report"), skip_missing=missing == "skip")
     d = rep.read_inputs(a, p)
     rep.write(rep.build(p, **d, not_evaluated=absent), a["out"])
-    figures.write_all(p, d, a, plt)
+    figures.write_all(p, d, a)
     logging.getLogger("report").info("wrote %s", ", ".join(sorted(x.name for x in a["out"].iterdir())))
 
 

@@ -1,18 +1,14 @@
 """Table 2 layout, the comparisons and their statistics, the conclusion lines, regime and figures."""
 import dataclasses
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from scipy import stats as scipy_stats  # noqa: E402
-
-from iqals import claims, figures, mixture, stats  # noqa: E402
-from iqals import report as rep  # noqa: E402
-from iqals.params import TEST_SETS, Strategy  # noqa: E402
+from iqals import claims, figures, mixture, stats
+from iqals import report as rep
+from iqals.params import TEST_SETS, Strategy
 
 
 @pytest.fixture
@@ -172,30 +168,27 @@ def test_markdown():
 
 def test_fig3_draws_the_papers_values_beside_ours(params, paper):
     metrics = fake_metrics(params.strategies, lambda n, t: 0.5)
-    fig = figures.fig3(metrics, paper, params.report.fig3_panels, 3, plt)
+    fig = figures.fig3(metrics, paper, params.report.fig3_panels, 3)
     ax = fig.axes[0]  # blur: S1, S2, S3
     faint = [ln for ln in ax.lines if ln.get_alpha() == figures.PAPER_STYLE["alpha"] and len(ln.get_xdata())]
     assert len(faint) == 3
     np.testing.assert_allclose(faint[0].get_ydata(), [0.794, 0.676, 0.524, 0.436])  # S1, paper
     assert len(ax.containers) == 3  # error bars: several seeds
-    assert not figures.fig3(metrics, paper, params.report.fig3_panels, 1, plt).axes[0].containers[0].has_yerr
-    plt.close("all")
+    assert not figures.fig3(metrics, paper, params.report.fig3_panels, 1).axes[0].containers[0].has_yerr
 
 
 def test_confidence_quality_bins_follow_the_score(params):
     scores = np.random.default_rng(0).uniform(0.2, 1, size=(3, 3, 300))
     conf = {"S1": scores, "S2": 1 - scores}
-    fig = figures.confidence_quality(conf, params.strategies, scores, 5, plt)
+    fig = figures.confidence_quality(conf, params.strategies, scores, 5)
     s1, s2 = fig.axes[0].lines[:2]
     assert np.all(np.diff(s1.get_ydata()) > 0) and np.all(np.diff(s2.get_ydata()) < 0)
     np.testing.assert_allclose(s1.get_xdata(), s1.get_ydata())  # bin mean of score = of confidence
     assert [ln.get_label() for ln in fig.axes[1].lines] == ["S1"]  # S2 (mix_blur) not on the noise panel
-    plt.close("all")
 
 
 def test_training_curves_average_over_seeds():
     logs = {"S1": pd.DataFrame({"epoch": [1, 2, 1, 2], "loss": [1.0, 0.5, 3.0, 1.5], "train_acc": [0.1, 0.2, 0.3, 0.4]})}
-    fig = figures.training_curves(logs, plt)
+    fig = figures.training_curves(logs)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [2.0, 1.0])
     np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [0.2, 0.3])
-    plt.close("all")
