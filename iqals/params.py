@@ -132,13 +132,9 @@ def Mapping(item, what: str):
     return check
 
 
-def Section(cls, exact: bool = False):
-    """A mapping read into dataclass `cls` by `_build`; exact: one message for any wrong key."""
-    def check(key, v, ctx):
-        if exact and (not isinstance(v, dict) or set(v) != set(_checks(cls))):
-            _fail(key, v, f"a mapping with exactly the keys {' and '.join(_checks(cls))}")
-        return _build(cls, key, v, ctx)
-    return check
+def Section(cls):
+    """A mapping read into dataclass `cls` by `_build`."""
+    return lambda key, v, ctx: _build(cls, key, v, ctx)
 
 
 def param(check) -> Any:
@@ -332,8 +328,7 @@ class Params:  # sections in this order: a key may name what an earlier section 
     mixture: Mixture = param(Section(Mixture))
     model: Model = param(Section(Model))
     train: Train = param(Section(Train))
-    strategies: dict[str, Strategy] = param(Mapping(Section(Strategy, exact=True),
-                                                    "name -> {train_set, labels}"))
+    strategies: dict[str, Strategy] = param(Mapping(Section(Strategy), "name -> {train_set, labels}"))
     evaluate: Evaluate = param(Section(Evaluate))
     report: Report = param(Section(Report))
     corrupt: CorruptParams = param(Section(CorruptParams))
@@ -345,11 +340,6 @@ class Params:  # sections in this order: a key may name what an earlier section 
 def parse(raw: dict) -> Params:
     """Validate an already-loaded params mapping (tests shrink the real one and call this)."""
     return _build(Params, "", raw, {})
-
-
-def parse_corrupt(raw) -> CorruptParams:
-    """The `corrupt` section alone, validated; ParamError names the offending key."""
-    return _build(CorruptParams, "corrupt", raw, {})
 
 
 def load(path: str | Path = "params.yaml") -> Params:

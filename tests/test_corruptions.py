@@ -221,10 +221,16 @@ def test_family_names_agree_with_params():
     assert tuple(corruptions.FAMILIES) == params_lib.CORRUPTIONS
 
 
-def test_parse_corrupt_good():
-    p = params_lib.parse_corrupt(GOOD)
+def parse_corrupt(raw_params, section):
+    """params.yaml with its corrupt section replaced, validated: the corrupt section."""
+    return params_lib.parse({**raw_params, "corrupt": section}).corrupt
+
+
+def test_parse_corrupt_good(raw_params):
+    p = parse_corrupt(raw_params, GOOD)
     assert p == params_lib.CorruptParams(("fog", "contrast"), (1, 2, 3, 4, 5), 0)
-    assert params_lib.parse_corrupt({**GOOD, "families": list(corruptions.FAMILIES)}).families == tuple(corruptions.FAMILIES)
+    families = parse_corrupt(raw_params, {**GOOD, "families": list(corruptions.FAMILIES)}).families
+    assert families == tuple(corruptions.FAMILIES)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -242,16 +248,16 @@ def test_parse_corrupt_good():
     ({"seed": True}, r"corrupt\.seed = True"),
     ({"extra": 1}, r"corrupt\.extra = 1: expected no such key"),
 ])
-def test_parse_corrupt_rejects(change, message):
+def test_parse_corrupt_rejects(raw_params, change, message):
     with pytest.raises(ParamError, match=message):
-        params_lib.parse_corrupt({**GOOD, **change})
+        parse_corrupt(raw_params, {**GOOD, **change})
 
 
-def test_parse_corrupt_missing():
+def test_parse_corrupt_missing(raw_params):
     with pytest.raises(ParamError, match=r"corrupt\.seed = None: expected a value \(key is missing\)"):
-        params_lib.parse_corrupt({"families": ["fog"], "severities": [1]})
+        parse_corrupt(raw_params, {"families": ["fog"], "severities": [1]})
     with pytest.raises(ParamError, match=r"params\.yaml: corrupt = None: expected a mapping"):
-        params_lib.parse_corrupt(None)
+        parse_corrupt(raw_params, None)
 
 
 def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
