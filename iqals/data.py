@@ -127,12 +127,6 @@ def subset_indices(data, train_size: int | None, test_size: int | None) -> dict[
     return keep
 
 
-def subset(data, train_size: int | None, test_size: int | None):
-    """The (images, labels) of each split that base.train_size and base.test_size keep."""
-    keep = subset_indices(data, train_size, test_size)
-    return {split: (x[keep[split]], y[keep[split]]) for split, (x, y) in data.items()}
-
-
 def official_index(path: str | Path) -> np.ndarray:
     """Each image's position in the official split, as saved by the download stage."""
     with np.load(path) as z:

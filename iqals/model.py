@@ -134,10 +134,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _trunc_normal_(w: torch.Tensor, std: float) -> None:
-    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)  # TF truncates at 2 std
-
-
 def build(cfg: Model, seed: int) -> Net:
     """The network with the TF CIFAR-10 model's initialisation, drawn from `seed`."""
     torch.manual_seed(seed)
@@ -148,6 +144,6 @@ def build(cfg: Model, seed: int) -> Net:
                              (net.fc2, cfg.fc_std, cfg.fc_bias),
                              (net.out, cfg.out_std, cfg.out_bias)]:
         with torch.no_grad():
-            _trunc_normal_(layer.weight, std)
+            nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)  # TF truncates at 2 std
             layer.bias.fill_(bias)
     return net

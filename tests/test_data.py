@@ -210,10 +210,16 @@ def test_load_raw_rejects_like_load_local(tmp_path, tiny_cifar):
 
 # ---------------------------------------------------------------------------------- subset
 
+def subset(full, train_size, test_size):
+    """What the download stage keeps: the (images, labels) at data.subset_indices of each split."""
+    keep = data.subset_indices(full, train_size, test_size)
+    return {split: (x[keep[split]], y[keep[split]]) for split, (x, y) in full.items()}
+
+
 def test_subset_is_class_balanced_head(tiny_cifar):
     full = data.load_local(tiny_cifar)
     (xtr, ytr), (xte, yte) = full["train"], full["test"]
-    sub = data.subset(full, train_size=60, test_size=17)
+    sub = subset(full, train_size=60, test_size=17)
     x, y = sub["train"]
     assert np.bincount(y, minlength=10).tolist() == [6] * 10
     # The first 6 of each class, in official order.
@@ -226,7 +232,7 @@ def test_subset_is_class_balanced_head(tiny_cifar):
 
 def test_subset_none_keeps_everything(tiny_cifar):
     full = data.load_local(tiny_cifar)
-    sub = data.subset(full, None, None)
+    sub = subset(full, None, None)
     for split in ("train", "test"):
         np.testing.assert_array_equal(sub[split][0], full[split][0])
         np.testing.assert_array_equal(sub[split][1], full[split][1])
@@ -236,10 +242,10 @@ def test_subset_sizes_beyond_the_source_are_rejected(tiny_cifar):
     full = data.load_local(tiny_cifar)
     n_train, n_test = len(full["train"][1]), len(full["test"][1])
     with pytest.raises(DataError, match=rf"base\.train_size={n_train + 10} exceeds the {n_train} training"):
-        data.subset(full, n_train + 10, None)
+        subset(full, n_train + 10, None)
     with pytest.raises(DataError, match=rf"base\.test_size={n_test + 1} exceeds the {n_test} test"):
-        data.subset(full, None, n_test + 1)
-    assert len(data.subset(full, n_train, n_test)["train"][1]) == n_train  # the edge is allowed
+        subset(full, None, n_test + 1)
+    assert len(subset(full, n_train, n_test)["train"][1]) == n_train  # the edge is allowed
 
 
 def test_subset_rejects_a_class_too_small_for_the_balance(tiny_cifar):
@@ -248,9 +254,9 @@ def test_subset_rejects_a_class_too_small_for_the_balance(tiny_cifar):
     drop = np.flatnonzero(y == 3)[:15]  # leave 5 cats
     keep = np.setdiff1d(np.arange(len(y)), drop)
     short = {"train": (x[keep], y[keep]), "test": full["test"]}
-    assert len(data.subset(short, 50, None)["train"][1]) == 50
+    assert len(subset(short, 50, None)["train"][1]) == 50
     with pytest.raises(DataError, match=r"base\.train_size=60: the source has fewer than 6 images of some class"):
-        data.subset(short, 60, None)
+        subset(short, 60, None)
 
 
 # --------------------------------------------------------------------------------- acquire
