@@ -1,7 +1,7 @@
-"""Batched distortions (iqals.distort) against a straightforward per-image loop.
+"""Our distortions (iqals.distort) against a straightforward per-image loop.
 
-For each type, all three levels of params.yaml over N images (default 5000): the time of the
-batched code, the time of a per-image loop with the same libraries, their ratio, and the largest
+For each type, all three levels of params.yaml over N images (default 5000): the time of our
+code, the time of a plain per-image loop with the same libraries, their ratio, and the largest
 absolute difference between the two outputs (blur and JPEG should agree; the loop's noise uses a
 per-image seed, a different random stream, so only its time is comparable).
 
@@ -105,7 +105,7 @@ def main(n: int | None = None) -> dict:
     cfg = load(REPO_ROOT / "params.yaml")
     d, seed = cfg.distort, cfg.base.seed
     images, source = bench_images(n)
-    batched = {
+    ours = {
         "blur": lambda lv: distort.blur(images, d.blur_sigma[lv], d.blur_truncate, d.blur_border),
         "noise": lambda lv: distort.noise(images, d.noise_var[lv], derive_seed(seed, "noise", "bench", lv)),
         "jpeg": lambda lv: distort.jpeg(images, d.jpeg_quality[lv], d.jpeg_subsampling),
@@ -121,15 +121,15 @@ def main(n: int | None = None) -> dict:
         tb = tl = 0.0
         max_diff, n_diff = 0, 0
         for lv in range(3):
-            t, a = _timed(lambda: batched[kind](lv))
+            t, a = _timed(lambda: ours[kind](lv))
             tb += t
             t, b = _timed(lambda: looped[kind](lv))
             tl += t
             diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
             max_diff, n_diff = max(max_diff, int(diff.max())), n_diff + int(np.count_nonzero(diff))
-        row = {"batched_s": round(tb, 4), "loop_s": round(tl, 4),
+        row = {"ours_s": round(tb, 4), "loop_s": round(tl, 4),
                "speedup": round(tl / tb, 2) if tb > 0 else None,
-               "batched_images_per_s": round(3 * n / tb) if tb > 0 else None}
+               "images_per_s": round(3 * n / tb) if tb > 0 else None}
         if kind == "noise":
             row["outputs_comparable"] = False  # different random streams
         else:
@@ -137,10 +137,10 @@ def main(n: int | None = None) -> dict:
         result["types"][kind] = row
 
     print(f"distortions, 3 levels each, {n} images ({source}), {os.cpu_count()} CPUs, OpenCV {cv2.__version__}")
-    print(f"{'type':6} {'batched s':>10} {'loop s':>9} {'speedup':>8} {'max |diff|':>11}")
+    print(f"{'type':6} {'ours s':>10} {'loop s':>9} {'speedup':>8} {'max |diff|':>11}")
     for kind, r in result["types"].items():
         md = r.get("max_abs_diff", "n/a")
-        print(f"{kind:6} {r['batched_s']:10.3f} {r['loop_s']:9.3f} {r['speedup']:8.2f} {md!s:>11}")
+        print(f"{kind:6} {r['ours_s']:10.3f} {r['loop_s']:9.3f} {r['speedup']:8.2f} {md!s:>11}")
     return result
 
 

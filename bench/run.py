@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,train_group,train_gpu,dvc,parallel]
 
 - ssim:       iqa.score_all (the score stage) vs skimage's SSIM in a per-image loop (bench_ssim)
-- distort:    the batched distortions vs a per-image loop with the same libraries (bench_distort)
+- distort:    our distortions vs a plain per-image loop with the same libraries (bench_distort)
 - train_cpu:  iqals.train's loop vs a plain DataLoader loop with stock layers (bench_train)
 - train_cuda: the same on the GPU, run when torch sees one; alone:
               `python -m bench.run --only train_cuda` (or `python -m bench.bench_train --device cuda`)
@@ -122,7 +122,7 @@ def rows(name: str, r: dict) -> list[tuple]:
                 ("SSIM, one call per version", f"{us['single_pair']:.2f} µs/pair",
                  f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['single_pair']}x", f"{md['single_pair']:.1e}")]
     if name == "distort":
-        return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['batched_s']:.3f} s", f"{t['loop_s']:.3f} s (per-image loop)",
+        return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['ours_s']:.3f} s", f"{t['loop_s']:.3f} s (per-image loop)",
                  f"{t['speedup']}x", str(t.get("max_abs_diff", "n/a (other random stream)")))
                 for k, t in r["types"].items()]
     if name == "train_group":

@@ -8,7 +8,6 @@ Over a whole image stack (PROTOCOL.md, "Where the paper is silent"):
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -16,8 +15,6 @@ import numpy as np
 from .params import DISTORTIONS, LEVELS, Distort
 from .seeds import derive_seed, image_streams
 
-CHUNK = 64    # images converted to float64 at a time: small enough to stay in cache (4096 is 15x slower)
-WORKERS = 4   # threads: OpenCV releases the GIL, so a per-image loop uses every core
 _CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101,
               "constant": cv2.BORDER_CONSTANT}
 
@@ -36,19 +33,14 @@ def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
 
 
 def blur(images: np.ndarray, sigma: float, truncate: float, border: str) -> np.ndarray:
-    """Gaussian blur of a (N, H, W, 3) uint8 stack, filtered in float64, then rounded.
+    """Gaussian blur of a (N, H, W, 3) uint8 stack, image by image in float64, then rounded.
 
-    `reflect` mirrors without repeating the edge pixel (OpenCV's BORDER_REFLECT_101). One
-    thread: the OpenCV call per 32x32 image is too short for threads to pay (measured slower).
+    `reflect` mirrors without repeating the edge pixel (OpenCV's BORDER_REFLECT_101).
     """
     k, b = gaussian_kernel(sigma, truncate), _CV_BORDER[border]
     out = np.empty_like(images)
-    for lo in range(0, len(images), CHUNK):
-        x = images[lo:lo + CHUNK].astype(np.float64)
-        y = np.empty_like(x)
-        for im, dst in zip(x, y):
-            cv2.sepFilter2D(im, cv2.CV_64F, k, k, dst=dst, borderType=b)
-        out[lo:lo + CHUNK] = _round_uint8(y)
+    for im, dst in zip(images, out):
+        dst[:] = _round_uint8(cv2.sepFilter2D(im.astype(np.float64), cv2.CV_64F, k, k, borderType=b))
     return out
 
 
@@ -66,21 +58,15 @@ def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = 
 
 
 def jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
-    """JPEG round trip of a stack with OpenCV, image by image in threads over contiguous slices."""
+    """JPEG round trip of a stack with OpenCV, image by image."""
     flags = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{subsampling}")]
     out = np.empty_like(images)
-    step = max(1, math.ceil(len(images) / (4 * WORKERS)))
-
-    def work(lo: int) -> None:
-        for j in range(lo, min(lo + step, len(images))):
-            ok, buf = cv2.imencode(".jpg", images[j][..., ::-1], flags)  # OpenCV wants BGR
-            if not ok:
-                raise RuntimeError(f"OpenCV could not JPEG-encode at quality {quality}")
-            out[j] = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
-
-    with ThreadPoolExecutor(WORKERS) as pool:
-        list(pool.map(work, range(0, len(images), step)))
+    for im, dst in zip(images, out):
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR), flags)  # OpenCV wants BGR
+        if not ok:
+            raise RuntimeError(f"OpenCV could not JPEG-encode at quality {quality}")
+        cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB, dst=dst)
     return out
 
 
