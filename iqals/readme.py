@@ -37,6 +37,7 @@ def sync(root: str | Path = ".") -> None:
         text = head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
     write_text(readme, text)
 
+
 if __name__ == "__main__":
     try:
         sync()

@@ -276,7 +276,8 @@ def test_cli_runs_are_checked_against_params_and_scores(params):
                         ([("run", "Q9:0")], "strategy 'Q9': not in params.yaml"),
                         ([("run", "S1:0"), ("run", "S1:0")], "run S1:0 given twice"),
                         ([("run", "S1:0"), ("strategy", "S1"), ("seed", "0")], "either --strategy"),
-                        ([("strategy", "S1")], "either --strategy"), ([("strategy", "S1"), ("seed", "x")], "S1:x: seed not"),
+                        ([("strategy", "S1")], "either --strategy"),
+                        ([("strategy", "S1"), ("seed", "x")], "S1:x: seed not"),
                         ([], "either --strategy")]:
         if match is None:
             parse_runs(**cli_args(*argv), p=params)
