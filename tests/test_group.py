@@ -40,6 +40,14 @@ def close(a, b, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
+def close_after_training(got, want, steps, longest_sum):
+    """Weights after `steps` SGD steps in two fp32 code paths: each step's gradient carries a
+    relative rounding error of about eps * sqrt(longest_sum) (a random-walk sum), and the steps add
+    up, so the bound scales with the tensor's own size. A mixed-up run differs by O(max |w|)."""
+    tol = torch.finfo(torch.float32).eps * steps * longest_sum ** 0.5 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
 def test_stacked_logits_and_gradients_are_each_nets(params):
     singles = nets(params)
     group = stacked.GroupNet.stack(singles)
@@ -125,8 +133,9 @@ def test_train_group_equals_single_runs(tmp_path, tiny, raw_params):
             assert a["train_acc"] == pytest.approx(b["train_acc"], abs=0.011)  # at most one image flips
         got, want = load(tmp_path / "group" / f"{s}_{k}.pt"), load(tmp_path / "one" / "m.pt")
         assert got.keys() == want.keys() and got["seed"] == k and got["strategy"]["name"] == s
-        for name, v in want["model"].items():
-            close(got["model"][name], v)
+        steps = p.train.epochs * len(y) // p.train.batch_size
+        for name, v in want["model"].items():  # longest sum: conv1's weight gradient, batch x 32 x 32
+            close_after_training(got["model"][name], v, steps, p.train.batch_size * 32 * 32)
         model.Net().load_state_dict(got["model"])  # a plain Net state_dict (stages/evaluate.py)
         assert (tmp_path / "group" / f"{s}_{k}.tsv").read_text().splitlines()[0].startswith("epoch\tloss")
 
