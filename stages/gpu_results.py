@@ -3,7 +3,7 @@
   python -m stages.gpu_results unpack FOLDER [--results results]
   python -m stages.gpu_results report results/<profile> [--out DIR] [--work gpu_work/regen]
 
-`unpack` turns every <profile>.tar in FOLDER (the run tool's files_at) into results/<profile>/
+`unpack` turns every <profile>.tar in FOLDER (the files brought back from the GPU node) into results/<profile>/
 and lists its metrics in dvc.yaml (top-level `metrics:`), so `dvc metrics show` reads them.
 `report` reruns the report stage on those results without a GPU (iqals/gpu_results.py).
 Not a DVC stage.

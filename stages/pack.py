@@ -5,9 +5,9 @@
   python -m stages.pack unpack [--parts transfer/cifar10] --out DIR
 
 Without --max-part-mib each part is sized so that it travels with the working tree in one
-device call: 64 MiB minus what travels anyway (tracked and untracked-not-ignored files) minus
-a margin. Each part lies in its own folder transfer/cifar10/part<k>: name that folder in the
-call's `carry`.
+transfer to the GPU node: the per-transfer size limit minus what travels anyway (tracked and
+untracked-not-ignored files) minus a margin. Each part lies in its own folder
+transfer/cifar10/part<k>: send that folder along with the tree.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from stages.common import run
 
 log = logging.getLogger("pack")
 
-TRANSFER_LIMIT = 64 * 2**20  # bytes one device call sends: working tree plus carried paths
+TRANSFER_LIMIT = 64 * 2**20  # bytes one transfer to the GPU node holds: working tree plus the paths sent with it
 MARGIN = 4 * 2**20           # room for files added to the tree between packing and sending
 
 
@@ -59,7 +59,7 @@ def main() -> None:
             limit = TRANSFER_LIMIT - tree - MARGIN
             log.info("working tree that travels: %.1f MiB; parts of at most %.1f MiB", tree / 2**20, limit / 2**20)
         m = pack_lib.pack(args.src, args.out, limit)
-        log.info("%.1f s; carry one folder per device call: %s", time.perf_counter() - t0,
+        log.info("%.1f s; send one folder per transfer: %s", time.perf_counter() - t0,
                  ", ".join(str(Path(args.out) / p["file"]).rsplit("/", 1)[0] for p in m["parts"]))
     elif args.cmd == "check":
         m = pack_lib.check_parts(args.parts, args.part)

@@ -122,6 +122,7 @@ def test_train_group_equals_single_runs(tmp_path, tiny, raw_params):
     p = small_params(raw_params)
     histories = train_lib.train_group(group_runs(tmp_path, tiny, p, RUNS, "group"), p, CPU)
     x, y, d, scores = tiny
+    steps = p.train.epochs * len(y) // p.train.batch_size
     for (s, k), hist in zip(RUNS, histories):
         st = p.strategies[s]
         data = train_lib.prepare(st, x, y, d, scores if st.needs_scores else None, p, k, CPU)
@@ -133,7 +134,6 @@ def test_train_group_equals_single_runs(tmp_path, tiny, raw_params):
             assert a["train_acc"] == pytest.approx(b["train_acc"], abs=0.011)  # at most one image flips
         got, want = load(tmp_path / "group" / f"{s}_{k}.pt"), load(tmp_path / "one" / "m.pt")
         assert got.keys() == want.keys() and got["seed"] == k and got["strategy"]["name"] == s
-        steps = p.train.epochs * len(y) // p.train.batch_size
         for name, v in want["model"].items():  # longest sum: conv1's weight gradient, batch x 32 x 32
             close_after_training(got["model"][name], v, steps, p.train.batch_size * 32 * 32)
         model.Net().load_state_dict(got["model"])  # a plain Net state_dict (stages/evaluate.py)
