@@ -63,8 +63,8 @@ def bench_images(n: int) -> tuple[np.ndarray, str]:
 
 # ------------------------------------------------------------ the per-image baselines
 
-def loop_blur(images, sigma, truncate, border):
-    k = 2 * math.ceil(truncate * sigma) + 1
+def loop_blur(images, sigma, rule, border):
+    k = 2 * distort.kernel_radius(sigma, rule) + 1
     out = np.empty_like(images)
     for i, im in enumerate(images):
         y = cv2.GaussianBlur(im.astype(np.float64), (k, k), sigma, sigmaY=sigma,
@@ -106,12 +106,12 @@ def main(n: int | None = None) -> dict:
     d, seed = cfg.distort, cfg.base.seed
     images, source = bench_images(n)
     ours = {
-        "blur": lambda lv: distort.blur(images, d.blur_sigma[lv], d.blur_truncate, d.blur_border),
+        "blur": lambda lv: distort.blur(images, d.blur_sigma[lv], d.blur_kernel, d.blur_border),
         "noise": lambda lv: distort.noise(images, d.noise_var[lv], derive_seed(seed, "noise", "bench", lv)),
         "jpeg": lambda lv: distort.jpeg(images, d.jpeg_quality[lv], d.jpeg_subsampling),
     }
     looped = {
-        "blur": lambda lv: loop_blur(images, d.blur_sigma[lv], d.blur_truncate, d.blur_border),
+        "blur": lambda lv: loop_blur(images, d.blur_sigma[lv], d.blur_kernel, d.blur_border),
         "noise": lambda lv: loop_noise(images, d.noise_var[lv], derive_seed(seed, "noise", "bench", lv)),
         "jpeg": lambda lv: loop_jpeg(images, d.jpeg_quality[lv], d.jpeg_subsampling),
     }

@@ -1,16 +1,20 @@
 """Blur, noise and JPEG at three levels: one fixed, seeded realisation per image, type and level.
 
-Over a whole image stack (PROTOCOL.md, "Where the paper is silent"):
-- blur: Gaussian, kernel size 2*ceil(truncate*sigma)+1, border from params (MATLAB imgaussfilt);
+Over a whole image stack, in the conventions params.yaml's `distort` names (docs/protocol.md,
+"Where the paper is silent"); the defaults:
+- blur: Gaussian, kernel size 2*ceil(2 sigma)+1, replicate border (MATLAB imgaussfilt);
 - noise: x/255 + N(0, v), clipped to [0, 1], rounded to uint8 (MATLAB imnoise);
-- JPEG: OpenCV's libjpeg(-turbo) encoder at the given quality and chroma subsampling.
+- JPEG: OpenCV's libjpeg(-turbo) encoder at the given quality, 4:2:0 chroma.
+The other conventions exist to measure how much the paper's silence matters (the deviation study).
 """
 from __future__ import annotations
 
+import io
 import math
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from .params import DISTORTIONS, LEVELS, Distort
 from .seeds import derive_seed, image_streams
@@ -24,41 +28,64 @@ def _round_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
 
 
-def gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
-    """MATLAB imgaussfilt's kernel: size 2*ceil(truncate*sigma)+1, normalised to sum 1."""
-    radius = math.ceil(truncate * sigma)
+def kernel_radius(sigma: float, rule: str) -> int:
+    """Half the kernel size under each rule of params.BLUR_KERNELS."""
+    if rule == "matlab":    # imgaussfilt: 2*ceil(2 sigma)+1
+        return math.ceil(2 * sigma)
+    if rule == "scipy":     # ndimage.gaussian_filter, truncate 4: radius int(4 sigma + 0.5)
+        return int(4 * sigma + 0.5)
+    if rule == "opencv":    # GaussianBlur on 8-bit images with ksize 0: cvRound(6 sigma + 1) | 1
+        return (round(6 * sigma + 1) | 1) // 2
+    if rule == "fixed3":    # fspecial('gaussian', [3 3], sigma), its default size
+        return 1
+    raise ValueError(f"blur kernel rule {rule!r}: expected one of matlab, scipy, opencv, fixed3")
+
+
+def gaussian_kernel(sigma: float, rule: str) -> np.ndarray:
+    """The sampled Gaussian of size 2*kernel_radius+1, normalised to sum 1."""
+    radius = kernel_radius(sigma, rule)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-(x**2) / (2 * sigma**2))
     return k / k.sum()
 
 
-def blur(images: np.ndarray, sigma: float, truncate: float, border: str) -> np.ndarray:
+def blur(images: np.ndarray, sigma: float, rule: str, border: str) -> np.ndarray:
     """Gaussian blur of a (N, H, W, 3) uint8 stack, image by image in float64, then rounded.
 
-    `reflect` mirrors without repeating the edge pixel (OpenCV's BORDER_REFLECT_101).
+    `reflect` mirrors without repeating the edge pixel (OpenCV's BORDER_REFLECT_101); `constant`
+    pads with zeros (MATLAB imfilter's default).
     """
-    k, b = gaussian_kernel(sigma, truncate), _CV_BORDER[border]
+    k, b = gaussian_kernel(sigma, rule), _CV_BORDER[border]
     out = np.empty_like(images)
     for im, dst in zip(images, out):
         dst[:] = _round_uint8(cv2.sepFilter2D(im.astype(np.float64), cv2.CV_64F, k, k, borderType=b))
     return out
 
 
-def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = None) -> np.ndarray:
-    """Additive white Gaussian noise of variance `var` on the [0, 1] scale.
+def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = None, scale: str = "unit",
+          output: str = "round", field: str = "per_channel") -> np.ndarray:
+    """Additive white Gaussian noise of variance `var`, on the [0, 1] scale (scale "unit") or on
+    the [0, 255] scale ("byte"); one value per RGB value, or one field shared by the channels.
+    `output`: round or floor to uint8 after clipping to [0, 1]; float_clipped keeps the clipped
+    values, float neither clips nor rounds (both float32 on the [0, 255] scale).
 
     Image i's noise comes from its stream image_streams(seed, ...)[i], keyed by its position in
     the official set, so an image gets the same noise in a subset as in the full set.
     """
-    sd = math.sqrt(var)
-    out = np.empty_like(images)
+    sd = math.sqrt(var) / (255.0 if scale == "byte" else 1.0)
+    shape = images.shape[1:] if field == "per_channel" else images.shape[1:-1] + (1,)
+    out = np.empty(images.shape, np.uint8 if output in ("round", "floor") else np.float32)
     for i, (im, rng) in enumerate(zip(images, image_streams(seed, len(images), index, "noise"))):
-        out[i] = _round_uint8(np.clip(im / 255.0 + sd * rng.standard_normal(im.shape), 0.0, 1.0) * 255.0)
+        y = im / 255.0 + sd * rng.standard_normal(shape)
+        y = (y if output == "float" else np.clip(y, 0.0, 1.0)) * 255.0
+        out[i] = _round_uint8(y) if output == "round" else np.floor(y) if output == "floor" else y
     return out
 
 
-def jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
-    """JPEG round trip of a stack with OpenCV, image by image."""
+def jpeg(images: np.ndarray, quality: int, subsampling: str, encoder: str = "opencv") -> np.ndarray:
+    """JPEG round trip of a stack with OpenCV or Pillow, image by image."""
+    if encoder == "pillow":
+        return _jpeg_pillow(images, quality, subsampling)
     flags = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{subsampling}")]
     out = np.empty_like(images)
@@ -70,21 +97,33 @@ def jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
     return out
 
 
+def _jpeg_pillow(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
+    sub = {"444": 0, "422": 1, "420": 2}[subsampling]  # Pillow's codes
+    out = np.empty_like(images)
+    for im, dst in zip(images, out):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=int(quality), subsampling=sub)
+        dst[:] = np.asarray(Image.open(buf).convert("RGB"))
+    return out
+
+
 def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, index=None,
                 progress=None) -> np.ndarray:
-    """Every type at every level of a stack: uint8 (types, LEVELS, N, H, W, 3), in DISTORTIONS order.
+    """Every type at every level of a stack: (types, LEVELS, N, H, W, 3), in DISTORTIONS order;
+    uint8, or float32 on the [0, 255] scale under a float noise output (cfg.uint8).
 
     `index`: each image's position in the official split (default 0..N-1), keys its noise.
     """
-    out = np.empty((len(DISTORTIONS), LEVELS) + images.shape, dtype=np.uint8)
+    out = np.empty((len(DISTORTIONS), LEVELS) + images.shape, dtype=np.uint8 if cfg.uint8 else np.float32)
     for t, kind in enumerate(DISTORTIONS):
         for lv in range(LEVELS):
             if kind == "blur":
-                out[t, lv] = blur(images, cfg.blur_sigma[lv], cfg.blur_truncate, cfg.blur_border)
+                out[t, lv] = blur(images, cfg.blur_sigma[lv], cfg.blur_kernel, cfg.blur_border)
             elif kind == "noise":
-                out[t, lv] = noise(images, cfg.noise_var[lv], derive_seed(seed, "noise", split, lv), index)
+                out[t, lv] = noise(images, cfg.noise_var[lv], derive_seed(seed, "noise", split, lv), index,
+                                   cfg.noise_scale, cfg.noise_output, cfg.noise_field)
             else:
-                out[t, lv] = jpeg(images, cfg.jpeg_quality[lv], cfg.jpeg_subsampling)
+                out[t, lv] = jpeg(images, cfg.jpeg_quality[lv], cfg.jpeg_subsampling, cfg.jpeg_encoder)
             if progress is not None:
                 progress.update(1)
     return out

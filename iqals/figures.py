@@ -124,12 +124,36 @@ def training_curves(logs: dict[str, pd.DataFrame]):
     return fig
 
 
+def probe_curves(rows: pd.DataFrame, paper_s1: pd.Series):
+    """The memorisation probe: accuracy vs epoch on each test set (one panel per distortion
+    type, pristine in each), training accuracy beside it; the paper's S1 at 2,000 epochs as
+    horizontal marks on the right."""
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(DISTORTIONS), sharey=True)
+    for ax, kind in zip(axes, DISTORTIONS):
+        ax.plot(rows.epoch, rows.train_acc, color="k", linestyle=":", label="train (eval mode)")
+        ax.plot(rows.epoch, rows.pristine, color="k", marker=".", label="pristine")
+        for lv, color in zip(range(LEVELS), ("tab:blue", "tab:orange", "tab:red")):
+            name = test_set_name(DISTORTIONS.index(kind), lv)
+            ax.plot(rows.epoch, rows[name], color=color, marker=".", label=name)
+            ax.axhline(float(paper_s1[name]), color=color, **PAPER_STYLE)
+        ax.axhline(float(paper_s1["pristine"]), color="k", **PAPER_STYLE)
+        ax.set(title=f"S1 on {kind} (paper dashed)", xlabel="epoch at constant lr")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("top-1 accuracy")
+    return fig
+
+
+def save_png(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
 def write_all(p: Params, d: dict, a: dict[str, Path]) -> None:
     """The report's four figures from its inputs `d` (iqals.report.read_inputs) and the paths `a`
     of the report stage (raw, distorted, logs, out)."""
     def save(fig, name: str) -> None:
-        with atomic_path(a["out"] / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+        save_png(fig, a["out"] / name)
 
     preds, r = d["preds"], p.report
     images, labels = load_npz(a["raw"] / "test.npz", "test")

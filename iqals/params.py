@@ -185,14 +185,33 @@ class Base:
             yield "train_size", f"a multiple of {NUM_CLASSES} (class-balanced subset)"
 
 
+# Conventions of the distortions where the paper is silent (iqals/distort.py implements each;
+# docs/protocol.md says where each comes from). The first of each is the study's default.
+BLUR_KERNELS = ("matlab", "scipy", "opencv", "fixed3")
+BLUR_BORDERS = ("replicate", "reflect", "constant")
+NOISE_SCALES = ("unit", "byte")
+NOISE_OUTPUTS = ("round", "floor", "float_clipped", "float")  # the float ones: test sets only
+NOISE_FIELDS = ("per_channel", "shared")
+JPEG_ENCODERS = ("opencv", "pillow")
+
+
 @dataclass(frozen=True)
 class Distort:
     blur_sigma: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
-    blur_truncate: float = param(Num(0, open_lo=True))
-    blur_border: str = param(Choice("replicate", "reflect", "constant"))
+    blur_kernel: str = param(Choice(*BLUR_KERNELS))
+    blur_border: str = param(Choice(*BLUR_BORDERS))
     noise_var: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
+    noise_scale: str = param(Choice(*NOISE_SCALES))
+    noise_output: str = param(Choice(*NOISE_OUTPUTS))
+    noise_field: str = param(Choice(*NOISE_FIELDS))
     jpeg_quality: tuple[int, ...] = param(Seq(Int(1, 100), LEVELS))
+    jpeg_encoder: str = param(Choice(*JPEG_ENCODERS))
     jpeg_subsampling: str = param(Choice("420", "422", "444"))
+
+    @property
+    def uint8(self) -> bool:
+        """Whether the distorted images are uint8 (the float noise outputs are not)."""
+        return self.noise_output in ("round", "floor")
 
 
 @dataclass(frozen=True)
@@ -307,6 +326,8 @@ class Report:
     bootstrap: int = param(Int(100))
     quality_bins: int = param(Int(2))
     s1_tolerance: float = param(Num(0, 1))
+    paper_test_size: int = param(Int(1))  # test images behind each of the paper's cells (its standard error)
+    within: float = param(Num(0, 1, open_lo=True))  # a cell within this of the paper counts as reproduced
 
     def problems(self):
         if set(self.fig3_panels) - set(DISTORTIONS + ("all3",)):
@@ -321,6 +342,64 @@ class CorruptParams:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    epochs: int = param(Int(1))
+    lr_decay_epochs: int | None = param(Int(1, null=True))  # null: constant lr
+
+    def problems(self):
+        if self.lr_decay_epochs is not None and self.lr_decay_epochs > self.epochs:
+            yield "lr_decay_epochs", f"null or at most epochs ({self.epochs})"
+
+
+@dataclass(frozen=True)
+class Probe:
+    epochs: int = param(Int(1))
+    eval_every: int = param(Int(1))
+
+
+def Conventions(key, v, ctx):
+    """name -> {distort key: value}: the default `distort` with those keys changed, a Distort."""
+    if not isinstance(v, dict) or not v:
+        _fail(key, v, "a non-empty mapping name -> {distort key: value}")
+    checks, out = _checks(Distort), {}
+    for name, changes in v.items():
+        if str(name) == "default":
+            _fail(f"{key}.{name}", changes, "another name: 'default' is the distort section itself")
+        if not isinstance(changes, dict) or not changes:
+            _fail(f"{key}.{name}", changes, f"a non-empty mapping of distort keys from {sorted(checks)}")
+        parsed = {}
+        for k, x in changes.items():
+            if k not in checks:
+                _fail(f"{key}.{name}.{k}", x, f"a distort key; known keys: {sorted(checks)}")
+            parsed[k] = checks[k](f"{key}.{name}.{k}", x, ctx)
+        out[str(name)] = dataclasses.replace(ctx["distort"], **parsed)
+    return out
+
+
+def PristineStrategy(key, v, ctx):
+    """The name of a one-hot strategy trained on the pristine set (needs neither copies nor scores)."""
+    ok = [n for n, s in ctx["strategies"].items() if s.train_set == "pristine" and s.labels == "original"]
+    return v if v in ok else _fail(key, v, f"a one-hot strategy on the pristine set, one of {ok}")
+
+
+@dataclass(frozen=True)
+class Deviation:
+    strategy: str = param(PristineStrategy)
+    seed: int = param(Int(0))
+    train_size: int = param(Int(NUM_CLASSES))
+    converged: Schedule = param(Section(Schedule))
+    probe: Probe = param(Section(Probe))
+    train_eval_size: int = param(Int(1))
+    conventions: dict[str, Distort] = param(Conventions)
+
+    def problems(self):
+        if self.train_size % NUM_CLASSES:
+            yield "train_size", f"a multiple of {NUM_CLASSES} (class-balanced subset)"
+        if self.train_eval_size > self.train_size:
+            yield "train_eval_size", f"at most train_size ({self.train_size})"
+
+
+@dataclass(frozen=True)
 class Params:  # sections in this order: a key may name what an earlier section defines
     base: Base = param(Section(Base))
     distort: Distort = param(Section(Distort))
@@ -332,6 +411,7 @@ class Params:  # sections in this order: a key may name what an earlier section 
     evaluate: Evaluate = param(Section(Evaluate))
     report: Report = param(Section(Report))
     corrupt: CorruptParams = param(Section(CorruptParams))
+    deviation: Deviation = param(Section(Deviation))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

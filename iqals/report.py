@@ -67,6 +67,61 @@ def table2_markdown(t2: pd.DataFrame, n_seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+KINDS = ("pristine-trained", "mix, own type", "mix, other type", "mix, pristine")
+
+
+def cell_kind(train_set: str, test_set: str) -> str:
+    """Which kind of Table 2 cell: a pristine-trained row, or a mix on pristine images, on its
+    own distortion type or on another type."""
+    if train_set == "pristine":
+        return KINDS[0]
+    if test_set == "pristine":
+        return KINDS[3]
+    own = test_set.rsplit("_", 1)[0] in (DISTORTIONS if train_set == "mix_all3" else (train_set[4:],))
+    return KINDS[1] if own else KINDS[2]
+
+
+def deviations(t2: pd.DataFrame, n_test: int, n_seeds: int, n_paper: int) -> pd.DataFrame:
+    """One row per Table 2 cell: ours, the paper's, the difference and its standard error
+    sqrt(p(1-p)/n_test + std^2/n_seeds + q(1-q)/n_paper) (ours binomial, the seeds' spread where
+    there are several, the paper's binomial on its n_paper test images), in points and in SE."""
+    rows = []
+    for _, r in t2.iterrows():
+        for t in TEST_SETS:
+            ours, paper, std = r[t], r[f"{t}_paper"], r[f"{t}_std"]
+            var = ours * (1 - ours) / n_test + paper * (1 - paper) / n_paper
+            if n_seeds > 1 and std is not None and np.isfinite(std):
+                var += std**2 / n_seeds
+            se = float(np.sqrt(var))
+            rows.append({"strategy": r["strategy"], "train_set": r["train_set"], "test_set": t,
+                         "kind": cell_kind(r["train_set"], t), "ours": ours, "paper": paper,
+                         "diff_points": 100 * (ours - paper), "se_points": 100 * se,
+                         "z": (ours - paper) / se if se > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def deviation_summary(dev: pd.DataFrame, within: float) -> pd.DataFrame:
+    """Per kind of cell (and all): cells, how many lie within `within` of the paper, the mean
+    difference and the mean |z|."""
+    rows = []
+    for kind, g in [*((k, dev[dev.kind == k]) for k in KINDS), ("all", dev)]:
+        if len(g):
+            rows.append({"kind": kind, "cells": len(g), "within": int((g.diff_points.abs() <= 100 * within).sum()),
+                         "mean_diff_points": g.diff_points.mean(), "mean_abs_z": g.z.abs().mean(),
+                         "above_paper": int((g.diff_points > 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def deviation_grid(dev: pd.DataFrame) -> str:
+    """Markdown: strategy x test set, each cell 'difference in points (z)'."""
+    lines = ["| S | train set | " + " | ".join(TEST_SETS) + " |", "|" + "---|" * (2 + len(TEST_SETS))]
+    for (name, ts), g in dev.groupby(["strategy", "train_set"], sort=False):
+        cells = [f"{r.diff_points:+.1f} ({r.z:+.1f})" for r in g.itertuples()]
+        lines.append(f"| {name} | {ts} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
 # ------------------------------------------------------------------ controls, calibration, unseen
 
 def mix_epsilons(strategies: dict[str, Strategy], scores: np.ndarray, cfg, shares) -> dict[str, float]:
@@ -168,6 +223,8 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
                                                                       p.mixture.shares), r.claim_levels),
               "calibration": calibration(metrics, preds, scores["test"]),
               "unseen": unseen(p.strategies, metrics, p.corrupt.families)}
+    tables["deviations"] = deviations(tables["table2"], n_test, n_seeds, r.paper_test_size)
+    dev_summary = deviation_summary(tables["deviations"], r.within)
     s1 = next((n for n in r.table2 if n in metrics), None)
     regime_text = regime(p, n_train, n_full, n_test, metrics[s1]["pristine"]["acc"] if s1 else None,
                          float(paper_rows[s1]["pristine"]) if s1 else None)
@@ -181,6 +238,12 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         "### Table 2, regenerated", "", regime_text, "",
         "Each cell: our top-1 accuracy in %" + (" ± std over seeds" if n_seeds > 1 else "")
         + " (the paper's, our difference).", "", t2_md,
+        f"### How far from the paper: every cell in standard errors", "",
+        f"Our difference from the paper in points (in standard errors: binomial on our {n_test} and the paper's "
+        f"{r.paper_test_size} test images" + (f", and the spread of our {n_seeds} seeds" if n_seeds > 1 else "")
+        + f"); cells within {100 * r.within:.0f} points per kind of cell (deviations.csv). The measurements of "
+        "why are in deviation.md (the deviation stage).", "",
+        deviation_grid(tables["deviations"]), "", markdown(dev_summary, 2), "",
         f"### Does IQA-LS beat its one-hot twin? Judged on pristine and levels {levels} of the mix's own "
         "distortions (the paper's claim); level 3 stays in the tables", "",
         f"Differences in points with 95% intervals from a bootstrap over {seeds_note} ({r.bootstrap} replicates), "
@@ -211,6 +274,7 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         "![Confidence vs quality](confidence_quality.png)", "", "![Training curves](training.png)", "",
     ])
     summary = {"test_images": n_test, "seeds": list(p.train.seeds), "not_evaluated": list(not_evaluated),
+               "cells_within": int(dev_summary.iloc[-1].within),
                "conclusions": conclusions,
                "families": tables["family_counts"].set_index("family").to_dict(orient="index")}
     return {"tables": tables, "table2_md": t2_md, "report_md": md, "summary": summary}

@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 
 import cv2
+import PIL
 from tqdm import tqdm
 
 from iqals import distort, stacks
 from iqals.data import load_raw, official_index
+from iqals.errors import UsageError
 from iqals.io import save_npy, write_json
 from iqals.params import DISTORTIONS, LEVELS
 from stages.common import cli, run, setup
@@ -25,8 +27,11 @@ log = logging.getLogger("distort")
 def main() -> None:
     args = cli(__doc__, raw="data/raw", out="data/distorted", metrics="metrics/distort.json")
     p = setup("distort")
+    if not p.distort.uint8:  # the training pool is uint8; the float outputs exist for test sets only
+        raise UsageError(f"params.yaml: distort.noise_output = {p.distort.noise_output!r}: expected round or floor "
+                         "(the training images are uint8; float outputs are deviation.conventions' test sets)")
     raw = load_raw(args.raw)
-    log.info("OpenCV %s (JPEG encoder: its bundled libjpeg-turbo)", cv2.__version__)
+    log.info("OpenCV %s, Pillow %s (JPEG encoder: %s)", cv2.__version__, PIL.__version__, p.distort.jpeg_encoder)
     with tqdm(total=len(raw) * len(DISTORTIONS) * LEVELS, desc="distort", unit="set") as bar:
         for split, (images, _) in raw.items():
             index = official_index(Path(args.raw) / f"{split}.npz")

@@ -1,4 +1,4 @@
-"""iqals.distort against independent computations written here (PROTOCOL.md, distortion rules)."""
+"""iqals.distort against independent computations written here (docs/protocol.md, the distortions)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ from iqals.seeds import derive_seed
 SIGMAS = (0.7, 1.0, 1.2)      # blur levels 1-3 (paper)
 VARIANCES = (0.005, 0.01, 0.02)  # noise levels 1-3 (paper)
 QUALITIES = (12, 8, 4)        # JPEG levels 1-3 (paper)
-TRUNCATE = 2.0                # kernel size 2*ceil(2*sigma)+1 (MATLAB imgaussfilt)
+RULE = "matlab"               # kernel size 2*ceil(2*sigma)+1 (MATLAB imgaussfilt)
 
 
 def round_half_up(x: np.ndarray) -> np.ndarray:
@@ -38,19 +38,19 @@ def images(tiny_arrays) -> np.ndarray:
 def test_kernel_size_rule():
     # 2*ceil(2*sigma)+1: 5, 5, 7 taps for the paper's sigmas; normalised and symmetric.
     for sigma, taps in zip(SIGMAS, (5, 5, 7)):
-        k = distort.gaussian_kernel(sigma, TRUNCATE)
+        k = distort.gaussian_kernel(sigma, RULE)
         assert len(k) == taps
         assert k.sum() == pytest.approx(1.0, abs=1e-15)
         np.testing.assert_allclose(k, k[::-1], rtol=0, atol=0)
         assert np.argmax(k) == taps // 2
-    assert len(distort.gaussian_kernel(0.3, 3.0)) == 2 * math.ceil(0.9) + 1
+    assert len(distort.gaussian_kernel(0.3, RULE)) == 2 * math.ceil(0.6) + 1
 
 
 @pytest.mark.parametrize("dtype, max_tie_fraction", [(np.float64, 1e-5), (np.float32, 1e-4)])
 @pytest.mark.parametrize("sigma", SIGMAS)
 def test_blur_matches_opencv(images, sigma, dtype, max_tie_fraction):
     """cv2.GaussianBlur on float input, BORDER_REPLICATE, same kernel size, rounded half up."""
-    got = distort.blur(images, sigma, TRUNCATE, "replicate")
+    got = distort.blur(images, sigma, RULE, "replicate")
     ksize = 2 * math.ceil(2 * sigma) + 1
     want = np.stack([
         round_half_up(cv2.GaussianBlur(im.astype(dtype), (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
@@ -80,7 +80,7 @@ def _numpy_separable_blur(images: np.ndarray, sigma: float, mode: str) -> np.nda
                                              ("constant", "constant")])
 @pytest.mark.parametrize("sigma", SIGMAS)
 def test_blur_matches_numpy_separable(images, sigma, border, np_mode):
-    got = distort.blur(images, sigma, TRUNCATE, border)
+    got = distort.blur(images, sigma, RULE, border)
     want = _numpy_separable_blur(images, sigma, np_mode)
     diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
     assert diff.max() <= 1
@@ -88,8 +88,8 @@ def test_blur_matches_numpy_separable(images, sigma, border, np_mode):
 
 
 def test_blur_border_modes_differ_only_at_the_border(images):
-    rep = distort.blur(images, 1.2, TRUNCATE, "replicate")
-    zero = distort.blur(images, 1.2, TRUNCATE, "constant")
+    rep = distort.blur(images, 1.2, RULE, "replicate")
+    zero = distort.blur(images, 1.2, RULE, "constant")
     r = 3  # radius of the 7-tap kernel
     np.testing.assert_array_equal(rep[:, r:-r, r:-r], zero[:, r:-r, r:-r])
     assert (zero[:, 0, 0] < rep[:, 0, 0]).mean() > 0.9  # zero padding darkens the corners
@@ -97,7 +97,7 @@ def test_blur_border_modes_differ_only_at_the_border(images):
 
 def test_blur_keeps_flat_images():
     flat = np.full((3, 32, 32, 3), 77, np.uint8)
-    np.testing.assert_array_equal(distort.blur(flat, 1.2, TRUNCATE, "replicate"), flat)
+    np.testing.assert_array_equal(distort.blur(flat, 1.2, RULE, "replicate"), flat)
 
 
 # ----------------------------------------------------------------------------------- noise
@@ -315,7 +315,7 @@ def test_distort_all_shape_order_and_levels(images, params):
     assert out.shape == (3, 3) + x.shape and out.dtype == np.uint8
     assert calls == [1] * 9
     for lv in range(3):
-        np.testing.assert_array_equal(out[0, lv], distort.blur(x, cfg.blur_sigma[lv], cfg.blur_truncate,
+        np.testing.assert_array_equal(out[0, lv], distort.blur(x, cfg.blur_sigma[lv], cfg.blur_kernel,
                                                                cfg.blur_border))
         np.testing.assert_array_equal(out[1, lv], distort.noise(x, cfg.noise_var[lv],
                                                                 derive_seed(5, "noise", "train", lv)))

@@ -85,6 +85,25 @@ BAD = {
     "train_size 2005": (_set("base.train_size", 2005), "base.train_size", "a multiple of 10"),
     "fig4 unknown strategy": (_set("report.fig4_strategies", ["S1", "S2", "S42"]), "report.fig4_strategies",
                               "strategy names from"),
+    "blur kernel rule": (_set("distort.blur_kernel", "gauss5"), "distort.blur_kernel",
+                         "one of ['matlab', 'scipy', 'opencv', 'fixed3']"),
+    "noise output": (_set("distort.noise_output", "ceil"), "distort.noise_output",
+                     "one of ['round', 'floor', 'float_clipped', 'float']"),
+    "convention value": (_set("deviation.conventions.noise_floor.noise_output", "ceil"),
+                         "deviation.conventions.noise_floor.noise_output",
+                         "one of ['round', 'floor', 'float_clipped', 'float']"),
+    "convention key": (_set("deviation.conventions.jpeg_pillow", {"jpeg_coder": "pillow"}),
+                       "deviation.conventions.jpeg_pillow.jpeg_coder", "a distort key; known keys: ['blur_border'"),
+    "convention encoder": (_set("deviation.conventions.jpeg_pillow.jpeg_encoder", "matlab"),
+                           "deviation.conventions.jpeg_pillow.jpeg_encoder", "one of ['opencv', 'pillow']"),
+    "convention named default": (_set("deviation.conventions.default", {"blur_border": "reflect"}),
+                                 "deviation.conventions.default", "another name"),
+    "deviation strategy mixed": (_set("deviation.strategy", "S2"), "deviation.strategy",
+                                 "a one-hot strategy on the pristine set, one of ['S1']"),
+    "deviation decay > epochs": (_set("deviation.converged.lr_decay_epochs", 17), "deviation.converged.lr_decay_epochs",
+                                 "null or at most epochs (16)"),
+    "deviation train eval": (_set("deviation.train_eval_size", 60000), "deviation.train_eval_size",
+                             "at most train_size (50000)"),
 }
 
 
@@ -146,7 +165,8 @@ def test_committed_params_load_with_the_protocol_values(params):
     assert d.blur_sigma == (0.7, 1.0, 1.2)
     assert d.noise_var == (0.005, 0.01, 0.02)
     assert d.jpeg_quality == (12, 8, 4)
-    assert (d.blur_truncate, d.blur_border, d.jpeg_subsampling) == (2.0, "replicate", "420")
+    assert (d.blur_kernel, d.blur_border, d.jpeg_encoder, d.jpeg_subsampling) == ("matlab", "replicate", "opencv", "420")
+    assert (d.noise_scale, d.noise_output, d.noise_field) == ("unit", "round", "per_channel")
     assert params.mixture.shares == (0.60, 0.15, 0.15, 0.10)
     assert (params.iqa.metric, params.iqa.transform) == ("ssim", "identity")
     s = params.iqa.ssim

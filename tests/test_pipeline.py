@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -87,6 +88,13 @@ def make_project(dest: Path, repo_root: Path, **train) -> dict:
     raw["strategies"] = {k: v for k, v in raw["strategies"].items() if k in keep}
     raw["report"].update(fig4_examples=[0, 1], fig4_strategies=["S1", "S2", "S3"])
     raw["corrupt"].update(families=["contrast", "pixelate"], severities=[1, 5])
+    raw["deviation"].update(train_size=100, train_eval_size=20, converged={"epochs": 2, "lr_decay_epochs": 1},
+                            probe={"epochs": 2, "eval_every": 1})
+    raw["deviation"]["conventions"] = {k: raw["deviation"]["conventions"][k] for k in ("noise_float", "blur_zero")}
+    for name in ("metrics", "params.yaml"):  # the deviation stage's reference run
+        src = repo_root / "results/gpu_e16" / name
+        (shutil.copytree(src, dest / "results/gpu_e16" / name) if src.is_dir()
+         else shutil.copy(src, dest / "results/gpu_e16" / name))
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
     dvc["vars"] = [{k: v} for k, v in TINY_STRATEGIES.items()]
@@ -119,15 +127,21 @@ def project(tmp_path_factory, repo_root, tiny_cifar):
 @pytest.mark.slow
 def test_repro_produces_everything(project):
     dest, env, dvc, first = project
-    for stage in ["download", "distort", "score", "train_onehot@S1-0", "train_scored@R3-0", "evaluate@U3", "report"]:
+    for stage in ["download", "distort", "score", "train_onehot@S1-0", "train_scored@R3-0", "evaluate@U3", "report",
+                  "deviation_converged", "deviation_probe", "deviation"]:
         assert f"Running stage '{stage}'" in first, stage
     for f in ["data/raw/train.npz", "data/distorted/train.npy", "data/scores/test.npy", "models/S3/seed0.pt",
               "logs/S3/seed0.tsv", "metrics/S3.json", "metrics/distort.json", "metrics/score.json",
-              "plots/table2.md", "plots/table2.csv", "plots/fig3.png", "plots/fig4.png", "plots/report.md"]:
+              "plots/table2.md", "plots/table2.csv", "plots/fig3.png", "plots/fig4.png", "plots/report.md",
+              "plots/deviations.csv", "plots/deviation.md", "plots/deviation_probe.png", "metrics/deviation.json"]:
         assert (dest / f).is_file(), f
     m = json.loads((dest / "metrics/S3.json").read_text())
     assert m["test_images"] == 50 and 0 <= m["pristine"]["acc"] <= 1 and m["labels"] == "iqa_ls"
     assert "S3 vs S2" in (dest / "plots/report.md").read_text()
+    dev = json.loads((dest / "metrics/deviation.json").read_text())
+    assert dev["cells"] == 90 and dev["reference"] == "results/gpu_e16"
+    assert list(pd.read_csv(dest / "plots/deviation_probe.csv").epoch) == [1, 2]
+    assert "Where we differ from the paper, and why" in (dest / "plots/deviation.md").read_text()
 
 
 @pytest.mark.slow
@@ -153,6 +167,21 @@ def test_changing_iqa_metric_touches_only_scored_stages(project):
     # the report names the measure it used, so it reruns too; no one-hot training stage does
     want = {"score", "report"} | {f"train_scored@{s}-0" for s in TINY_STRATEGIES["scored"]}
     assert {c.split(":")[-1] for c in changed} == want
+
+
+@pytest.mark.slow
+def test_changing_a_convention_touches_only_the_deviation_stage(project):
+    dest, env, dvc, _ = project
+    params = dest / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["deviation"]["conventions"]["blur_zero"] = {"blur_border": "reflect"}
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        changed = set(json.loads(sh(dvc + ["status", "--json"], dest, env)))
+    finally:
+        params.write_text(original)
+    assert {c.split(":")[-1] for c in changed} == {"deviation"}
 
 
 @pytest.mark.slow

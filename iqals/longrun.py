@@ -1,0 +1,90 @@
+"""S1 on the full training set at a schedule of its own, for the question of where we differ
+from the paper (params.yaml, `deviation`): the converged schedule once, for the convention
+study, and a constant-lr schedule evaluated every few epochs, the memorisation probe.
+
+Both go through iqals.train (the same loop, checkpoints and resumption as every train stage);
+the probe trains in segments of `eval_every` epochs and evaluates the checkpoint after each,
+keeping its rows in a file beside the checkpoint, so an interrupted probe resumes where it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import evaluate
+from . import model as model_lib
+from . import train as train_lib
+from .io import read_json, write_json
+from .params import TEST_SETS, Params
+
+log = logging.getLogger(__name__)
+
+
+def schedule_params(p: Params, epochs: int, lr_decay_epochs: int | None) -> Params:
+    """p with deviation's run: its seed, and `epochs` with the decay every `lr_decay_epochs`
+    (None: constant lr, the decay falls after the last epoch)."""
+    d = p.deviation
+    train = dataclasses.replace(p.train, epochs=epochs, lr_decay_epochs=lr_decay_epochs or epochs,
+                                seeds=(d.seed,), checkpoint_every=1)
+    return dataclasses.replace(p, train=train, base=dataclasses.replace(p.base, train_size=d.train_size))
+
+
+def train_run(p: Params, images: np.ndarray, labels: np.ndarray, out: Path, log_out: Path, checkpoint: Path,
+              device: torch.device) -> list[dict]:
+    """Train deviation.strategy (a pristine-set strategy: no distorted copies, no scores) under p."""
+    s = p.strategies[p.deviation.strategy]
+    data = train_lib.prepare(s, images, labels, None, None, p, p.deviation.seed, device)
+    return train_lib.train(s, p.deviation.seed, data, p, device, out, log_out, checkpoint)
+
+
+def _eval_row(net, epoch: int, lr: float, log_acc: float, train_x: np.ndarray, train_y: np.ndarray,
+              sets: dict[str, np.ndarray], test_y: np.ndarray, p: Params, device) -> dict:
+    b = p.evaluate.batch_size
+    row = {"epoch": epoch, "lr": lr, "train_acc_running": round(log_acc, 5),
+           "train_acc": round(evaluate.accuracy(evaluate.predict(net, train_x, device, b), train_y), 5)}
+    for name in TEST_SETS:
+        row[name] = round(evaluate.accuracy(evaluate.predict(net, sets[name], device, b), test_y), 5)
+    return row
+
+
+def probe(p: Params, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, distorted: np.ndarray,
+          test_labels: np.ndarray, out: Path, log_out: Path, checkpoint: Path, device: torch.device) -> list[dict]:
+    """The memorisation probe: deviation.probe.epochs at constant lr, the model evaluated after
+    every deviation.probe.eval_every epochs (and the last) on the ten test sets and on the first
+    deviation.train_eval_size training images. Returns one row per evaluation.
+
+    Trained one epoch per call of the train loop, which resumes from its checkpoint; the rows are
+    kept beside the checkpoint under its fingerprint, so a restarted run (other code or
+    parameters) drops the rows of the old one."""
+    cfg = p.deviation.probe
+    q = schedule_params(p, cfg.epochs, None)
+    s = q.strategies[p.deviation.strategy]
+    data = train_lib.prepare(s, images, labels, None, None, q, p.deviation.seed, device)
+    sets = evaluate.test_sets(test_images, distorted)
+    train_x, train_y = images[:p.deviation.train_eval_size], labels[:p.deviation.train_eval_size]
+    rows_path = checkpoint.with_name(checkpoint.stem + ".rows.json")
+    saved = read_json(rows_path) if rows_path.exists() else {"fingerprint": None, "rows": []}
+    fingerprint, rows = saved["fingerprint"], saved["rows"]
+    while True:
+        train_lib.train(s, p.deviation.seed, data, q, device, out, log_out, checkpoint, stop_after=1)
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if ck["fingerprint"] != fingerprint:  # the loop started afresh: the old rows are another run's
+            fingerprint, rows = ck["fingerprint"], []
+        rows = [r for r in rows if r["epoch"] <= ck["epoch"]]
+        due = ck["epoch"] % cfg.eval_every == 0 or ck["epoch"] == cfg.epochs
+        if due and (not rows or rows[-1]["epoch"] < ck["epoch"]):
+            net = model_lib.build(q.model, 0)
+            net.load_state_dict(ck["model"])
+            last = ck["history"][-1]
+            rows.append(_eval_row(net.to(device), ck["epoch"], last["lr"], last["train_acc"], train_x, train_y,
+                                  sets, test_labels, q, device))
+            r = rows[-1]
+            log.info("probe epoch %d: train acc %.4f, pristine %.4f, blur_3 %.4f, noise_3 %.4f, jpeg_3 %.4f",
+                     r["epoch"], r["train_acc"], r["pristine"], r["blur_3"], r["noise_3"], r["jpeg_3"])
+            write_json(rows_path, {"fingerprint": fingerprint, "rows": rows})
+        if ck["epoch"] == cfg.epochs:
+            return rows
