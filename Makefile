@@ -1,6 +1,7 @@
 # `make study`: set up .venv if needed, then run the whole DVC pipeline (dvc repro).
 # `make test`:  set up .venv if needed, then run the whole test suite (as CI does).
 # `make test-fast`: the same without the slow tests (DVC end to end, kill-and-resume).
+# `make paper`: the paper's regime on a CUDA GPU as one DVC experiment (presets/paper.yaml).
 # `make bench`: speed benchmarks (bench/run.py), results in bench/results.md.
 # `make readme`: copy the generated results (iqals/readme.py, BLOCKS) into README.md.
 # `make clean`: delete what `make study` rebuilds; committed results (logs/, metrics/, plots/) stay.
@@ -19,7 +20,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 WORKERS ?= 2
 SCHEDULER ?=
 
-.PHONY: setup study test test-fast bench readme parallel clean
+.PHONY: setup study paper test test-fast bench readme parallel clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -31,6 +32,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 study: setup
 	dvc repro
+
+paper: setup
+	$(PY) -m stages.preset presets/paper.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -253,7 +253,7 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
     cfg = load_config(config or repo / "gpu_study.yaml")
     raw = yaml.safe_load((profile_dir / "params.yaml").read_text())
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
-    steps = plan(dvc, raw, cfg.stage_order)
+    steps = plan(dvc, raw, cfg.stage_order, cfg.cpu_only)
     needs = {d for d in dvc["stages"]["report"]["deps"] if d.startswith("data/")}
     producers = [s for s, st in dvc["stages"].items() if "outs" in st and "matrix" not in st
                  and "foreach" not in st and any(str(o) in needs for o in st["outs"] if isinstance(o, str))]

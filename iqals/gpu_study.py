@@ -66,6 +66,7 @@ class StudyError(ExpectedError, RuntimeError):
 class Config:
     name: str
     stage_order: tuple[str, ...]
+    cpu_only: tuple[str, ...]    # dvc.yaml stages the driver leaves to a CPU with DVC
     common: dict
     converged: dict
     long_epochs: tuple[int, ...]
@@ -81,7 +82,7 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise StudyError(f"{path}: no such study configuration (expected a file like gpu_study.yaml)")
     raw = yaml.safe_load(path.read_text())
-    want = {"name", "stage_order", "common", "converged", "long", "probe_seconds", "margin_seconds", "fit"}
+    want = {"name", "stage_order", "cpu_only", "common", "converged", "long", "probe_seconds", "margin_seconds", "fit"}
     if not isinstance(raw, dict) or set(raw) != want:
         raise StudyError(f"{path}: expected exactly the keys {sorted(want)}, got {sorted(raw or {})}")
     long = raw["long"]
@@ -99,7 +100,8 @@ def load_config(path: str | Path) -> Config:
     if (not isinstance(fit, dict) or set(fit) != {"slowdown", "after_training_seconds"}
             or not all(isinstance(v, (int, float)) and v > 0 for v in fit.values())):
         raise StudyError(f"{path}: fit: expected positive slowdown and after_training_seconds, got {fit!r}")
-    return Config(name=str(raw["name"]), stage_order=tuple(raw["stage_order"]), common=raw["common"],
+    return Config(name=str(raw["name"]), stage_order=tuple(raw["stage_order"]),
+                  cpu_only=tuple(raw["cpu_only"] or ()), common=raw["common"],
                   converged=raw["converged"], long_epochs=tuple(sorted(epochs, reverse=True)),
                   decay_ratio=float(long["decay_ratio"]), probe_seconds=float(raw["probe_seconds"]),
                   margin_seconds=float(raw["margin_seconds"]),
@@ -108,16 +110,7 @@ def load_config(path: str | Path) -> Config:
 
 def with_overrides(raw_params: dict, overrides: dict) -> dict:
     """A deep copy of params.yaml's mapping with dotted-key overrides, validated as a whole."""
-    out = copy.deepcopy(raw_params)
-    for key, value in overrides.items():
-        node, parts = out, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ParamError(f"override {key}: params.yaml has no section {part!r} there")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ParamError(f"override {key}: params.yaml has no such key")
-        node[parts[-1]] = copy.deepcopy(value)
+    out = params_lib.with_overrides(raw_params, overrides, "override")
     params_lib.parse(out)  # a bad override fails here, naming the key, before any work
     return out
 
@@ -217,11 +210,13 @@ def _strategy_of(cmd: str) -> str | None:
     return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--strategy"), None)
 
 
-def plan(dvc: dict, raw_params: dict, stage_order: tuple[str, ...]) -> list[tuple[str, str, str]]:
+def plan(dvc: dict, raw_params: dict, stage_order: tuple[str, ...],
+         cpu_only: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     """expand_stages in the order `dvc repro` runs them (stage_order, then dvc.yaml's order),
     without the stages of strategies that params' `strategies` leaves out (`one_profile`; DVC
-    itself would refuse such a params.yaml)."""
-    stages = [s for s in expand_stages(dvc, raw_params) if _strategy_of(s[2]) in (None, *raw_params["strategies"])]
+    itself would refuse such a params.yaml), and without the `cpu_only` stages."""
+    stages = [s for s in expand_stages(dvc, raw_params) if _strategy_of(s[2]) in (None, *raw_params["strategies"])
+              and s[1] not in cpu_only]
     names = list(dict.fromkeys(s for _, s, _ in stages))
     if sorted(names) != sorted(stage_order):
         raise StudyError(f"stage_order {list(stage_order)} does not list exactly dvc.yaml's stages {names}: "
@@ -236,15 +231,17 @@ class Run:
     scores: str | None
 
 
-def train_run(cmd: str) -> Run | None:
-    """The (strategy, seed, scores) of a `python -m stages.train` command; None for other stages."""
+def train_runs(cmd: str, seeds) -> list[Run]:
+    """The (strategy, seed, scores) runs of a `python -m stages.train` command (without --seed:
+    one per seed of train.seeds, as the stage trains them); [] for other stages."""
     argv = shlex.split(cmd)
     if argv[:3] != ["python", "-m", "stages.train"]:
-        return None
+        return []
     opts = dict(zip(argv[3::2], argv[4::2]))
-    if set(opts) - {"--strategy", "--seed", "--scores"} or len(argv[3:]) % 2:
-        raise StudyError(f"dvc.yaml train command {cmd!r}: expected --strategy S --seed k [--scores DIR]")
-    return Run(opts["--strategy"], int(opts["--seed"]), opts.get("--scores"))
+    if set(opts) - {"--strategy", "--seed", "--scores"} or "--strategy" not in opts or len(argv[3:]) % 2:
+        raise StudyError(f"dvc.yaml train command {cmd!r}: expected --strategy S [--seed k] [--scores DIR]")
+    ks = [int(opts["--seed"])] if "--seed" in opts else list(seeds)
+    return [Run(opts["--strategy"], k, opts.get("--scores")) for k in ks]
 
 
 def group_commands(runs: list[Run], group: int) -> list[list[str]]:
@@ -618,8 +615,8 @@ class Study:
             arc.flush()
 
         timing = Timing(epochs=p.train.epochs)
-        steps = plan(dvc, raw_params, self.cfg.stage_order)
-        train_stages = {s for _, s, c in steps if train_run(c)}
+        steps = plan(dvc, raw_params, self.cfg.stage_order, self.cfg.cpu_only)
+        train_stages = {s for _, s, c in steps if train_runs(c, raw_params["train"]["seeds"])}
         if data_done:  # from an earlier profile, unchanged since: hashed once
             self._archive_data(arc, info)
         try:
@@ -630,12 +627,13 @@ class Study:
                     if stage != next(s for s in self.cfg.stage_order if s in train_stages):
                         continue  # all training stages run together, in the first one's turn
                     if fit and (fitted := self.fit_training(raw_params, variant)) is not raw_params:
-                        raw_params, steps = fitted, plan(dvc, fitted, self.cfg.stage_order)
+                        raw_params, steps = fitted, plan(dvc, fitted, self.cfg.stage_order, self.cfg.cpu_only)
                         params_text = yaml.safe_dump(raw_params, sort_keys=False)
                         (run_dir / "params.yaml").write_text(params_text)
                         arc.add("params.yaml", params_text.encode())
                         info["seeds_planned"], info["seeds"] = info["seeds"], raw_params["train"]["seeds"]
-                    runs = [train_run(c) for _, s, c in steps if s in train_stages]
+                    runs = [r for _, s, c in steps if s in train_stages
+                            for r in train_runs(c, raw_params["train"]["seeds"])]
                     argvs = group_commands(runs, int(variant.get("group", 1)))
 
                     def after_train(i, argvs=argvs):
@@ -705,11 +703,11 @@ def describe(cfg: Config, ips: list[float], group: int, repo: Path = REPO) -> st
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
     first = with_overrides(with_overrides(raw, cfg.common), cfg.converged)
-    steps = plan(dvc, first, cfg.stage_order)
-    runs = [r for r in (train_run(c) for _, _, c in steps) if r]
+    steps = plan(dvc, first, cfg.stage_order, cfg.cpu_only)
+    runs = [r for _, _, c in steps for r in train_runs(c, first["train"]["seeds"])]
     lines, train_done = [f"# {profile_name(cfg, first['train']['epochs'])}: the commands, in order"], False
     for _, stage, cmd in steps:
-        if train_run(cmd):
+        if train_runs(cmd, first["train"]["seeds"]):
             if not train_done:
                 lines += [shlex.join(g) for g in group_commands(runs, group)]
             train_done = True
@@ -746,7 +744,7 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         base = with_overrides(raw, {**cfg.common, **({"train.device": device} if device else {})})
         single = not (epochs is None and seeds is None and strategies is None)
         first = with_overrides(base, one_profile(cfg, base, epochs, seeds, strategies))
-        plan(dvc, first, cfg.stage_order)  # dvc.yaml and stage_order agree, before any work
+        plan(dvc, first, cfg.stage_order, cfg.cpu_only)  # dvc.yaml and stage_order agree, before any work
         if parts is not None and not probe_only:
             from .pack import check_parts
             check_parts(parts)  # every part here and intact, before the probe

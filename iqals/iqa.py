@@ -76,7 +76,7 @@ def score_all(ref: np.ndarray, dists: np.ndarray, cfg: IQA) -> np.ndarray:
     return np.stack([METRICS[cfg.metric](ref, d, cfg) for d in dists])
 
 
-# T: measure -> (0, 1], before the clip to iqa.clip (PROTOCOL.md: identity for SSIM).
+# T: measure -> (0, 1], before the clip to iqa.clip (docs/protocol.md: identity for SSIM).
 TRANSFORMS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "identity": lambda s, scale: s,
     "linear": lambda s, scale: s / scale,              # e.g. PSNR / 50 dB
@@ -92,7 +92,7 @@ def target_probability(scores: np.ndarray, cfg: IQA) -> np.ndarray:
 
 def summary(s: np.ndarray, cfg: IQA) -> dict:
     """The distribution of the scores s of one level, of their targets T(s), and how many
-    targets the clip to iqa.clip changed (PROTOCOL.md asks to report it)."""
+    targets the clip to iqa.clip changed (docs/protocol.md: the score stage reports it)."""
     t = TRANSFORMS[cfg.transform](np.asarray(s, dtype=np.float64), cfg.transform_scale)
     q = np.clip(t, cfg.clip[0], cfg.clip[1])
     stats = {"mean": s.mean(), "std": s.std(), "p05": np.percentile(s, 5), "median": np.median(s),

@@ -142,7 +142,7 @@ def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_p
 
 @dataclass
 class Step:
-    name: str                 # DVC addressing, e.g. train_scored@S3-0
+    name: str                 # DVC addressing, e.g. train_scored@S3
     cmd: list[str]            # the resolved command(s)
     wdir: str
     upstream: list[str]       # stages of the plan it depends on

@@ -38,7 +38,7 @@ def test_set_name(dtype: int, level: int) -> str:
 
 # Table 2's columns, in order: copy_index(t, lv) is the position of test_set_name(t, lv)
 TEST_SETS = ("pristine",) + tuple(test_set_name(t, lv) for t in range(len(DISTORTIONS)) for lv in range(LEVELS))
-# training set -> distortion types it mixes in (PROTOCOL.md, "training sets")
+# training set -> distortion types it mixes in (docs/protocol.md, "training sets")
 TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "mix_jpeg": ("jpeg",),
               "mix_all3": DISTORTIONS}
 # train.step: eager = op by op; compile = torch.compile(mode="reduce-overhead"); graph = the
@@ -422,13 +422,49 @@ def parse(raw: dict) -> Params:
     return _build(Params, "", raw, {})
 
 
-def load(path: str | Path = "params.yaml") -> Params:
+def read_raw(path: str | Path = "params.yaml"):
+    """The YAML mapping of a params (or preset) file, unvalidated."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: no such file (run from the repository root)")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ParamError(f"{path}: not valid YAML: {e}") from None
-    return parse(raw)
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    return parse(read_raw(path))
+
+
+# ---------------------------------------------------------------- presets: dotted keys -> values
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """A preset file: a flat mapping of dotted params keys (`train.epochs`) to values."""
+    raw = read_raw(path)
+    if not isinstance(raw, dict) or not raw or any(not isinstance(k, str) or "." not in k for k in raw):
+        raise ParamError(f"{path}: expected a mapping of dotted params keys (e.g. train.epochs: 16) to values")
+    return raw
+
+
+def with_overrides(raw: dict, values: dict[str, Any], where: str = "preset") -> dict:
+    """A copy of the params mapping with each dotted key set, as `dvc exp run -S` sets it; a key
+    that params.yaml lacks is an error (a typo would otherwise be ignored)."""
+    out = yaml.safe_load(yaml.safe_dump(raw))
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        d = out
+        for k in parents:
+            if not isinstance(d, dict) or k not in d:
+                raise ParamError(f"{where}: {key}: params.yaml has no {k!r} here")
+            d = d[k]
+        if not isinstance(d, dict) or leaf not in d:
+            raise ParamError(f"{where}: {key}: no such key in params.yaml")
+        d[leaf] = value
+    return out
+
+
+def yaml_value(value: Any) -> str:
+    """A value as `-S key=value` writes it (YAML flow style: null, 16, [0, 1, 2], cuda)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()

@@ -2,7 +2,7 @@
 
 data/scores/{train,test}.npy: float64 (types, levels, N), aligned with data/distorted.
 metrics/score.json: per type and level, the distribution of s and of the target T(s) (clipped
-to iqa.clip), and how many targets the clip changed (PROTOCOL.md asks to report it).
+to iqa.clip), and how many targets the clip changed (docs/protocol.md: the score stage reports it).
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Stage train: (strategy, seed) runs -> models/<strategy>/seed<k>.pt and logs/<strategy>/seed<k>.tsv.
 
-    python -m stages.train --strategy S3 --seed 0 --scores data/scores     (one run; dvc.yaml)
-    python -m stages.train --run S3:0 --run S3:1 --run S1:0 --scores data/scores    (together)
+    python -m stages.train --strategy S3 --scores data/scores     (every seed of train.seeds; dvc.yaml)
+    python -m stages.train --strategy S3 --seed 0 --scores data/scores     (one run)
+    python -m stages.train --run S3:0 --run S3:1 --run S1:0 --scores data/scores    (any runs)
 
-Runs given with --run train together in one process as one stacked model (iqals.train.train_group),
-each with its own initial weights, draws and targets, writing exactly what the one-run form writes.
+The runs of one call train together in one process as one stacked model (iqals.train.train_group),
+each with its own initial weights, draws and targets, writing exactly what a one-run call writes:
+on a GPU the seeds of a strategy share its kernels; on a CPU a group of one is the plain network.
 dvc.yaml runs strategies with one-hot targets (train_onehot) without --scores, so they do not
 depend on the score stage or iqa.*; all others (train_scored) get --scores: it is required iff
 some run needs scores. A checkpoint in checkpoints/ (not a DVC output, so DVC never deletes it)
@@ -29,7 +31,10 @@ def main() -> None:
     args = cli(__doc__, strategy=None, seed=None, run=[], raw="data/raw", distorted="data/distorted",
                scores=None, models="models", logs="logs", checkpoints="checkpoints", stop_after=None)
     p = setup("train")
-    runs = train_lib.parse_runs(args.strategy, args.seed, args.run, args.scores, p)
+    strategy, seed, many = args.strategy, args.seed, args.run
+    if strategy is not None and seed is None and not many:  # the dvc.yaml form: all seeds together
+        strategy, many = None, [f"{args.strategy}:{k}" for k in p.train.seeds]
+    runs = train_lib.parse_runs(strategy, seed, many, args.scores, p)
     images, labels = load_npz(Path(args.raw) / "train.npz", "train")
     distorted = (np.load(Path(args.distorted) / "train.npy", mmap_mode="r")
                  if any(s.distortions for s, _ in runs) else None)

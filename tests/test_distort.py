@@ -136,7 +136,7 @@ def test_noise_follows_imnoise_formula_exactly(images):
 
 
 def test_noise_of_an_image_does_not_depend_on_the_subset(images):
-    """PROTOCOL.md: a fixed seed per image and level; the same image in a subset gets the same noise."""
+    """docs/protocol.md: a fixed seed per image and level; the same image in a subset gets the same noise."""
     full = distort.noise(images, 0.01, 5, np.arange(len(images)))
     part = distort.noise(images[3:6], 0.01, 5, np.arange(3, 6))
     np.testing.assert_array_equal(part, full[3:6])

@@ -44,22 +44,22 @@ def test_plan_is_what_dvc_repro_runs(tmp_path, repo_root, raw_params, cfg):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, env=env, check=True)
-    want = dry_run(tmp_path, env)
-    got = gpu_study.plan(yaml.safe_load((tmp_path / "dvc.yaml").read_text()), raw, cfg.stage_order)
+    want = [(n, c) for n, c in dry_run(tmp_path, env) if n not in cfg.cpu_only]
+    got = gpu_study.plan(yaml.safe_load((tmp_path / "dvc.yaml").read_text()), raw, cfg.stage_order, cfg.cpu_only)
     assert [(n, c) for n, _, c in got] == want
-    assert ("train_onehot@S1-3", "python -m stages.train --strategy S1 --seed 3") in want  # the case matters
+    assert ("train_onehot@S1", "python -m stages.train --strategy S1") in want
+    runs = [r for _, _, c in got for r in gpu_study.train_runs(c, raw["train"]["seeds"])]
+    assert gpu_study.Run("S1", 3, None) in runs  # every seed of the stage, seed 3 included
 
 
 def test_plan_leaves_out_the_strategies_params_leave_out(dvc_yaml, raw_params, cfg):
-    full = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order)
+    full = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order, cfg.cpu_only)
     sub = gpu_study.with_overrides(raw_params, gpu_study.one_profile(cfg, raw_params, strategies=["S3", "S2", "S1"]))
-    steps = gpu_study.plan(dvc_yaml, sub, cfg.stage_order)
+    steps = gpu_study.plan(dvc_yaml, sub, cfg.stage_order, cfg.cpu_only)
     strategies = {gpu_study._strategy_of(c) for _, _, c in steps} - {None}
     assert strategies == {"S1", "S2", "S3"} and len(full) > len(steps)
-    n_seeds = len(raw_params["train"]["seeds"])
-    assert sum(1 for _, s, _ in steps if s == "train_onehot") == 2 * n_seeds
-    assert [c for _, s, c in steps if s == "train_scored"] == [
-        f"python -m stages.train --strategy S3 --seed {k} --scores data/scores" for k in raw_params["train"]["seeds"]]
+    assert sum(1 for _, s, _ in steps if s == "train_onehot") == 2  # S1, S2: their seeds inside
+    assert [c for _, s, c in steps if s == "train_scored"] == ["python -m stages.train --strategy S3 --scores data/scores"]
     assert [x for x in full if gpu_study._strategy_of(x[2]) is None] == [
         x for x in steps if gpu_study._strategy_of(x[2]) is None]  # data stages and report unchanged
 
@@ -92,15 +92,15 @@ def test_probe_key_follows_the_step_sources_torch_and_device(tmp_path, monkeypat
 
 
 def test_stage_order_lists_the_repository_stages(dvc_yaml, raw_params, cfg):
-    steps = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order)
+    steps = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order, cfg.cpu_only)
     assert [s for s in dict.fromkeys(s for _, s, _ in steps)] == list(cfg.stage_order)
     with pytest.raises(gpu_study.StudyError, match="stage_order"):
-        gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order[:-1])
+        gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order[:-1], cfg.cpu_only)
 
 
 def test_train_runs_and_groups(dvc_yaml, raw_params, cfg):
-    steps = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order)
-    runs = [r for r in (gpu_study.train_run(c) for _, _, c in steps) if r]
+    steps = gpu_study.plan(dvc_yaml, raw_params, cfg.stage_order, cfg.cpu_only)
+    runs = [r for _, _, c in steps for r in gpu_study.train_runs(c, raw_params["train"]["seeds"])]
     n = len(raw_params["strategies"]) * len(raw_params["train"]["seeds"])
     assert len(runs) == n and runs[0] == gpu_study.Run("S1", 0, None)
     groups = gpu_study.group_commands(runs, 4)
@@ -109,7 +109,8 @@ def test_train_runs_and_groups(dvc_yaml, raw_params, cfg):
         needs = any(raw_params["strategies"][s]["labels"] != "original" for s, _ in gpu_study.runs_of(g))
         assert ("--scores" in g) == needs
         assert g[:3] == ["python", "-m", "stages.train"]
-    assert gpu_study.train_run("python -m stages.evaluate --strategy S1") is None
+    assert gpu_study.train_runs("python -m stages.evaluate --strategy S1", [0]) == []
+    assert gpu_study.train_runs("python -m stages.train --strategy S2 --seed 1", [0, 1, 2]) == [gpu_study.Run("S2", 1, None)]
 
 
 def test_overrides_are_validated(raw_params):
@@ -117,7 +118,7 @@ def test_overrides_are_validated(raw_params):
                                                 "base.train_size": None})
     assert out["train"]["epochs"] == 16 and out["base"]["train_size"] is None
     assert raw_params["train"]["epochs"] != 16  # the original is untouched
-    with pytest.raises(ParamError, match="train.epoch: params.yaml has no such key"):
+    with pytest.raises(ParamError, match="train.epoch: no such key in params.yaml"):
         gpu_study.with_overrides(raw_params, {"train.epoch": 16})
     with pytest.raises(ParamError, match="train.lr_decay_epochs"):
         gpu_study.with_overrides(raw_params, {"train.epochs": 5, "train.lr_decay_epochs": 12})

@@ -33,7 +33,7 @@ def stacks(images) -> tuple[np.ndarray, np.ndarray]:
     then blur, noise and JPEG at the study's three levels (params.yaml), mildest first. One stack,
     because each piq call has a fixed cost (oneDNN sets up every convolution, ~35 ms each)."""
     dists = [images]
-    dists += [distort.blur(images, s, 2.0, "replicate") for s in (0.7, 1.0, 1.2)]
+    dists += [distort.blur(images, s, "matlab", "replicate") for s in (0.7, 1.0, 1.2)]
     dists += [distort.noise(images, v, 5) for v in (0.005, 0.01, 0.02)]
     dists += [distort.jpeg(images, q, "420") for q in (12, 8, 4)]
     return np.concatenate([images] * len(dists)), np.concatenate(dists)

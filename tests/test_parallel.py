@@ -1,7 +1,7 @@
 """stages.parallel on the tiny pipeline with a 2-worker LocalCluster, against a sequential dvc repro.
 
 One scenario on one project copy (module fixture), checked by the tests below:
-  run 1: train_onehot@S2-0 cannot write its checkpoint (checkpoints/S2 is a file): it fails, its
+  run 1: train_onehot@S2 cannot write its checkpoint (checkpoints/S2 is a file): it fails, its
          independent siblings finish and are recorded, the command exits 1 naming it;
   run 2: the obstacle removed, Ctrl-C (SIGINT) once evaluate@S2 has started;
   run 3: completes, starting nothing that runs 1-2 finished.
@@ -70,10 +70,10 @@ def finished(out: str) -> list[str]:
 
 
 def block_s2(dest: Path) -> Path:
-    """train_onehot@S2-0 cannot write its checkpoint (not a DVC output: the command itself fails)."""
+    """train_onehot@S2 cannot write its checkpoint (not a DVC output: the command itself fails)."""
     blocker = dest / "checkpoints" / "S2"
     blocker.parent.mkdir(parents=True)
-    blocker.write_text("a file where train_onehot@S2-0 needs a directory\n")
+    blocker.write_text("a file where train_onehot@S2 needs a directory\n")
     return blocker
 
 
@@ -84,7 +84,7 @@ def reference(tmp_path_factory, repo_root, tiny_cifar):
     blocker = block_s2(dest)
     r = subprocess.run([sys.executable, "-m", "dvc", "repro", "--keep-going"], cwd=dest, env=env,
                        capture_output=True, text=True, timeout=900)
-    assert r.returncode != 0 and "train_onehot@S2-0" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode != 0 and "train_onehot@S2" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     lock1 = lock(dest)
     blocker.unlink()
     sh([sys.executable, "-m", "dvc", "repro"], dest, env, timeout=900)
@@ -127,17 +127,17 @@ def test_failure_stops_only_its_dependants(scenario, reference):
     r1 = scenario["r1"]
     out = r1.stdout + r1.stderr
     assert r1.returncode == 1, out[-3000:]
-    assert "stage train_onehot@S2-0 failed" in out
+    assert "stage train_onehot@S2 failed" in out
     assert "command: python -m stages.train --strategy S2 --seed 0" in out
     assert "NotADirectoryError" in out or "FileExistsError" in out  # the tail of its log
     assert "not run because an upstream stage failed: evaluate@S2, report" in out
     _, want = reference
     got = scenario["lock1"]
-    assert set(got) == set(lock(scenario["dest"])) - {"train_onehot@S2-0", "evaluate@S2", "report"}
+    assert set(got) == set(lock(scenario["dest"])) - {"train_onehot@S2", "evaluate@S2", "report"}
     assert list(got) == list(want)  # what dvc repro --keep-going records, in its order
     assert without_timings(got) == without_timings(want)
     # progress: one line per start and finish with the worker, and the live count
-    assert re.search(r"start  train_onehot@S1-0 on tcp://\S+ \(1 threads\)  \[done \d+ / running \d+ / waiting \d+\]", out)
+    assert re.search(r"start  train_onehot@S1 on tcp://\S+ \(1 threads\)  \[done \d+ / running \d+ / waiting \d+\]", out)
     assert re.search(r"done   evaluate@S3 on tcp://\S+ in [\d.]+s  \[done \d+ / running \d+ / waiting \d+\]", out)
 
 
@@ -146,8 +146,8 @@ def test_interrupt_then_rerun_redoes_nothing_finished(scenario):
     out2, r3 = scenario["out2"], scenario["r3"]
     assert scenario["rc2"] == 130, out2[-3000:]
     assert "interrupted" in out2
-    assert started(out2)[0] == "train_onehot@S2-0"  # only what run 1 left stale
-    assert "train_onehot@S2-0" in scenario["lock2"]
+    assert started(out2)[0] == "train_onehot@S2"  # only what run 1 left stale
+    assert "train_onehot@S2" in scenario["lock2"]
     assert not scenario["left_after_interrupt"], "processes left running in the project after Ctrl-C"
     dest = scenario["dest"]
     half = [p for d in ("data", "models", "metrics", "plots", "logs") for p in (dest / d).rglob(".*.tmp")]

@@ -113,7 +113,7 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root, tiny_cifar):
     dest = tmp_path_factory.mktemp("project")
-    env = make_project(dest, repo_root)
+    env = make_project(dest, repo_root, seeds=[0, 1])  # two seeds: each train stage stacks them
     env["CIFAR10_LOCAL"] = str(tiny_cifar)
     dvc = [sys.executable, "-m", "dvc"]
     sh(["git", "init", "-q"], dest, env)
@@ -127,7 +127,7 @@ def project(tmp_path_factory, repo_root, tiny_cifar):
 @pytest.mark.slow
 def test_repro_produces_everything(project):
     dest, env, dvc, first = project
-    for stage in ["download", "distort", "score", "train_onehot@S1-0", "train_scored@R3-0", "evaluate@U3", "report",
+    for stage in ["download", "distort", "score", "train_onehot@S1", "train_scored@R3", "evaluate@U3", "report",
                   "deviation_converged", "deviation_probe", "deviation"]:
         assert f"Running stage '{stage}'" in first, stage
     for f in ["data/raw/train.npz", "data/distorted/train.npy", "data/scores/test.npy", "models/S3/seed0.pt",
@@ -137,6 +137,9 @@ def test_repro_produces_everything(project):
         assert (dest / f).is_file(), f
     m = json.loads((dest / "metrics/S3.json").read_text())
     assert m["test_images"] == 50 and 0 <= m["pristine"]["acc"] <= 1 and m["labels"] == "iqa_ls"
+    assert (dest / "models/S3/seed1.pt").is_file() and m["seeds"] == [0, 1]
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]["train_scored@S3"]
+    assert sorted((o["path"], o["nfiles"]) for o in lock["outs"]) == [("logs/S3", 2), ("models/S3", 2)]
     assert "S3 vs S2" in (dest / "plots/report.md").read_text()
     dev = json.loads((dest / "metrics/deviation.json").read_text())
     assert dev["cells"] == 90 and dev["reference"] == "results/gpu_e16"
@@ -165,8 +168,24 @@ def test_changing_iqa_metric_touches_only_scored_stages(project):
     finally:
         params.write_text(original)
     # the report names the measure it used, so it reruns too; no one-hot training stage does
-    want = {"score", "report"} | {f"train_scored@{s}-0" for s in TINY_STRATEGIES["scored"]}
+    want = {"score", "report"} | {f"train_scored@{s}" for s in TINY_STRATEGIES["scored"]}
     assert {c.split(":")[-1] for c in changed} == want
+
+
+@pytest.mark.slow
+def test_a_strategys_stage_trains_its_seeds_as_separate_runs_would(project):
+    """The stage stacks its seeds in one process; each seed's weights are those of a one-run call."""
+    from test_group import close_after_training
+
+    dest, env, _, _ = project
+    p = load(dest / "params.yaml")
+    sh([sys.executable, "-m", "stages.train", "--strategy", "S2", "--seed", "1", "--models", "alone",
+        "--logs", "alone_logs", "--checkpoints", "alone_ck"], dest, env)
+    got = torch.load(dest / "models/S2/seed1.pt", weights_only=False)["model"]
+    want = torch.load(dest / "alone/S2/seed1.pt", weights_only=False)["model"]
+    steps = p.train.epochs * (p.base.train_size // p.train.batch_size)
+    for k in want:
+        close_after_training(got[k], want[k], steps, p.train.batch_size * 32 * 32)
 
 
 @pytest.mark.slow

@@ -1,0 +1,71 @@
+"""stages.preset: a preset of params.yaml becomes one `dvc exp run -S ...`, checked before it runs."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from iqals import params as params_lib
+
+
+def preset(tmp_path, repo_root, *args, values=None, path_dvc=None):
+    file = repo_root / "presets/paper.yaml"
+    if values is not None:
+        file = tmp_path / "mine.yaml"
+        file.write_text(yaml.safe_dump(values))
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    if path_dvc is not None:
+        env["PATH"] = f"{path_dvc}{os.pathsep}{env['PATH']}"
+    return subprocess.run([sys.executable, "-m", "stages.preset", str(file), *args], cwd=repo_root, env=env,
+                          capture_output=True, text=True)
+
+
+def test_the_paper_preset_is_the_converged_regime_and_valid(repo_root):
+    values = params_lib.load_preset(repo_root / "presets/paper.yaml")
+    p = params_lib.parse(params_lib.with_overrides(params_lib.read_raw(repo_root / "params.yaml"), values))
+    assert p.base.train_size is None and (p.train.epochs, p.train.lr_decay_epochs) == (16, 12)
+    assert p.train.seeds == (0, 1, 2) and p.train.device == "cuda"
+
+
+def test_dry_prints_the_dvc_command_whose_values_parse_back(tmp_path, repo_root):
+    r = preset(tmp_path, repo_root, "--dry")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout.strip())
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "paper"]
+    sets = dict(a.split("=", 1) for a in cmd[6::2])
+    assert cmd[5::2] == ["-S"] * len(sets)
+    back = {k: yaml.safe_load(v) for k, v in sets.items()}  # as DVC reads -S values: YAML
+    assert back == params_lib.load_preset(repo_root / "presets/paper.yaml")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_preset_without_cuda_stops_before_dvc_runs(tmp_path, repo_root):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dvc").write_text(f"#!/bin/sh\ntouch {tmp_path}/dvc_ran\n")
+    (fake / "dvc").chmod(0o755)
+    r = preset(tmp_path, repo_root, path_dvc=fake)
+    assert r.returncode == 1
+    assert "train.device = 'cuda', but this machine has no CUDA device" in r.stderr
+    assert not (tmp_path / "dvc_ran").exists()
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"train.epochs": 0}, "params.yaml: train.epochs = 0: expected an integer in [1, inf]"),
+    ({"train.epoch": 16}, "train.epoch: no such key in params.yaml"),
+    ({"trian.epochs": 16}, "trian.epochs: params.yaml has no 'trian' here"),
+    ({"epochs": 16}, "expected a mapping of dotted params keys"),
+])
+def test_a_bad_preset_is_named_before_anything_runs(tmp_path, repo_root, values, message):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dvc").write_text(f"#!/bin/sh\ntouch {tmp_path}/dvc_ran\n")
+    (fake / "dvc").chmod(0o755)
+    r = preset(tmp_path, repo_root, values=values, path_dvc=fake)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "dvc_ran").exists()
