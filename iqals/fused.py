@@ -1,0 +1,158 @@
+"""Candidate GPU step pieces, each checked against the plain layers it would replace.
+
+- `lrn`: the LRN as two Triton kernels (forward; backward recomputing everything from the input,
+  the only tensor saved), fp32 arithmetic for fp32, bf16 and fp16 in and out (float64 in float64); the window sum over
+  channels is a product with a band matrix built in registers. Runs on CPU under Triton's
+  interpreter (TRITON_INTERPRET=1), which is how the tests check it.
+- `max_pool_same`: the 3x3/2 'SAME' max pool without int64 indices: the backward finds the
+  maxima again by comparing the input with the saved output.
+- `batch_stacked_conv`: G runs stacked along the batch (G*B, C, H, W), each with its own dense
+  convolution, the same result as conv2d(groups=G) over runs stacked along the channels.
+
+Not yet a train.step variant: the probe (iqals/variants.py) is to time them on a GPU first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK_P = 16  # pixels per program (tl.dot wants at least 16 rows)
+
+
+@triton.jit
+def _band(C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr, ACC: tl.constexpr):
+    """(C, C) matrix w[j, i] = alpha/size where channel j is in channel i's window
+    [i - SIZE//2, i + (SIZE-1)//2] (nn.LocalResponseNorm's), else 0; s = k + x^2 @ w."""
+    j = tl.arange(0, C)[:, None]
+    i = tl.arange(0, C)[None, :]
+    inside = (j >= i - SIZE // 2) & (j <= i + (SIZE - 1) // 2)
+    return tl.where(inside, ALPHA / SIZE, 0.0).to(ACC)
+
+
+@triton.jit
+def _lrn_fwd(x_ptr, y_ptr, rows, C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr,
+             BETA: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+             ACC: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
+    c = tl.arange(0, C)[None, :]
+    mask = r < rows
+    x = tl.load(x_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
+    s = K + tl.dot(x * x, _band(C, SIZE, ALPHA, ACC), input_precision=PRECISION)
+    y = x * tl.exp2(-BETA * tl.log2(s))
+    tl.store(y_ptr + r * C + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lrn_bwd(x_ptr, g_ptr, dx_ptr, rows, C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr,
+             BETA: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+             ACC: tl.constexpr):
+    # y = x s^-beta; dx = g s^-beta - 2 beta x ((g y / s) @ w^T)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
+    c = tl.arange(0, C)[None, :]
+    mask = r < rows
+    x = tl.load(x_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
+    w = _band(C, SIZE, ALPHA, ACC)
+    s = K + tl.dot(x * x, w, input_precision=PRECISION)
+    rs = tl.exp2(-BETA * tl.log2(s))
+    t = tl.dot(g * x * rs / s, tl.trans(w), input_precision=PRECISION)
+    dx = g * rs - 2.0 * BETA * x * t
+    tl.store(dx_ptr + r * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """(B, G*c, H, W) as a (B*H*W*G, c) row-major view of its channels-last copy."""
+    b, ch, h, w = x.shape
+    if ch % groups:
+        raise ValueError(f"{ch} channels do not split into {groups} groups")
+    c = ch // groups
+    if c < 16 or c & (c - 1):
+        raise ValueError(f"the fused LRN needs a power of two >= 16 channels per group, got {c}")
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c), c
+
+
+def _launch(kernel, rows: torch.Tensor, out: torch.Tensor, *extra, c, size, alpha, beta, k):
+    precision = "ieee"  # fp32 products: the band matrix's sums exactly as in the fp32 reference
+    acc = tl.float64 if rows.dtype == torch.float64 else tl.float32  # float64 for gradcheck only
+    grid = (triton.cdiv(rows.shape[0], BLOCK_P),)
+    kernel[grid](rows, *extra, out, rows.shape[0], C=c, SIZE=size, ALPHA=float(alpha), BETA=float(beta),
+                 K=float(k), BLOCK=BLOCK_P, PRECISION=precision, ACC=acc)
+
+
+def _back(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    b, ch, h, w = like.shape
+    return rows.view(b, h, w, ch).permute(0, 3, 1, 2)  # channels-last strides, NCHW shape
+
+
+class _FusedLRN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k, groups):
+        rows, c = _rows(x, groups)
+        y = torch.empty_like(rows)
+        _launch(_lrn_fwd, rows, y, c=c, size=size, alpha=alpha, beta=beta, k=k)
+        ctx.save_for_backward(x)  # only the input: the backward recomputes the rest
+        ctx.cfg = (size, alpha, beta, k, groups)
+        return _back(y, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k, groups = ctx.cfg
+        rows, c = _rows(x, groups)
+        g_rows, _ = _rows(g.to(x.dtype), groups)
+        dx = torch.empty_like(rows)
+        _launch(_lrn_bwd, rows, dx, g_rows, c=c, size=size, alpha=alpha, beta=beta, k=k)
+        return _back(dx, x), None, None, None, None, None
+
+
+def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int = 1) -> torch.Tensor:
+    """nn.LocalResponseNorm(size, alpha, beta, k) of (B, G*c, H, W) x, each group of c channels
+    alone; output in x's dtype, channels-last."""
+    return _FusedLRN.apply(x, size, alpha, beta, k, groups)
+
+
+# ---------------------------------------------------------------- max pool without indices
+
+class _MaxPoolSame(torch.autograd.Function):
+    """3x3/2 max pool, TF 'SAME' (the last window clipped at the edge), saving input and output
+    instead of int64 indices. The backward sends each window's gradient to every position equal to
+    the window's maximum: the same as PyTorch's (first maximum) wherever the maximum is unique, and
+    in the network, where ties are the zeros of a ReLU, the same after the ReLU's backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        h, w = x.shape[-2:]
+        # each input position (i, j) lies in the windows (a, b) with 2a <= i <= 2a + 2: pad the
+        # input to the windows' extent, then visit the 9 offsets of a window
+        xp = F.pad(x, (0, 2 * y.shape[-1] + 1 - w, 0, 2 * y.shape[-2] + 1 - h), value=float("-inf"))
+        dx = torch.zeros_like(xp)
+        for di in range(3):
+            for dj in range(3):
+                sl = (..., slice(di, di + 2 * y.shape[-2], 2), slice(dj, dj + 2 * y.shape[-1], 2))
+                dx[sl] += g * (xp[sl] == y)
+        return dx[..., :h, :w]
+
+
+def max_pool_same(x: torch.Tensor) -> torch.Tensor:
+    return _MaxPoolSame.apply(x)
+
+
+# ---------------------------------------------------------------- runs stacked along the batch
+
+def batch_stacked_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+                       padding: int) -> torch.Tensor:
+    """G runs stacked along the batch: x (G*B, C, H, W), weight (G*O, C, k, k) as conv2d(groups=G)
+    holds it; each run's slice of the batch convolved with its own dense weights (on a GPU, one
+    dense kernel per run, e.g. on its own stream). Returns (G*B, O, H', W')."""
+    xs, ws = x.chunk(groups), weight.chunk(groups)
+    bs = bias.chunk(groups) if bias is not None else [None] * groups
+    return torch.cat([F.conv2d(a, w, b, padding=padding) for a, w, b in zip(xs, ws, bs)])

@@ -1,0 +1,109 @@
+"""iqals.fused, the GPU step's candidate pieces, against the layers they would replace: on CPU,
+the Triton kernels under Triton's interpreter."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iqals import model
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """iqals.fused with its kernels built for Triton's interpreter (read when they are defined and
+    when they run: set for this module's tests only)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import iqals.fused as mod
+        yield importlib.reload(mod)
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+LRN = dict(size=9, alpha=1e-3, beta=0.75, k=1.0)  # params.yaml's model.lrn_*
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_lrn_values_and_gradients_match_the_current_lrn(fused, groups):
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 64 * groups, 3, 5)).relu().requires_grad_()  # ReLU outputs, as in the network
+    g = torch.randn(2, 64 * groups, 3, 5)
+    ref = model.LocalResponseNorm(LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"], groups=groups)
+    want = ref(x)
+    (want_dx,) = torch.autograd.grad(want, x, g)
+    got = fused.lrn(x, **LRN, groups=groups)
+    (got_dx,) = torch.autograd.grad(got, x, g)
+    # fp32 both: a window sum of 9 squares and one pow; the gradient sums 9 more terms
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(got, want, rtol=16 * eps, atol=16 * eps * want.abs().max().item())
+    torch.testing.assert_close(got_dx, want_dx, rtol=0, atol=64 * eps * want_dx.abs().max().item())
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_lrn_gradcheck_float64(fused):
+    torch.manual_seed(1)
+    x = torch.rand(1, 32, 2, 2, dtype=torch.float64, requires_grad=True) * 4
+    assert torch.autograd.gradcheck(lambda t: fused.lrn(t, 5, 0.5, 0.75, 1.0), (x,), eps=1e-6, atol=1e-8)
+
+
+def test_fused_lrn_keeps_bf16_in_and_out(fused):
+    x = torch.randn(1, 64, 2, 2).relu().bfloat16().requires_grad_()
+    y = fused.lrn(x, **LRN)
+    y.sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    want = model.LocalResponseNorm(LRN["size"], LRN["alpha"], LRN["beta"], LRN["k"])(x.detach().float())
+    torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())  # bf16's half ulp
+
+
+def test_fused_lrn_rejects_channel_counts_it_cannot_tile(fused):
+    with pytest.raises(ValueError, match="power of two >= 16 channels per group, got 24"):
+        fused.lrn(torch.rand(1, 48, 2, 2), **LRN, groups=2)
+
+
+def close_sums(got, want):
+    """Equal but for the order of summing: a position takes the gradient of at most 4 windows."""
+    torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(want.dtype).eps * want.abs().max().item())
+
+
+def test_max_pool_without_indices_matches_max_pool2d(fused):
+    torch.manual_seed(2)
+    for h in (32, 16, 8):  # the network's sizes: the last window clipped at the edge
+        x = torch.randn(2, 3, h, h, dtype=torch.float64, requires_grad=True)  # no ties
+        g = torch.randn(2, 3, h // 2, h // 2, dtype=torch.float64)
+        want = model._pool_same(x)
+        (want_dx,) = torch.autograd.grad(want, x, g)
+        got = fused.max_pool_same(x)
+        (got_dx,) = torch.autograd.grad(got, x, g)
+        assert torch.equal(got, want)
+        close_sums(got_dx, want_dx)
+
+
+def test_max_pool_ties_at_relu_zeros_give_the_same_gradient_after_the_relu(fused):
+    torch.manual_seed(3)
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    z.data[:, :, :4, :4] = -1.0  # whole windows of zeros after the ReLU
+    g = torch.randn(2, 4, 4, 4)
+    (want,) = torch.autograd.grad(model._pool_same(z.relu()), z, g)
+    (got,) = torch.autograd.grad(fused.max_pool_same(z.relu()), z, g)
+    close_sums(got, want)
+    assert (got[:, :, :4, :4] == 0).all()
+
+
+def test_batch_stacked_convolution_equals_grouped_conv2d(fused):
+    torch.manual_seed(4)
+    runs, b = 3, 4
+    x = torch.randn(runs, b, 8, 6, 6)  # each run's own batch
+    w, bias = torch.randn(runs * 5, 8, 5, 5), torch.randn(runs * 5)
+    channels = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(b, runs * 8, 6, 6), w, bias, padding=2, groups=runs)
+    got = fused.batch_stacked_conv(x.reshape(runs * b, 8, 6, 6), w, bias, runs, padding=2)
+    want = channels.view(b, runs, 5, 6, 6).transpose(0, 1).reshape(runs * b, 5, 6, 6)
+    # the same dot products, in whatever order each kernel sums 8 x 25 terms
+    torch.testing.assert_close(got, want, rtol=0, atol=200 * torch.finfo(torch.float32).eps * want.abs().max().item())
