@@ -2,7 +2,7 @@
 
 1. The CIFAR-10 copy is reassembled from its parts (iqals/pack.py) and checked.
 2. The training-step variants are smoke-checked and timed (iqals/variants.py); the fastest that
-   passed is chosen (the result is cached in the work folder, so a first device call can do it).
+   passed is chosen (the result is cached in the work folder, so a first, short command can do it).
 3. For each profile (params.yaml plus the overrides of gpu_study.yaml) the pipeline's own stage
    modules run as subprocesses, in the order `dvc repro` runs them: the commands are expanded
    from dvc.yaml exactly as DVC expands them (tests/test_gpu_study.py compares both), except
@@ -428,7 +428,7 @@ def _source_hash(files) -> str:
 def code_version(repo: Path) -> dict:
     """Which code ran: a sha256 of iqals/ and stages/ (any checkout can be matched against it:
     `commit_of_sources`), and the git commit where the tree is a checkout (the device's copy may
-    be none, or carry older git metadata than its files)."""
+    be none, or hold older git metadata than its files)."""
     files = [(f.relative_to(repo).as_posix(), f.read_bytes()) for d in SOURCES for f in repo.glob(f"{d}/*.py")]
     git = [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain", "--", *SOURCES]]
     try:

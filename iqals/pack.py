@@ -4,7 +4,7 @@ The GPU machine takes at most 64 MiB of files per command, and the training set 
 raw. `pack` makes it smaller without loss (images byte-planar, each row delta-coded, then xz:
 about 71% of raw), cuts the compressed stream into parts of at most `max_part_bytes`, and
 writes each part into its own folder beside a copy of the manifest, so that each command can
-carry one folder. `unpack` checks every part (size, sha256), decompresses, undoes the coding,
+send one folder. `unpack` checks every part (size, sha256), decompresses, undoes the coding,
 checks each array's sha256 and writes {train,test}.npz in the local-copy format
 (iqals/data.py), which the download stage reads through $CIFAR10_LOCAL.
 
@@ -148,8 +148,8 @@ def check_parts(parts_dir: str | Path, only: list[int] | None = None) -> dict:
         path = parts_dir / part["file"]
         what = f"part {part['k']} of {n} ({path})"
         if not path.is_file():
-            raise PackError(f"{what} is missing: send its folder {path.parent} (carry it in the device "
-                            "call, or copy it) before unpacking")
+            raise PackError(f"{what} is missing: send its folder {path.parent} with the command, "
+                            "or copy it, before unpacking")
         size = path.stat().st_size
         if size != part["length"]:
             raise PackError(f"{what} is truncated or wrong: {size} bytes, expected {part['length']}")

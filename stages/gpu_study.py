@@ -8,7 +8,7 @@ the converged schedule and then the longest schedule of gpu_study.yaml that fits
 with --epochs, --seeds or --strategies, that one profile instead (e.g. `--epochs 60 --seeds 0
 --strategies S1,S2,S3,S4,S5,S6,S7,S8,S9`: Table 2 only, one seed, lr decay at the paper's ratio).
 Results: <out>/<profile>.tar after every stage, <out>/study.log, <out>/stages.log,
-<out>/probe.json. `--probe-only` stops after the probe (a first device call); a later call on
+<out>/probe.json. `--probe-only` stops after the probe (a first, short command); a later one on
 the same machine reuses its result. `--describe --ips N` prints the plan and the projected
 training minutes per schedule at N images/s, without running anything. Not a DVC stage.
 """
