@@ -22,7 +22,7 @@ def run_stage(repo_root, body: str) -> subprocess.CompletedProcess:
 
 
 MODULES = {"ParamError": "iqals.params", "DataError": "iqals.data", "UsageError": "iqals.errors",
-           "PackError": "iqals.pack", "StudyError": "iqals.gpu_study"}
+           "PackError": "offline.pack", "StudyError": "offline.study"}
 
 
 @pytest.mark.parametrize("error", list(MODULES))

@@ -1,4 +1,4 @@
-"""The GPU study rehearsed on the CPU: the same command (python -m stages.gpu_study) on a clean
+"""The GPU study rehearsed on the CPU: the same command (python -m offline.study) on a clean
 copy of the repository, tiny profile, the data sent in parts, without dvc and piq (the GPU
 machine has neither); then its archives unpacked into results/ and the report regenerated."""
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from iqals import gpu_results, gpu_study, pack
+from offline import pack
+from offline import results as gpu_results
+from offline import study as gpu_study
 from test_pipeline import COPY, copy_repo
 
 ONEHOT, SCORED = ["S1", "S2"], ["S3"]
@@ -25,7 +27,7 @@ SEEDS = [0, 1]
 
 def clean_copy(dest: Path, repo_root: Path) -> None:
     """The repository as it travels, shrunk to the tiny data (as tests/test_pipeline.py does)."""
-    copy_repo(dest, repo_root, COPY + ["gpu_study.yaml"])
+    copy_repo(dest, repo_root, COPY + ["offline"])
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["train"].update(batch_size=50)
     raw["strategies"] = {k: v for k, v in raw["strategies"].items() if k in ONEHOT + SCORED}
@@ -38,11 +40,11 @@ def clean_copy(dest: Path, repo_root: Path) -> None:
                         f"  - scored: [{', '.join(SCORED)}]")
     assert yaml.safe_load(text)["vars"] == [{"onehot": ONEHOT}, {"scored": SCORED}]
     (dest / "dvc.yaml").write_text(text)
-    cfg = yaml.safe_load((dest / "gpu_study.yaml").read_text())
+    cfg = yaml.safe_load((dest / "offline/config.yaml").read_text())
     cfg.update(common={"base.train_size": 100, "train.seeds": SEEDS},
                converged={"train.epochs": 1, "train.lr_decay_epochs": 1},
                long={"epochs": [3, 2], "decay_ratio": 0.5}, probe_seconds=0.5, margin_seconds=5)
-    (dest / "gpu_study.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (dest / "offline/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def device_env(dest: Path, tmp: Path) -> dict:
@@ -67,7 +69,7 @@ def rehearsal(tmp_path_factory, repo_root, tiny_cifar):
         r = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
         assert r.returncode != 0 and "absent on the GPU machine" in r.stderr
     out = tmp / "OUT"
-    r = subprocess.run([sys.executable, "-m", "stages.gpu_study", "--parts", "transfer/cifar10", "--out",
+    r = subprocess.run([sys.executable, "-m", "offline.study", "--parts", "transfer/cifar10", "--out",
                         str(out), "--budget-s", "600", "--work", str(tmp / "work")],
                        cwd=dest, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:] + (
@@ -155,7 +157,7 @@ def test_one_profile_of_some_strategies_and_seeds(rehearsal):
     """--epochs/--seeds/--strategies: that profile alone, reusing the reassembled data and the probe."""
     tmp, dest, _, _ = rehearsal
     out = tmp / "OUT_one"
-    r = subprocess.run([sys.executable, "-m", "stages.gpu_study", "--out", str(out), "--budget-s", "600",
+    r = subprocess.run([sys.executable, "-m", "offline.study", "--out", str(out), "--budget-s", "600",
                         "--work", str(tmp / "work"), "--epochs", "2", "--seeds", "1", "--strategies", "S3,S1,S2"],
                        cwd=dest, env=device_env(dest, tmp), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -179,7 +181,7 @@ def test_a_missing_part_stops_the_command_at_once(tmp_path, repo_root, tiny_cifa
     clean_copy(dest, repo_root)
     pack.pack(tiny_cifar, dest / "transfer" / "cifar10", max_part_bytes=250_000)
     shutil.rmtree(dest / "transfer" / "cifar10" / "part2")
-    r = subprocess.run([sys.executable, "-m", "stages.gpu_study", "--parts", "transfer/cifar10", "--out",
+    r = subprocess.run([sys.executable, "-m", "offline.study", "--parts", "transfer/cifar10", "--out",
                         str(tmp_path / "OUT"), "--budget-s", "60", "--work", str(tmp_path / "work")],
                        cwd=dest, env=device_env(dest, tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "part 2 of 2" in r.stderr and "is missing" in r.stderr

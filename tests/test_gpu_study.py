@@ -1,4 +1,4 @@
-"""The GPU study's pieces (iqals/gpu_study.py, iqals/gpu_results.py) without running it; the
+"""The GPU study's pieces (offline/study.py, offline/results.py) without running it; the
 whole command is rehearsed on the CPU in tests/test_gpu_rehearsal.py."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from iqals import gpu_results, gpu_study
+from offline import results as gpu_results
+from offline import study as gpu_study
 from iqals.params import ParamError
 
 
@@ -25,7 +26,7 @@ def dvc_yaml(repo_root):
 
 @pytest.fixture(scope="module")
 def cfg(repo_root):
-    return gpu_study.load_config(repo_root / "gpu_study.yaml")
+    return gpu_study.load_config(repo_root / "offline/config.yaml")
 
 
 def dry_run(dest, env) -> list[tuple[str, str]]:
@@ -82,12 +83,13 @@ def test_probe_key_follows_the_step_sources_torch_and_device(tmp_path, monkeypat
     key = gpu_study.probe_key("2.11.0", "NVIDIA H100")
     assert key == gpu_study.probe_key("2.11.0", "NVIDIA H100")
     assert key != gpu_study.probe_key("2.11.1", "NVIDIA H100") != gpu_study.probe_key("2.11.0", "NVIDIA H200")
-    src = Path(gpu_study.__file__).parent
+    src = gpu_study.REPO / "iqals"
+    (tmp_path / "iqals").mkdir()
     for m in gpu_study.PROBE_SOURCES:
-        (tmp_path / f"{m}.py").write_bytes((src / f"{m}.py").read_bytes())
-    monkeypatch.setattr(gpu_study, "__file__", str(tmp_path / "gpu_study.py"))  # the driver itself is not hashed
+        (tmp_path / "iqals" / f"{m}.py").write_bytes((src / f"{m}.py").read_bytes())
+    monkeypatch.setattr(gpu_study, "REPO", tmp_path)  # the driver itself is not hashed
     assert gpu_study.probe_key("2.11.0", "NVIDIA H100") == key
-    (tmp_path / "steps.py").write_text((src / "steps.py").read_text() + "\n# changed\n")
+    (tmp_path / "iqals" / "steps.py").write_text((src / "steps.py").read_text() + "\n# changed\n")
     assert gpu_study.probe_key("2.11.0", "NVIDIA H100") != key
 
 
@@ -304,7 +306,7 @@ def test_register_metrics_keeps_dvc_yaml_valid(tmp_path, repo_root):
 
 
 def test_config_errors_name_the_key(tmp_path, repo_root):
-    raw = yaml.safe_load((repo_root / "gpu_study.yaml").read_text())
+    raw = yaml.safe_load((repo_root / "offline/config.yaml").read_text())
     raw["long"]["epochs"] = [300, "100"]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(gpu_study.StudyError, match="long.epochs"):
@@ -392,3 +394,12 @@ def test_run_summary_names_the_data_that_match_and_that_differ(repo_root):
         gpu_results.run_markdown(d, {"data/raw/test.npz": True}, repo_root)
     assert "| data |" not in gpu_results.run_markdown(d, None, repo_root)
 
+
+
+def test_the_library_and_stages_never_import_the_offline_driver(repo_root):
+    import ast
+    for f in [*repo_root.glob("iqals/*.py"), *repo_root.glob("stages/*.py")]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "offline" or n.startswith("offline.") for n in names), f

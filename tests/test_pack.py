@@ -1,10 +1,10 @@
-"""The CIFAR-10 copy sent in parts (iqals/pack.py): exact round trip, clear failures."""
+"""The CIFAR-10 copy sent in parts (offline/pack.py): exact round trip, clear failures."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from iqals import pack
+from offline import pack
 from iqals.data import load_npz
 
 

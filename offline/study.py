@@ -1,23 +1,24 @@
-"""The whole study on a machine without DVC, sized to a time budget (stages/gpu_study.py).
+"""The whole study on a GPU node without DVC or network, sized to a time budget.
 
-1. The CIFAR-10 copy is reassembled from its parts (iqals/pack.py) and checked.
+    python -m offline.study --parts transfer/cifar10 --out OUT --budget-s 540
+    python -m offline.study --describe --ips 500000     (the plan and projected minutes only)
+
+1. The CIFAR-10 copy is reassembled from its parts (offline/pack.py) and checked.
 2. The training-step variants are smoke-checked and timed (iqals/variants.py); the fastest that
-   passed is chosen (the result is cached in the work folder, so a first, short command can do it).
-3. For each profile (params.yaml plus the overrides of gpu_study.yaml) the pipeline's own stage
-   modules run as subprocesses, in the order `dvc repro` runs them: the commands are expanded
-   from dvc.yaml exactly as DVC expands them (tests/test_gpu_study.py compares both), except
-   that the per-run training stages become grouped `stages.train --run S:k ...` calls.
-4. First the converged schedule, then the longest schedule of the list whose projected time
-   (from the converged run's measured times) fits what is left of the budget. Or, given
-   `epochs`, `seeds` or `strategies`, one profile with those instead (`one_profile`).
-5. After every stage the profile's results go into <out>/<profile>.tar: params.yaml, run.json
-   (variant, device, per-stage times, data checksums), probe.json, study.log, metrics,
-   per-epoch logs, compact predictions (predicted class, float16 probabilities) and plots; no
-   models. A run cut short
-   still leaves what finished. iqals/gpu_results.py turns the tar into results/<profile>/.
+   passed is chosen (cached in the work folder: `--probe-only` does it in a short first command).
+3. For each profile (params.yaml plus the overrides of offline/config.yaml) the pipeline's own
+   stage modules run as subprocesses, in the order `dvc repro` runs them: the commands are
+   expanded from dvc.yaml exactly as DVC expands them (tests/test_gpu_study.py compares both),
+   the training stages becoming grouped `stages.train --run S:k ...` calls.
+4. First the converged schedule, then the longest schedule of the list whose projected time fits
+   what is left of the budget; or, given --epochs, --seeds or --strategies, that one profile.
+5. After every stage the profile's results go into OUT/<profile>.tar (params, run.json, probe,
+   logs, metrics, compact predictions, plots; no models), so a run cut short leaves what
+   finished; offline/results.py turns the tar into results/<profile>/.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import io
@@ -41,15 +42,19 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import params as params_lib
-from .data import SPLITS, sha256
-from .errors import ExpectedError
-from .io import atomic_path, write_json
-from .params import ParamError
+from iqals import params as params_lib
+from iqals.data import SPLITS, sha256
+from iqals.errors import ExpectedError
+from iqals.io import atomic_path, write_json
+from iqals.params import ParamError
+
+from offline.pack import PackError
+from stages.common import run
 
 log = logging.getLogger("gpu_study")
 
 REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "offline/config.yaml"
 ARCHIVE_CAP = 15 * 2**20  # bytes per archive file: the device returns files of at most 16 MiB
 
 
@@ -80,7 +85,7 @@ class Config:
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"{path}: no such study configuration (expected a file like gpu_study.yaml)")
+        raise StudyError(f"{path}: no such study configuration (expected a file like offline/config.yaml)")
     raw = yaml.safe_load(path.read_text())
     want = {"name", "stage_order", "cpu_only", "common", "converged", "long", "probe_seconds", "margin_seconds", "fit"}
     if not isinstance(raw, dict) or set(raw) != want:
@@ -220,7 +225,7 @@ def plan(dvc: dict, raw_params: dict, stage_order: tuple[str, ...],
     names = list(dict.fromkeys(s for _, s, _ in stages))
     if sorted(names) != sorted(stage_order):
         raise StudyError(f"stage_order {list(stage_order)} does not list exactly dvc.yaml's stages {names}: "
-                         "update gpu_study.yaml from `dvc repro --dry --force`")
+                         "update offline/config.yaml from `dvc repro --dry --force`")
     return sorted(stages, key=lambda s: stage_order.index(s[1]))  # sort is stable
 
 
@@ -410,7 +415,7 @@ def probe_key(torch_version: str, device_name: str) -> str:
     """Identity of a probe's result: the training-step sources it ran, torch and the device."""
     h = hashlib.sha256()
     for m in PROBE_SOURCES:
-        h.update((Path(__file__).parent / f"{m}.py").read_bytes())
+        h.update((REPO / "iqals" / f"{m}.py").read_bytes())
     return f"{h.hexdigest()[:16]}-{torch_version}-{device_name}"
 
 
@@ -526,7 +531,7 @@ class Study:
 
     # -- steps
     def unpack(self, parts: Path) -> None:
-        from .pack import unpack
+        from offline.pack import unpack
         t = time.monotonic()
         unpack(parts, self.work / "cifar10")
         log.info("data reassembled and checked from %s in %.1f s", parts, time.monotonic() - t)
@@ -535,9 +540,9 @@ class Study:
         """Smoke check and timing probe (cached in the work folder for the same code and device)."""
         import torch
 
-        from . import model as model_lib
+        from iqals import model as model_lib
         try:
-            from . import variants
+            from iqals import variants
         except ImportError as e:
             raise StudyError(f"the training-step variants (iqals/variants.py) are missing: {e}") from None
         device = model_lib.pick_device(p.train.device)
@@ -746,7 +751,7 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
         first = with_overrides(base, one_profile(cfg, base, epochs, seeds, strategies))
         plan(dvc, first, cfg.stage_order, cfg.cpu_only)  # dvc.yaml and stage_order agree, before any work
         if parts is not None and not probe_only:
-            from .pack import check_parts
+            from offline.pack import check_parts
             check_parts(parts)  # every part here and intact, before the probe
         log.info("study %s: budget %.0f s (margin %.0f s), work %s, out %s", cfg.name, budget_s,
                  cfg.margin_seconds, work, out)
@@ -796,3 +801,45 @@ def run_study(parts: Path | None, work: Path, out: Path, config: Path, budget_s:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+# ---------------------------------------------------------------- command line
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", type=Path, default=None,
+                    help="folder of the data parts (transfer/cifar10); omit to reuse an earlier reassembly")
+    ap.add_argument("--out", type=Path, help="where the archives and logs go ($OUT)")
+    ap.add_argument("--budget-s", type=float, help="seconds this command may take in all")
+    ap.add_argument("--work", type=Path, default=Path("gpu_work"), help="scratch folder (ignored by git)")
+    ap.add_argument("--config", type=Path, default=CONFIG)
+    ap.add_argument("--probe-only", action="store_true", help="stop after the smoke check and probe")
+    ap.add_argument("--probe-s", type=float, default=None, help="override probe_seconds of the config")
+    ap.add_argument("--device", default=None, help="override train.device (auto | cpu | cuda)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="one profile of this many epochs (decay at the config's long.decay_ratio)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="one profile with these seeds (comma-separated)")
+    ap.add_argument("--strategies", type=lambda s: s.split(","), default=None,
+                    help="one profile with only these strategies (comma-separated, e.g. S1,S2,S3)")
+    ap.add_argument("--describe", action="store_true",
+                    help="only print the plan and the projected training minutes per schedule")
+    ap.add_argument("--ips", type=float, action="append", help="with --describe: images/s summed over runs")
+    ap.add_argument("--group", type=int, default=17, help="with --describe: runs per training call")
+    args = ap.parse_args()
+    if args.describe:
+        return print(describe(load_config(args.config), args.ips or [500_000], args.group))
+    if args.out is None or args.budget_s is None:
+        ap.error("--out and --budget-s are required (unless --describe)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        status = run_study(args.parts, args.work, args.out, args.config, args.budget_s,
+                           probe_only=args.probe_only, probe_seconds=args.probe_s, device=args.device,
+                           epochs=args.epochs, seeds=args.seeds, strategies=args.strategies)
+    except PackError as e:
+        raise StudyError(f"data parts: {e}") from None
+    logging.getLogger("gpu_study").info("status: %s", status)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,30 +1,38 @@
 """A CIFAR-10 copy sent in parts: lossless, small enough for one transfer per part.
 
-The GPU machine takes at most 64 MiB of files per command, and the training set is 141 MB
-raw. `pack` makes it smaller without loss (images byte-planar, each row delta-coded, then xz:
-about 71% of raw), cuts the compressed stream into parts of at most `max_part_bytes`, and
+A GPU node that takes only a limited size of files per command cannot take the 141 MB of the
+raw training set at once. `pack` makes it smaller without loss (images byte-planar, each row
+delta-coded, then xz: about 71% of raw), cuts the compressed stream into parts of at most `max_part_bytes`, and
 writes each part into its own folder beside a copy of the manifest, so that each command can
 send one folder. `unpack` checks every part (size, sha256), decompresses, undoes the coding,
 checks each array's sha256 and writes {train,test}.npz in the local-copy format
 (iqals/data.py), which the download stage reads through $CIFAR10_LOCAL.
 
 Layout: <out>/part<k>/{manifest.json, <name>.part<k>of<n>}.
+
+    python -m offline.pack pack   [--src ../shared/data/cifar10] [--out transfer/cifar10] [--max-part-mib M]
+    python -m offline.pack check  [--parts transfer/cifar10] [--part K ...]
+    python -m offline.pack unpack [--parts transfer/cifar10] --out DIR
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import lzma
 import os
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .data import SPLITS, load_npz
-from .errors import ExpectedError
-from .io import atomic_path, save_npz, write_json
+from iqals.data import SPLITS, load_npz
+from iqals.errors import ExpectedError
+from iqals.io import atomic_path, save_npz, write_json
+from stages.common import run
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +135,7 @@ def read_manifest(parts_dir: str | Path) -> dict:
     found = sorted(parts_dir.glob(f"part*/{MANIFEST}"))
     if not found:
         raise PackError(f"{parts_dir}: no part folder with a {MANIFEST} (expected {parts_dir}/part1/"
-                        f"{MANIFEST}, written by `python -m stages.pack pack`)")
+                        f"{MANIFEST}, written by `python -m offline.pack pack`)")
     try:
         manifest = json.loads(found[0].read_text())
     except (OSError, ValueError) as e:
@@ -191,3 +199,57 @@ def unpack(parts_dir: str | Path, out: str | Path, threads: int | None = None) -
         save_npz(written[split], images=got[split, "images"], labels=got[split, "labels"], **extra)
     log.info("unpacked %d part(s) from %s into %s", len(manifest["parts"]), parts_dir, out)
     return written
+
+
+# ---------------------------------------------------------------- command line
+log = logging.getLogger("pack")
+
+TRANSFER_LIMIT = 64 * 2**20  # bytes one transfer to the GPU node holds: working tree plus the paths sent with it
+MARGIN = 4 * 2**20           # room for files added to the tree between packing and sending
+
+
+def tree_bytes(root: str | Path = ".") -> int:
+    """Bytes of what travels anyway: tracked files and untracked files git does not ignore."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    return sum((Path(root) / n.decode()).stat().st_size for n in names
+               if n and (Path(root) / n.decode()).is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pack")
+    a.add_argument("--src", default="../shared/data/cifar10", help="directory with train.npz, test.npz")
+    a.add_argument("--out", default="transfer/cifar10")
+    a.add_argument("--max-part-mib", type=float, default=None)
+    c = sub.add_parser("check")
+    c.add_argument("--parts", default="transfer/cifar10")
+    c.add_argument("--part", type=int, action="append", help="check only this part (repeatable)")
+    u = sub.add_parser("unpack")
+    u.add_argument("--parts", default="transfer/cifar10")
+    u.add_argument("--out", required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pack %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    t0 = time.perf_counter()
+    if args.cmd == "pack":
+        if args.max_part_mib is not None:
+            limit = int(args.max_part_mib * 2**20)
+        else:
+            tree = tree_bytes()
+            limit = TRANSFER_LIMIT - tree - MARGIN
+            log.info("working tree that travels: %.1f MiB; parts of at most %.1f MiB", tree / 2**20, limit / 2**20)
+        m = pack(args.src, args.out, limit)
+        log.info("%.1f s; send one folder per transfer: %s", time.perf_counter() - t0,
+                 ", ".join(str(Path(args.out) / p["file"]).rsplit("/", 1)[0] for p in m["parts"]))
+    elif args.cmd == "check":
+        m = check_parts(args.parts, args.part)
+        log.info("%s: part(s) %s of %d intact", args.parts, args.part or "all", len(m["parts"]))
+    else:
+        unpack(args.parts, args.out)
+        log.info("%.1f s", time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    run(main)

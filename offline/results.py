@@ -14,9 +14,13 @@ dvc.yaml's top-level `metrics:` lists results/<profile>/metrics, so `dvc metrics
 The report regenerates from these on the CPU: the data stages it also reads (test images,
 their distorted copies, the scores) are rerun from the local copy with the profile's params and
 checked against the checksums in run.json; then the report stage runs on the results.
+
+    python -m offline.results unpack FOLDER [--results results]
+    python -m offline.results report results/<profile> [--out DIR] [--work gpu_work/regen]
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -33,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .data import SPLITS
-from .gpu_study import REPO, StudyError, _sha256, commit_of_sources, load_config, plan, stage_env, with_python
-from .io import write_text
+from iqals.data import SPLITS
+from iqals.io import write_text
+from offline.study import REPO, StudyError, _sha256, commit_of_sources, load_config, plan, stage_env, with_python
+from stages.common import run
 
 log = logging.getLogger("gpu_results")
 
@@ -163,7 +168,7 @@ def logged_calls(study_log: str, profile: str) -> dict[str, list[dict]]:
 
 
 def _code(c: dict | None, repo: Path = REPO) -> str:
-    """run.json's code entry in words (iqals.gpu_study.code_version): the commit of this
+    """run.json's code entry in words (offline.study.code_version): the commit of this
     repository with those sources, else what the machine's copy said of itself."""
     if c is None:
         return "not recorded (run.json had no code entry before 2026-11-27)"
@@ -175,7 +180,7 @@ def _code(c: dict | None, repo: Path = REPO) -> str:
                  + (" with uncommitted changes" if c["uncommitted_changes"] else ""))
     else:
         where = "not in this repository's history; no git checkout where it ran"
-    return f"sources sha256 {c['source_sha256']} (iqals/ and stages/: `iqals.gpu_study.code_version`): {where}"
+    return f"sources sha256 {c['source_sha256']} (iqals/ and stages/: `offline.study.code_version`): {where}"
 
 
 def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None, repo: Path = REPO) -> str:
@@ -250,7 +255,7 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
     """Rerun the report stage on results/<profile>/ on the CPU; returns data checksum matches."""
     profile_dir, work = Path(profile_dir).resolve(), Path(work).resolve()
     out = Path(out).resolve() if out else profile_dir / "plots"
-    cfg = load_config(config or repo / "gpu_study.yaml")
+    cfg = load_config(config or repo / "offline/config.yaml")
     raw = yaml.safe_load((profile_dir / "params.yaml").read_text())
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
     steps = plan(dvc, raw, cfg.stage_order, cfg.cpu_only)
@@ -294,3 +299,31 @@ def regenerate_report(profile_dir: str | Path, work: str | Path, out: str | Path
     log.info("report regenerated from %s into %s", profile_dir, out)
     write_text(profile_dir / "RUN.md", run_markdown(profile_dir, checks, repo))
     return checks
+
+
+# ---------------------------------------------------------------- command line
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("unpack")
+    u.add_argument("folder", type=Path)
+    u.add_argument("--results", type=Path, default=Path("results"))
+    u.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
+    r = sub.add_parser("report")
+    r.add_argument("profile", type=Path, help="results/<profile>")
+    r.add_argument("--out", type=Path, default=None, help="default: results/<profile>/plots")
+    r.add_argument("--work", type=Path, default=Path("gpu_work/regen"))
+    r.add_argument("--cifar", type=Path, default=os.environ.get("CIFAR10_LOCAL", "../shared/data/cifar10"),
+                   help="the local CIFAR-10 copy (default $CIFAR10_LOCAL, else ../shared/data/cifar10)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpu_results %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    if args.cmd == "unpack":
+        unpack_all(args.folder, args.results, args.dvc_yaml)
+    else:
+        checks = regenerate_report(args.profile, args.work / args.profile.name, args.out, args.cifar)
+        logging.getLogger("gpu_results").info("data checksums against the GPU run: %s", checks or "none recorded")
+
+
+if __name__ == "__main__":
+    run(main)
