@@ -142,9 +142,10 @@ def where_we_differ(dev: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
             best = own.loc[own.max_abs_gap_points.idxmin()]
             closing = list(own[own.closes].convention)
             out.append(f"- {d}: under the default the mean gap to the paper's S1 is {_pts(default.loc[d].mean_gap_points)} "
-                       f"points (largest {default.loc[d].max_abs_gap_points:.1f}); the closest convention is "
-                       f"{best.convention} ({best.changes}): mean {_pts(best.mean_gap_points)}, largest "
-                       f"{best.max_abs_gap_points:.1f}. "
+                       f"points (largest {default.loc[d].max_abs_gap_points:.1f}); "
+                       + ("no other convention comes closer. " if best.convention == "default" else
+                          f"the closest convention is {best.convention} ({best.changes}): mean "
+                          f"{_pts(best.mean_gap_points)}, largest {best.max_abs_gap_points:.1f}. ")
                        + (f"Within {w:.0f} points at every level: {', '.join(closing)}." if closing else
                           f"No convention brings all three levels within {w:.0f} points."))
     if trend is not None:
