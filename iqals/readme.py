@@ -1,26 +1,67 @@
 """Filling the README's generated sections from files the code wrote: `make readme`.
 
-The README's results and benchmark sections are never typed by hand; tests/test_readme.py
-checks that each agrees with its source file.
+The README's results and timings are never typed by hand; tests/test_readme.py checks that
+each block agrees with what its source computes.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .errors import ExpectedError
-from .io import write_text
+import pandas as pd
 
-# README block name -> the file that fills it (written by the pipeline, gpu_results or the benchmarks)
+from .errors import ExpectedError
+from .io import read_json, write_text
+
 HEADLINE = "results/gpu_e16"  # the GPU run the README leads with
-BLOCKS = {"gpu_run": f"{HEADLINE}/RUN.md", "gpu_report": f"{HEADLINE}/plots/report.md",
-          "report": "plots/report.md", "bench": "bench/results.md"}
+TWINS = ("IQA-LS vs one-hot", "IQA-LS vs uniform", "IQA-LS vs shuffled")  # the headline's comparisons
+
+
+def headline(root: Path) -> str:
+    """The first screen's table, from the headline run's Table 2 and comparisons: per strategy of
+    Table 2 its pristine accuracy beside the paper's, and per mix IQA-LS against its one-hot twin
+    and the two controls on the claim sets (difference in points, 95% interval, Holm p)."""
+    plots = root / HEADLINE / "plots"
+    t2 = pd.read_csv(plots / "table2.csv").set_index("strategy")
+    comps = pd.read_csv(plots / "comparisons.csv")
+    claim = comps[comps.test_set == "claim"].set_index(["family", "a"])
+    lines = ["| S | labels | train set | pristine, ours (paper) | " + " | ".join(TWINS) + " |",
+             "|" + "---|" * (4 + len(TWINS))]
+    for name, r in t2.iterrows():
+        cells = []
+        for family in TWINS:
+            if (family, name) in claim.index:
+                c = claim.loc[(family, name)]
+                cells.append(f"{100 * c['diff']:+.1f} [{100 * c.ci_lo:+.1f}, {100 * c.ci_hi:+.1f}], p {c.p_holm:.2g}")
+            else:
+                cells.append("")
+        lines.append(f"| {name} | {r.regularization} | {r.train_set} | {100 * r.pristine:.1f} ± {100 * r.pristine_std:.1f} "
+                     f"({100 * r.pristine_paper:.1f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def deviation_summary(root: Path) -> str:
+    """The deviation study's section, its tables left in plots/deviation.md."""
+    text = (root / "plots/deviation.md").read_text()
+    return text.split("### ", 1)[0].split("\n", 1)[1].strip() + "\n"
+
+
+# README block name -> the file that fills it (written by the pipeline or the benchmarks), or a
+# function of the repository root computing it from such files
+BLOCKS = {"headline": headline, "deviation": deviation_summary, "timings": "bench/timings.md"}
 _LINK = re.compile(r"(!?\[[^\]]*\]\()(?![a-z]+:|/|#)([^)]+\))")
 
 
 def rebase(text: str, folder: str) -> str:
     """Relative links of a file in `folder` made relative to the repository root."""
     return _LINK.sub(lambda m: f"{m[1]}{folder}/{m[2]}", text) if folder not in ("", ".") else text
+
+
+def fill(root: Path, source) -> str:
+    """A block's text: a source file with its relative links rebased to the root, or a function's."""
+    if callable(source):
+        return source(root)
+    return rebase((root / source).read_text(), str(Path(source).parent))
 
 
 def sync(root: str | Path = ".") -> None:
@@ -32,7 +73,7 @@ def sync(root: str | Path = ".") -> None:
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         if begin not in text or end not in text:
             raise ExpectedError(f"{readme}: markers {begin} / {end} not found")
-        block = rebase((root / source).read_text(), str(Path(source).parent))
+        block = fill(root, source)
         head, rest = text.split(begin, 1)
         text = head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
     write_text(readme, text)
