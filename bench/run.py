@@ -40,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.cli import out_path  # noqa: E402
+from iqals import variants  # noqa: E402
 from iqals.io import write_json, write_text  # noqa: E402
 
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
@@ -127,12 +128,16 @@ def rows(name: str, r: dict) -> list[tuple]:
                 for k, t in r["types"].items()]
     if name == "train_group":
         ips, ratio, one = r["images_per_s"], r["ratio_vs_group1"], r["images_per_s"]["group1"]
-        return [(f"{g[5:]} runs stepped together, fp32 eager ({r['device']}, {r['device_name']})",
-                 f"{v:.0f} img/s (summed)", f"{one:.0f} img/s (one run)", f"{ratio[g]}x",
-                 f"grads {r['smoke'][g]['gradients_rel']:.1e} rel")
-                for g, v in ips.items() if g != "group1"]
+        where = f"fp32 eager ({r['device']}, {r['device_name']})"
+        net = [] if "net" not in ips else [  # the plain Net loop: what one run cost before GroupNet(1)
+            (f"one run as GroupNet(1), {where}", f"{one:.0f} img/s", f"{ips['net']:.0f} img/s (plain Net loop)",
+             f"{r['ratio_vs_net']['group1']}x", f"grads {r['smoke']['group1']['gradients_rel']:.1e} rel")]
+        return net + [(f"{g[5:]} runs stepped together, {where}",
+                       f"{v:.0f} img/s (summed)", f"{one:.0f} img/s (one run)", f"{ratio[g]}x",
+                       f"grads {r['smoke'][g]['gradients_rel']:.1e} rel")
+                      for g, v in ips.items() if g not in ("group1", "net")]
     if name == "train_gpu":
-        return [(f"step {v['precision']} {v['step']} x{v['group']} ({r['device_name']})",
+        return [(f"step {variants.name(v)} ({r['device_name']})",
                  f"{v['images_per_s']:.0f} img/s, {v['step_ms']:.3f} ms/step", "fp32 eager, one run",
                  f"{v.get('ratio_vs_fp32_eager_single', '')}x",
                  f"logits {v['smoke']['logits_rel']:.1e}, grads {v['smoke']['gradients_rel']:.1e} rel"

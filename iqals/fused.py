@@ -8,8 +8,11 @@
   maxima again by comparing the input with the saved output.
 - `batch_stacked_conv`: G runs stacked along the batch (G*B, C, H, W), each with its own dense
   convolution, the same result as conv2d(groups=G) over runs stacked along the channels.
+- `BatchStackedNet`: GroupNet's parameters and step with the runs stacked along the batch and the
+  three pieces above, so LRN, pooling and ReLU need no groups.
 
-Not yet a train.step variant: the probe (iqals/variants.py) is to time them on a GPU first.
+The probe (iqals/variants.py, layout "batch") checks and times it on a GPU; the train stage does
+not run it yet.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .stacked import GroupNet
 
 BLOCK_P = 16  # pixels per program (tl.dot wants at least 16 rows)
 
@@ -156,3 +161,24 @@ def batch_stacked_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     xs, ws = x.chunk(groups), weight.chunk(groups)
     bs = bias.chunk(groups) if bias is not None else [None] * groups
     return torch.cat([F.conv2d(a, w, b, padding=padding) for a, w, b in zip(xs, ws, bs)])
+
+
+# ---------------------------------------------------------------- the network in this layout
+
+class BatchStackedNet(GroupNet):
+    """GroupNet with its G runs stacked along the batch: input (G, B, 3, H, W) as (G*B, 3, H, W),
+    each run's slice convolved with its own dense kernels, then the fused LRN, the index-free pool
+    and ReLU over the whole batch without groups. Same parameters (run-major, named as Net's),
+    run_state, load_run and decayed parameters as GroupNet; output (G, B, 10)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, b = x.shape[:2]
+        lrn_args = dict(size=self.lrn.size, alpha=self.lrn.alpha, beta=self.lrn.beta, k=self.lrn.k)
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        x = batch_stacked_conv(x, self.conv1.weight, self.conv1.bias, g, padding=2)
+        x = lrn(F.relu(max_pool_same(x)), **lrn_args)  # Net.forward's order: pool, relu, LRN
+        x = batch_stacked_conv(x, self.conv2.weight, self.conv2.bias, g, padding=2)
+        x = max_pool_same(lrn(F.relu(x), **lrn_args))
+        x = x.unflatten(0, (g, b)).flatten(2)  # (G, B, 64*8*8) in Net's (channel, row, column) order
+        x = F.relu(self.fc2(F.relu(self.fc1(x))))
+        return self.out(x)

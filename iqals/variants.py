@@ -27,21 +27,28 @@ from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-# Candidates, the likeliest winners on an H100 first (the probe may run out of time). A study of
-# 17 strategies x 3 seeds is 51 runs: groups of 3, 17 or 51 divide it. compile is last: its
-# compilation alone takes tens of seconds per group size.
-VARIANTS = (
-    {"precision": "fp32", "step": "eager", "group": 1},   # the reference step, and the fallback
-    {"precision": "fp32", "step": "eager", "group": 3},   # what the CPU can run besides
-    {"precision": "tf32", "step": "graph", "group": 17},
-    {"precision": "bf16", "step": "graph", "group": 17},
-    {"precision": "tf32", "step": "graph", "group": 51},
-    {"precision": "bf16", "step": "graph", "group": 51},
-    {"precision": "fp32", "step": "graph", "group": 17},
-    {"precision": "tf32", "step": "eager", "group": 17},
-    {"precision": "tf32", "step": "graph", "group": 3},
-    {"precision": "tf32", "step": "compile", "group": 17},
+# Candidates, the reference first, then the likeliest winners on an H100 (the probe may run out
+# of time), each at 1 run (DVC's path with one seed), 3 (one strategy's seeds), 17 and 51 (the
+# whole 17 x 3 study in groups). layout "batch" is iqals/fused.py's step: runs stacked along the
+# batch, fused LRN, pooling without indices, with cuDNN's benchmark on; the train stage cannot run
+# it yet, so `choose` leaves it out (TRAINABLE_LAYOUTS). compile is last: its compilation takes
+# tens of seconds per group size.
+GROUPS = (1, 3, 17, 51)
+_CANDIDATES = (
+    {"precision": "bf16", "step": "graph", "layout": "batch", "benchmark": True},
+    {"precision": "bf16", "step": "graph"},
+    {"precision": "bf16", "step": "graph", "benchmark": True},
+    {"precision": "tf32", "step": "graph"},
+    {"precision": "tf32", "step": "graph", "layout": "batch", "benchmark": True},
+    {"precision": "fp32", "step": "graph"},
+    {"precision": "tf32", "step": "eager"},
+    {"precision": "tf32", "step": "compile"},
 )
+VARIANTS = ({"precision": "fp32", "step": "eager", "group": 1},   # the reference step, and the fallback
+            {"precision": "fp32", "step": "eager", "group": 3},   # what the CPU can run besides
+            *({**c, "group": g} for c in _CANDIDATES for g in GROUPS))
+LAYOUTS = ("channels", "batch")  # runs stacked along the channels (GroupNet) or the batch (fused)
+TRAINABLE_LAYOUTS = ("channels",)
 
 # Largest relative difference ||device - cpu|| / ||cpu|| allowed after SMOKE_STEPS steps, per
 # precision, for the last step's logits, the summed losses, the last step's gradients and the
@@ -64,7 +71,29 @@ PROBE_IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run in 
 
 
 def needs_gpu(variant: dict) -> bool:
-    return variant["precision"] != "fp32" or variant["step"] != "eager"
+    """Off CUDA only the fp32 eager step of GroupNet runs (the fused kernels need a GPU or
+    Triton's interpreter, which the tests use)."""
+    return (variant["precision"] != "fp32" or variant["step"] != "eager"
+            or variant.get("layout", "channels") != "channels")
+
+
+def _check_variant(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"variant layout {layout!r}: expected one of {LAYOUTS}")
+
+
+class _cudnn_benchmark:
+    """cuDNN's autotuner on or off for one variant, restored after (it is process-wide)."""
+
+    def __init__(self, on: bool):
+        self.on, self.old = on, None
+
+    def __enter__(self):
+        self.old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.benchmark = self.old
 
 
 def synthetic(groups: int, n: int, device: torch.device, seed: int = 0):
@@ -84,8 +113,14 @@ def synthetic(groups: int, n: int, device: torch.device, seed: int = 0):
     return data, copy.to(device), image.to(device)
 
 
-def _stacked(p: Params, groups: int, device: torch.device) -> stacked.GroupNet:
-    net = stacked.GroupNet.stack([model_lib.build(p.model, derive_seed(r, "init")) for r in range(groups)])
+def _stacked(p: Params, groups: int, device: torch.device, layout: str = "channels") -> stacked.GroupNet:
+    _check_variant(layout)
+    nets = [model_lib.build(p.model, derive_seed(r, "init")) for r in range(groups)]
+    if layout == "batch":
+        from . import fused  # imports Triton: only where the variant is asked for
+        net = fused.BatchStackedNet.stack(nets)
+    else:
+        net = stacked.GroupNet.stack(nets)
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
@@ -113,7 +148,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def smoke_check(p: Params, device: torch.device, precision: str, step: str, group: int) -> dict:
+def smoke_check(p: Params, device: torch.device, precision: str, step: str, group: int,
+                layout: str = "channels", benchmark: bool = False) -> dict:
     """SMOKE_STEPS steps of the variant on `device` against the same steps in fp32 on the CPU
     (reference_epoch, one Net per run) from the same weights and batches. Returns the largest
     relative and absolute differences of the last step's logits and gradients, of the weight
@@ -122,11 +158,12 @@ def smoke_check(p: Params, device: torch.device, precision: str, step: str, grou
     cfg = dataclasses.replace(p.train, precision=precision, step=step)
     n = SMOKE_STEPS * cfg.batch_size
     data, copy, image = synthetic(group, n, device, seed=1)
-    net = _stacked(p, group, device)
-    steps = steps_lib.make_steps(net, data, cfg, device)
+    net = _stacked(p, group, device, layout)
     checked = sorted({0, group - 1})  # first and last run against the CPU (its reference is slow for G = 51)
     before = {r: net.run_state(r) for r in checked}
-    loss_sum, _ = steps.epoch(copy, image, cfg.lr)
+    with _cudnn_benchmark(benchmark):
+        steps = steps_lib.make_steps(net, data, cfg, device)
+        loss_sum, _ = steps.epoch(copy, image, cfg.lr)
     cpu = torch.device("cpu")
     ref_cfg = dataclasses.replace(cfg, precision="fp32", step="eager")
     worst = {"logits": (0.0, 0.0), "gradients": (0.0, 0.0), "updates": (0.0, 0.0), "loss": (0.0, 0.0)}
@@ -144,8 +181,8 @@ def smoke_check(p: Params, device: torch.device, precision: str, step: str, grou
             rel = max(_rel(a, b) for a, b in pairs)
             diff = max(float((a.detach().double().cpu() - b.double()).abs().max()) for a, b in pairs)
             worst[what] = (max(worst[what][0], rel), max(worst[what][1], diff))
-    out = {"precision": precision, "step": step, "group": group, "device": device.type,
-           "tolerance": TOLERANCE[precision]}
+    out = {"precision": precision, "step": step, "group": group, "layout": layout, "benchmark": benchmark,
+           "device": device.type, "tolerance": TOLERANCE[precision]}
     for what, (rel, diff) in worst.items():
         out[f"{what}_rel"], out[f"{what}_abs"] = rel, diff
     out["ok"] = all(rel <= TOLERANCE[precision][what] for what, (rel, _) in worst.items())  # NaN fails
@@ -158,24 +195,25 @@ def _sync(device: torch.device) -> None:
 
 
 def time_variant(p: Params, device: torch.device, precision: str, step: str, group: int,
-                 seconds: float) -> dict:
+                 seconds: float, layout: str = "channels", benchmark: bool = False) -> dict:
     """Images/s summed over the group's runs: whole epochs on synthetic resident data, after one
     warm-up epoch (compilation, capture), until `seconds` have passed (at least one epoch)."""
     cfg = dataclasses.replace(p.train, precision=precision, step=step)
     n = PROBE_IMAGES[device.type] // cfg.batch_size * cfg.batch_size
     data, copy, image = synthetic(group, n, device, seed=2)
-    net = _stacked(p, group, device)
-    t0 = time.perf_counter()
-    steps = steps_lib.make_steps(net, data, cfg, device)
-    steps.epoch(copy, image, cfg.lr)
-    _sync(device)
-    warm_up = time.perf_counter() - t0
-    epochs, t0 = 0, time.perf_counter()
-    while epochs == 0 or time.perf_counter() - t0 < seconds:
-        loss, _ = steps.epoch(copy, image, cfg.lr * 0.1)  # smaller lr: weights stay sane over many epochs
-        loss.sum().item()  # the host sync a real epoch makes
-        epochs += 1
-    elapsed = time.perf_counter() - t0
+    net = _stacked(p, group, device, layout)
+    with _cudnn_benchmark(benchmark):
+        t0 = time.perf_counter()
+        steps = steps_lib.make_steps(net, data, cfg, device)
+        steps.epoch(copy, image, cfg.lr)
+        _sync(device)
+        warm_up = time.perf_counter() - t0
+        epochs, t0 = 0, time.perf_counter()
+        while epochs == 0 or time.perf_counter() - t0 < seconds:
+            loss, _ = steps.epoch(copy, image, cfg.lr * 0.1)  # smaller lr: weights stay sane over many epochs
+            loss.sum().item()  # the host sync a real epoch makes
+            epochs += 1
+        elapsed = time.perf_counter() - t0
     return {"images_per_s": group * n * epochs / elapsed, "step_ms": 1000 * elapsed / (epochs * n // cfg.batch_size),
             "epochs_timed": epochs, "images_per_epoch": n, "warm_up_s": warm_up}
 
@@ -205,14 +243,48 @@ def probe(p: Params, device: torch.device, seconds: float, variants=VARIANTS) ->
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        log.info("variant %s %s x%d: %s", v["precision"], v["step"], v["group"],
+        log.info("variant %s: %s", name(v),
                  r.get("skipped") or r.get("error") or f"{r['images_per_s']:.0f} img/s, check "
                  f"{'passed' if r['ok'] else 'FAILED'} (grad rel diff {r['smoke']['gradients_rel']:.1e})")
         results.append(r)
     return results
 
 
-def choose(results: list[dict]) -> dict | None:
-    """The fastest variant whose smoke check passed (images/s summed over runs), or None."""
-    passed = [r for r in results if r.get("ok") and "images_per_s" in r]
+def name(v: dict) -> str:
+    """e.g. 'bf16 graph x17, batch layout, cudnn benchmark'."""
+    extra = ([f"{v['layout']} layout"] if v.get("layout", "channels") != "channels" else []) + \
+        (["cudnn benchmark"] if v.get("benchmark") else [])
+    return ", ".join([f"{v['precision']} {v['step']} x{v['group']}", *extra])
+
+
+def choose(results: list[dict], layouts: tuple[str, ...] = TRAINABLE_LAYOUTS) -> dict | None:
+    """The fastest variant whose smoke check passed (images/s summed over runs) among those of
+    `layouts` (by default what the train stage can run), or None."""
+    passed = [r for r in results if r.get("ok") and "images_per_s" in r and r.get("layout", "channels") in layouts]
     return max(passed, key=lambda r: r["images_per_s"], default=None)
+
+
+def profile(p: Params, device: torch.device, variant: dict, epochs: int = 2, rows: int = 15) -> str:
+    """torch.profiler's table of the variant's top kernels by device time (CPU time off CUDA), over
+    `epochs` epochs of the probe's synthetic data after one warm-up epoch."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    device = torch.device(device)
+    v = {k: variant[k] for k in ("precision", "step", "group", "layout", "benchmark") if k in variant}
+    layout = v.get("layout", "channels")
+    cfg = dataclasses.replace(p.train, precision=v["precision"], step=v["step"])
+    n = PROBE_IMAGES[device.type] // cfg.batch_size * cfg.batch_size
+    data, copy, image = synthetic(v["group"], n, device, seed=3)
+    net = _stacked(p, v["group"], device, layout)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _cudnn_benchmark(v.get("benchmark", False)):
+        steps = steps_lib.make_steps(net, data, cfg, device)
+        steps.epoch(copy, image, cfg.lr)
+        _sync(device)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(epochs):
+                steps.epoch(copy, image, cfg.lr * 0.1)
+            _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return f"{name(v)}: {epochs} epochs of {n} images per run\n" + \
+        prof.key_averages().table(sort_by=sort, row_limit=rows)

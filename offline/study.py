@@ -555,7 +555,10 @@ class Study:
             log.info("variant from the earlier probe (%s): %s", cache, result["chosen"])
         else:
             t = time.monotonic()
-            results = variants.probe(p, device, probe_seconds)
+            # what this tool trains: 51 runs in groups of 17 or 51, a layout the train stage runs
+            candidates = [v for v in variants.VARIANTS if v == variants.VARIANTS[0] or (
+                v["group"] >= 17 and v.get("layout", "channels") in variants.TRAINABLE_LAYOUTS)]
+            results = variants.probe(p, device, probe_seconds, candidates)
             chosen = variants.choose(results)
             result = {"key": key, "device": str(device), "seconds": round(time.monotonic() - t, 1),
                       "results": results, "chosen": chosen}

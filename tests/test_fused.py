@@ -107,3 +107,43 @@ def test_batch_stacked_convolution_equals_grouped_conv2d(fused):
     want = channels.view(b, runs, 5, 6, 6).transpose(0, 1).reshape(runs * b, 5, 6, 6)
     # the same dot products, in whatever order each kernel sums 8 x 25 terms
     torch.testing.assert_close(got, want, rtol=0, atol=200 * torch.finfo(torch.float32).eps * want.abs().max().item())
+
+
+def test_batch_stacked_net_gives_the_grouped_nets_logits_and_gradients(fused, params):
+    from iqals import stacked, steps as steps_lib
+    from iqals.seeds import derive_seed
+    torch.manual_seed(5)
+    runs, b = 2, 6
+    nets = [model.build(params.model, derive_seed(s, "init")) for s in range(runs)]
+    ref, got = stacked.GroupNet.stack(nets), fused.BatchStackedNet.stack(nets)
+    assert [k for k, _ in got.named_parameters()] == [k for k, _ in ref.named_parameters()]
+    x = model.standardize(torch.randint(0, 256, (runs * b, 3, 32, 32), dtype=torch.uint8)).unflatten(0, (runs, b))
+    q = torch.softmax(torch.randn(runs, b, 10), -1)
+    want, out = ref(x), got(x)
+    steps_lib.loss_fn(want, q, "squared").backward()
+    steps_lib.loss_fn(out, q, "squared").backward()
+    eps = torch.finfo(torch.float32).eps
+    # the same sums in other kernels and orders: rounding of about eps x sqrt(terms) relative to
+    # each tensor's scale; the longest sums are conv1's weight gradients, b x 32 x 32 terms
+    terms = b * 32 * 32
+    torch.testing.assert_close(out, want, rtol=0, atol=8 * eps * terms ** 0.5 * want.abs().max().item())
+    for (k, w), (_, v) in zip(ref.named_parameters(), got.named_parameters()):
+        tol = 8 * eps * terms ** 0.5 * w.grad.abs().max().item()
+        torch.testing.assert_close(v.grad, w.grad, rtol=0, atol=tol, msg=lambda m: f"{k}: {m}")
+    # each run's slice is its own: run 1's gradients do not move when run 0's images change
+    got.zero_grad()
+    x2 = x.clone()
+    x2[0] = x2[0].flip(-1)
+    steps_lib.loss_fn(got(x2), q, "squared").backward()
+    assert torch.allclose(got.conv2.weight.grad.unflatten(0, (runs, -1))[1],
+                          dict(ref.named_parameters())["conv2.weight"].grad.unflatten(0, (runs, -1))[1],
+                          rtol=0, atol=8 * eps * terms ** 0.5 * ref.conv2.weight.grad.abs().max().item())
+
+
+def test_smoke_check_of_the_batch_layout_passes_against_the_cpu_reference(fused, raw_params):
+    from iqals import params as params_lib, variants
+    raw_params["train"].update(batch_size=10)  # the interpreter runs each Triton program in Python
+    p = params_lib.parse(raw_params)
+    r = variants.smoke_check(p, torch.device("cpu"), "fp32", "eager", 2, layout="batch")
+    assert r["ok"] and r["layout"] == "batch", r
+    assert r["logits_rel"] < 1e-5 and r["loss_rel"] < 1e-5

@@ -20,7 +20,37 @@ def test_variants_are_valid_and_include_the_reference():
     for v in variants.VARIANTS:
         assert set(variants.TOLERANCE[v["precision"]]) == {"logits", "loss", "gradients", "updates"}
         assert v["step"] in TRAIN_STEPS and v["group"] >= 1
-    assert len({tuple(v.values()) for v in variants.VARIANTS}) == len(variants.VARIANTS)
+        assert v.get("layout", "channels") in variants.LAYOUTS and set(v) <= {"precision", "step", "group",
+                                                                              "layout", "benchmark"}
+    assert len({tuple(sorted(v.items())) for v in variants.VARIANTS}) == len(variants.VARIANTS)
+    # every GPU candidate at 1, 3, 17 and 51 runs: what DVC trains (one seed, one strategy's three)
+    # and the whole study in groups
+    gpu = [v for v in variants.VARIANTS if variants.needs_gpu(v)]
+    kinds = {tuple(sorted((k, x) for k, x in v.items() if k != "group")) for v in gpu}
+    assert {(kind, v["group"]) for kind in kinds for v in gpu} >= {(kind, g) for kind in kinds for g in variants.GROUPS}
+    assert len(kinds) * len(variants.GROUPS) == len(gpu)
+    assert any(v.get("layout") == "batch" for v in gpu)
+
+
+def test_choose_takes_only_what_the_train_stage_runs_unless_asked():
+    rs = [{"group": 1, "ok": True, "images_per_s": 10.0},
+          {"group": 17, "layout": "batch", "ok": True, "images_per_s": 99.0}]
+    assert variants.choose(rs)["group"] == 1
+    assert variants.choose(rs, layouts=variants.LAYOUTS)["group"] == 17
+    assert variants.name(rs[1] | {"precision": "bf16", "step": "graph", "benchmark": True}) == \
+        "bf16 graph x17, batch layout, cudnn benchmark"
+
+
+def test_an_unknown_layout_stops_naming_the_allowed_ones(p):
+    with pytest.raises(ValueError, match="layout 'rows'.*channels.*batch"):
+        variants.smoke_check(p, CPU, "fp32", "eager", 1, layout="rows")
+
+
+def test_profile_lists_the_steps_top_operators(p, monkeypatch):
+    monkeypatch.setitem(variants.PROBE_IMAGES, "cpu", 40)
+    text = variants.profile(p, CPU, {"precision": "fp32", "step": "eager", "group": 2}, epochs=1, rows=8)
+    assert text.startswith("fp32 eager x2: 1 epochs of 40 images per run")
+    assert "convolution" in text and "Self CPU" in text
 
 
 def test_smoke_check_of_the_cpu_group_passes_with_rounding_only(p):
