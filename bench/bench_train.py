@@ -50,7 +50,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from iqals import model as model_lib  # noqa: E402
-from iqals import steps as steps_lib  # noqa: E402
 from iqals import train as train_lib  # noqa: E402
 from iqals.mixture import epoch_draw, soft_targets  # noqa: E402
 from iqals.params import DISTORTIONS, NUM_CLASSES, load  # noqa: E402
@@ -124,7 +123,7 @@ def _equivalence(p, data, device) -> dict:
     out = []
     for net in (ours, stock):
         logits = net(x)
-        steps_lib.loss_fn(logits, q, p.train.loss).backward()
+        train_lib.run_losses(logits, q, p.train.loss).backward()
         out.append((logits.detach(), [w.grad for w in net.parameters()]))
     (la, ga), (lb, gb) = out
     return {"logits": float((la - lb).abs().max()),
@@ -169,7 +168,7 @@ def main(device: str = "cpu", n: int | None = None, epochs: int | None = None, q
         t0 = time.perf_counter()
         for xb, qb in loader:
             xb, qb = xb.to(dev), qb.to(dev)
-            loss = steps_lib.loss_fn(stock(xb), qb, p.train.loss)
+            loss = train_lib.run_losses(stock(xb), qb, p.train.loss)
             stock_opt.zero_grad(set_to_none=True)
             loss.backward()
             stock_opt.step()

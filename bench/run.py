@@ -40,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.cli import out_path  # noqa: E402
-from iqals import variants  # noqa: E402
+from iqals import probe  # noqa: E402
 from iqals.io import write_json, write_text  # noqa: E402
 
 RESULTS_JSON = REPO_ROOT / "bench" / "results.json"
@@ -127,20 +127,18 @@ def rows(name: str, r: dict) -> list[tuple]:
                  f"{t['speedup']}x", str(t.get("max_abs_diff", "n/a (other random stream)")))
                 for k, t in r["types"].items()]
     if name == "train_group":
-        ips, ratio, one = r["images_per_s"], r["ratio_vs_group1"], r["images_per_s"]["group1"]
-        where = f"fp32 eager ({r['device']}, {r['device_name']})"
-        net = [] if "net" not in ips else [  # the plain Net loop: what one run cost before GroupNet(1)
-            (f"one run as GroupNet(1), {where}", f"{one:.0f} img/s", f"{ips['net']:.0f} img/s (plain Net loop)",
-             f"{r['ratio_vs_net']['group1']}x", f"grads {r['smoke']['group1']['gradients_rel']:.1e} rel")]
-        return net + [(f"{g[5:]} runs stepped together, {where}",
-                       f"{v:.0f} img/s (summed)", f"{one:.0f} img/s (one run)", f"{ratio[g]}x",
-                       f"grads {r['smoke'][g]['gradients_rel']:.1e} rel")
-                      for g, v in ips.items() if g not in ("group1", "net")]
+        ips, one, where = r["images_per_s"], r["images_per_s"]["group1"], f"fp32 eager ({r['device']}, {r['device_name']})"
+        net = [] if "old_net" not in ips else [  # the point of one network class: no slower at one group
+            (f"model.Net(1) in a plain loop, {where}", f"{ips['net1']:.0f} img/s", f"{ips['old_net']:.0f} img/s "
+             "(the old one-run Net)", f"{r['ratio_vs_old_net']['net1']}x", "")]
+        return net + [(f"{g[5:]} runs stepped together, {where}", f"{v:.0f} img/s (summed)", f"{one:.0f} img/s (one run)",
+                       f"{r['ratio_vs_group1'][g]}x", f"grads {r['checks'][g]['gradients_rel']:.1e} rel")
+                      for g, v in ips.items() if g.startswith("group") and g != "group1"]
     if name == "train_gpu":
-        return [(f"step {variants.name(v)} ({r['device_name']})",
+        return [(f"step {probe.name(v)} ({r['device_name']})",
                  f"{v['images_per_s']:.0f} img/s, {v['step_ms']:.3f} ms/step", "fp32 eager, one run",
                  f"{v.get('ratio_vs_fp32_eager_single', '')}x",
-                 f"logits {v['smoke']['logits_rel']:.1e}, grads {v['smoke']['gradients_rel']:.1e} rel"
+                 f"logits {v['check']['logits_rel']:.1e}, grads {v['check']['gradients_rel']:.1e} rel"
                  + ("" if v["ok"] else " FAILED"))
                 for v in r["variants"] if "images_per_s" in v]
     if name.startswith("train"):

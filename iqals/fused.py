@@ -8,10 +8,10 @@
   maxima again by comparing the input with the saved output.
 - `batch_stacked_conv`: G runs stacked along the batch (G*B, C, H, W), each with its own dense
   convolution, the same result as conv2d(groups=G) over runs stacked along the channels.
-- `BatchStackedNet`: GroupNet's parameters and step with the runs stacked along the batch and the
-  three pieces above, so LRN, pooling and ReLU need no groups.
+- `BatchStackedNet`: model.Net's parameters with the runs stacked along the batch and the three
+  pieces above, so LRN, pooling and ReLU need no groups.
 
-The probe (iqals/variants.py, layout "batch") checks and times it on a GPU; the train stage does
+The probe (iqals/probe.py, layout "batch") checks and times it on a GPU; the train stage does
 not run it yet.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .stacked import GroupNet
+from .model import Net
 
 BLOCK_P = 16  # pixels per program (tl.dot wants at least 16 rows)
 
@@ -165,11 +165,11 @@ def batch_stacked_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 # ---------------------------------------------------------------- the network in this layout
 
-class BatchStackedNet(GroupNet):
-    """GroupNet with its G runs stacked along the batch: input (G, B, 3, H, W) as (G*B, 3, H, W),
+class BatchStackedNet(Net):
+    """model.Net with its G runs stacked along the batch: input (G, B, 3, H, W) as (G*B, 3, H, W),
     each run's slice convolved with its own dense kernels, then the fused LRN, the index-free pool
     and ReLU over the whole batch without groups. Same parameters (run-major, named as Net's),
-    run_state, load_run and decayed parameters as GroupNet; output (G, B, 10)."""
+    run_state, load_run and decayed parameters as model.Net; output (G, B, 10)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, b = x.shape[:2]

@@ -244,7 +244,7 @@ def run_markdown(profile_dir: str | Path, checks: dict[str, bool] | None = None,
             rate = f"{r['images_per_s']:,.0f}" if "images_per_s" in r else "-"
             why = r.get("error") or r.get("skipped") or "failed"
             check = "passed" if r.get("ok") else why[:70] + ("..." if len(why) > 70 else "")
-            grad = f"{r['smoke']['gradients_rel']:.1e}" if "smoke" in r else "-"
+            grad = f"{r['check']['gradients_rel']:.1e}" if "check" in r else "-"
             md.append(f"| {r['precision']} | {r['step']} | {r['group']} | {rate} | {check} | {grad} |")
     return "\n".join(md) + "\n"
 

@@ -4,7 +4,7 @@
     python -m offline.study --describe --ips 500000     (the plan and projected minutes only)
 
 1. The CIFAR-10 copy is reassembled from its parts (offline/pack.py) and checked.
-2. The training-step variants are smoke-checked and timed (iqals/variants.py); the fastest that
+2. The training-step variants are checked and timed (iqals/probe.py); the fastest that
    passed is chosen (cached in the work folder: `--probe-only` does it in a short first command).
 3. For each profile (params.yaml plus the overrides of offline/config.yaml) the pipeline's own
    stage modules run as subprocesses, in the order `dvc repro` runs them: the commands are
@@ -407,8 +407,8 @@ def _sha256(path: Path) -> str | None:
     return sha256(path) if path.is_file() else None
 
 
-# the modules a probe runs (iqals/variants.py and what it imports): a cached probe holds while they do
-PROBE_SOURCES = ("variants", "model", "stacked", "steps", "train", "mixture", "params", "seeds")
+# the modules a probe runs (iqals/probe.py and what it imports): a cached probe holds while they do
+PROBE_SOURCES = ("probe", "model", "train", "mixture", "params", "seeds")
 
 
 def probe_key(torch_version: str, device_name: str) -> str:
@@ -542,9 +542,9 @@ class Study:
 
         from iqals import model as model_lib
         try:
-            from iqals import variants
+            from iqals import probe
         except ImportError as e:
-            raise StudyError(f"the training-step variants (iqals/variants.py) are missing: {e}") from None
+            raise StudyError(f"the training-step probe (iqals/probe.py) is missing: {e}") from None
         device = model_lib.pick_device(p.train.device)
         key = probe_key(torch.__version__,
                         torch.cuda.get_device_name() if device.type == "cuda" else platform.processor())
@@ -556,10 +556,10 @@ class Study:
         else:
             t = time.monotonic()
             # what this tool trains: 51 runs in groups of 17 or 51, a layout the train stage runs
-            candidates = [v for v in variants.VARIANTS if v == variants.VARIANTS[0] or (
-                v["group"] >= 17 and v.get("layout", "channels") in variants.TRAINABLE_LAYOUTS)]
-            results = variants.probe(p, device, probe_seconds, candidates)
-            chosen = variants.choose(results)
+            candidates = [v for v in probe.VARIANTS if v == probe.VARIANTS[0] or (
+                v["group"] >= 17 and v.get("layout", "channels") in probe.TRAINABLE_LAYOUTS)]
+            results = probe.probe(p, device, probe_seconds, candidates)
+            chosen = probe.choose(results)
             result = {"key": key, "device": str(device), "seconds": round(time.monotonic() - t, 1),
                       "results": results, "chosen": chosen}
             write_json(cache, result)

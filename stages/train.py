@@ -1,16 +1,16 @@
 """Stage train: (strategy, seed) runs -> models/<strategy>/seed<k>.pt and logs/<strategy>/seed<k>.tsv.
 
     python -m stages.train --strategy S3 --scores data/scores     (every seed of train.seeds; dvc.yaml)
-    python -m stages.train --strategy S3 --seed 0 --scores data/scores     (one run)
-    python -m stages.train --run S3:0 --run S3:1 --run S1:0 --scores data/scores    (any runs)
+    python -m stages.train --strategy S1 --strategy S3 --scores data/scores   (several stages in one)
+    python -m stages.train --strategy S3 --seed 0 --scores data/scores        (one run)
+    python -m stages.train --run S3:0 --run S1:1 --scores data/scores          (any runs)
 
-The runs of one call train together in one process as one stacked model (iqals.train.train_group),
-each with its own initial weights, draws and targets, writing exactly what a one-run call writes:
-on a GPU the seeds of a strategy share its kernels; on a CPU a group of one is the plain network.
-dvc.yaml runs strategies with one-hot targets (train_onehot) without --scores, so they do not
-depend on the score stage or iqa.*; all others (train_scored) get --scores: it is required iff
-some run needs scores. A checkpoint in checkpoints/ (not a DVC output, so DVC never deletes it)
-lets an interrupted run resume.
+The runs of one call train together as one stacked network (iqals.train.train_group), each with
+its own initial weights, draws and targets, writing exactly what a one-run call writes: on a GPU
+they share its kernels; on a CPU a group of one is the plain network. dvc.yaml runs one-hot
+strategies (train_onehot) without --scores, so they do not depend on the score stage or iqa.*;
+--scores is required iff some run needs scores. A checkpoint in checkpoints/ (not a DVC output,
+so DVC never deletes it) lets an interrupted run resume.
 """
 from __future__ import annotations
 
@@ -28,26 +28,24 @@ log = logging.getLogger("train")
 
 
 def main() -> None:
-    args = cli(__doc__, strategy=None, seed=None, run=[], raw="data/raw", distorted="data/distorted",
+    args = cli(__doc__, strategy=[], seed=None, run=[], raw="data/raw", distorted="data/distorted",
                scores=None, models="models", logs="logs", checkpoints="checkpoints", stop_after=None)
     p = setup("train")
-    strategy, seed, many = args.strategy, args.seed, args.run
-    if strategy is not None and seed is None and not many:  # the dvc.yaml form: all seeds together
-        strategy, many = None, [f"{args.strategy}:{k}" for k in p.train.seeds]
-    runs = train_lib.parse_runs(strategy, seed, many, args.scores, p)
+    runs = train_lib.parse_runs(args.strategy, args.seed, args.run, args.scores, p)
     images, labels = load_npz(Path(args.raw) / "train.npz", "train")
     distorted = (np.load(Path(args.distorted) / "train.npy", mmap_mode="r")
                  if any(s.distortions for s, _ in runs) else None)
     scores = np.load(Path(args.scores) / "train.npy") if args.scores else None
     device = pick_device(p.train.device)
     for s, seed in runs:
-        log.info("%s seed %d: %s / %s, %d images, %d epochs on %s (%s, %s step)", s.name, seed, s.labels,
-                 s.train_set, len(labels), p.train.epochs, device, p.train.precision, p.train.step)
+        log.info("%s seed %d: %s / %s, %d images, %d epochs on %s", s.name, seed, s.labels, s.train_set,
+                 len(labels), p.train.epochs, device)
     data = train_lib.prepare_group(runs, images, labels, distorted, scores, p, device)
     runs = [train_lib.Run(s, k, d, Path(args.models) / f"{s.name}/seed{k}.pt",
                           Path(args.logs) / f"{s.name}/seed{k}.tsv", Path(args.checkpoints) / f"{s.name}/seed{k}.pt")
             for (s, k), d in zip(runs, data)]
     train_lib.train_group(runs, p, device, stop_after=int(args.stop_after) if args.stop_after else None)
+
 
 if __name__ == "__main__":
     run(main)

@@ -78,7 +78,7 @@ def test_max_pool_without_indices_matches_max_pool2d(fused):
     for h in (32, 16, 8):  # the network's sizes: the last window clipped at the edge
         x = torch.randn(2, 3, h, h, dtype=torch.float64, requires_grad=True)  # no ties
         g = torch.randn(2, 3, h // 2, h // 2, dtype=torch.float64)
-        want = model._pool_same(x)
+        want = model.pool_same(x)
         (want_dx,) = torch.autograd.grad(want, x, g)
         got = fused.max_pool_same(x)
         (got_dx,) = torch.autograd.grad(got, x, g)
@@ -91,7 +91,7 @@ def test_max_pool_ties_at_relu_zeros_give_the_same_gradient_after_the_relu(fused
     z = torch.randn(2, 4, 8, 8, requires_grad=True)
     z.data[:, :, :4, :4] = -1.0  # whole windows of zeros after the ReLU
     g = torch.randn(2, 4, 4, 4)
-    (want,) = torch.autograd.grad(model._pool_same(z.relu()), z, g)
+    (want,) = torch.autograd.grad(model.pool_same(z.relu()), z, g)
     (got,) = torch.autograd.grad(fused.max_pool_same(z.relu()), z, g)
     close_sums(got, want)
     assert (got[:, :, :4, :4] == 0).all()
@@ -110,18 +110,18 @@ def test_batch_stacked_convolution_equals_grouped_conv2d(fused):
 
 
 def test_batch_stacked_net_gives_the_grouped_nets_logits_and_gradients(fused, params):
-    from iqals import stacked, steps as steps_lib
     from iqals.seeds import derive_seed
+    from iqals.train import run_losses
     torch.manual_seed(5)
     runs, b = 2, 6
     nets = [model.build(params.model, derive_seed(s, "init")) for s in range(runs)]
-    ref, got = stacked.GroupNet.stack(nets), fused.BatchStackedNet.stack(nets)
+    ref, got = model.Net.stack(nets), fused.BatchStackedNet.stack(nets)
     assert [k for k, _ in got.named_parameters()] == [k for k, _ in ref.named_parameters()]
     x = model.standardize(torch.randint(0, 256, (runs * b, 3, 32, 32), dtype=torch.uint8)).unflatten(0, (runs, b))
     q = torch.softmax(torch.randn(runs, b, 10), -1)
     want, out = ref(x), got(x)
-    steps_lib.loss_fn(want, q, "squared").backward()
-    steps_lib.loss_fn(out, q, "squared").backward()
+    run_losses(want, q, "squared").sum().backward()
+    run_losses(out, q, "squared").sum().backward()
     eps = torch.finfo(torch.float32).eps
     # the same sums in other kernels and orders: rounding of about eps x sqrt(terms) relative to
     # each tensor's scale; the longest sums are conv1's weight gradients, b x 32 x 32 terms
@@ -134,16 +134,16 @@ def test_batch_stacked_net_gives_the_grouped_nets_logits_and_gradients(fused, pa
     got.zero_grad()
     x2 = x.clone()
     x2[0] = x2[0].flip(-1)
-    steps_lib.loss_fn(got(x2), q, "squared").backward()
+    run_losses(got(x2), q, "squared").sum().backward()
     assert torch.allclose(got.conv2.weight.grad.unflatten(0, (runs, -1))[1],
                           dict(ref.named_parameters())["conv2.weight"].grad.unflatten(0, (runs, -1))[1],
                           rtol=0, atol=8 * eps * terms ** 0.5 * ref.conv2.weight.grad.abs().max().item())
 
 
-def test_smoke_check_of_the_batch_layout_passes_against_the_cpu_reference(fused, raw_params):
-    from iqals import params as params_lib, variants
+def test_check_of_the_batch_layout_passes_against_the_cpu_reference(fused, raw_params):
+    from iqals import params as params_lib, probe
     raw_params["train"].update(batch_size=10)  # the interpreter runs each Triton program in Python
     p = params_lib.parse(raw_params)
-    r = variants.smoke_check(p, torch.device("cpu"), "fp32", "eager", 2, layout="batch")
-    assert r["ok"] and r["layout"] == "batch", r
+    r = probe.check(p, torch.device("cpu"), {"precision": "fp32", "step": "eager", "group": 2, "layout": "batch"})
+    assert r["ok"] and r["group"] == 2, r
     assert r["logits_rel"] < 1e-5 and r["loss_rel"] < 1e-5

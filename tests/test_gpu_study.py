@@ -89,7 +89,7 @@ def test_probe_key_follows_the_step_sources_torch_and_device(tmp_path, monkeypat
         (tmp_path / "iqals" / f"{m}.py").write_bytes((src / f"{m}.py").read_bytes())
     monkeypatch.setattr(gpu_study, "REPO", tmp_path)  # the driver itself is not hashed
     assert gpu_study.probe_key("2.11.0", "NVIDIA H100") == key
-    (tmp_path / "iqals" / "steps.py").write_text((src / "steps.py").read_text() + "\n# changed\n")
+    (tmp_path / "iqals" / "train.py").write_text((src / "train.py").read_text() + "\n# changed\n")
     assert gpu_study.probe_key("2.11.0", "NVIDIA H100") != key
 
 

@@ -18,8 +18,8 @@ def net(params):
 def table1_layers(net) -> dict:
     """Table 1's layers in its order and with its relus, made of the network's own modules (forward
     pools before the relu and is checked against this order in test_model_fast.py)."""
-    return {"conv1": lambda x: torch.relu(net.conv1(x)), "pool1": model._pool_same, "lrn1": net.lrn,
-            "conv2": lambda x: torch.relu(net.conv2(x)), "lrn2": net.lrn, "pool2": model._pool_same,
+    return {"conv1": lambda x: torch.relu(net.conv1(x)), "pool1": model.pool_same, "lrn1": net.lrn,
+            "conv2": lambda x: torch.relu(net.conv2(x)), "lrn2": net.lrn, "pool2": model.pool_same,
             "fc1": lambda x: torch.relu(net.fc1(x.flatten(1))), "fc2": lambda x: torch.relu(net.fc2(x)),
             "logits": net.out}
 
@@ -81,7 +81,7 @@ def test_lrn_matches_tf_formula(net):
 def test_same_max_pool_matches_tf_padding():
     """TF SAME pooling 3x3/2 on 32: out 16, window i covers rows 2i..2i+2 clipped to the image."""
     x = torch.randn(1, 1, 32, 32, dtype=torch.float64)
-    got = model._pool_same(x).numpy()[0, 0]
+    got = model.pool_same(x).numpy()[0, 0]
     a = x.numpy()[0, 0]
     want = np.array([[a[2 * i:2 * i + 3, 2 * j:2 * j + 3].max() for j in range(16)] for i in range(16)])
     np.testing.assert_array_equal(got, want)

@@ -1,0 +1,167 @@
+"""The probe of training-step variants on a GPU: each checked (iqals.train.check_step) and timed.
+
+A variant is {"precision": fp32|tf32|bf16, "step": eager|compile|graph, "group": G} plus, for the
+candidate steps of iqals/fused.py, "layout": "batch" (runs stacked along the batch) and
+"benchmark": True (cuDNN's autotuner on). It times the training step itself (iqals.train.Step)
+on synthetic resident data: there is no second training path here. `make bench` on a GPU runs
+it (bench/bench_group.py) and reports the fastest variant that passed, for train.precision and
+train.step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+
+import torch
+
+from . import train
+from .model import Net
+from .params import Params
+
+log = logging.getLogger(__name__)
+
+# The reference first, then the likeliest winners on an H100 (the probe may run out of time),
+# each at 1 run (DVC's path with one seed), 3 (one strategy's seeds), 17 and 51 (the 17 x 3 study
+# in groups). compile is last: its compilation takes tens of seconds per group size.
+GROUPS = (1, 3, 17, 51)
+_CANDIDATES = (
+    {"precision": "bf16", "step": "graph", "layout": "batch", "benchmark": True},
+    {"precision": "bf16", "step": "graph"},
+    {"precision": "bf16", "step": "graph", "benchmark": True},
+    {"precision": "tf32", "step": "graph"},
+    {"precision": "tf32", "step": "graph", "layout": "batch", "benchmark": True},
+    {"precision": "fp32", "step": "graph"},
+    {"precision": "tf32", "step": "eager"},
+    {"precision": "tf32", "step": "compile"},
+)
+VARIANTS = ({"precision": "fp32", "step": "eager", "group": 1},   # the reference step, and the fallback
+            {"precision": "fp32", "step": "eager", "group": 3},   # what the CPU can run besides
+            *({**c, "group": g} for c in _CANDIDATES for g in GROUPS))
+LAYOUTS = ("channels", "batch")  # runs stacked along the channels (model.Net) or the batch (fused)
+TRAINABLE_LAYOUTS = ("channels",)  # what the train stage runs
+IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run (50 or 4 steps an epoch)
+
+
+def name(v: dict) -> str:
+    """e.g. 'bf16 graph x17, batch layout, cudnn benchmark'."""
+    extra = ([f"{v['layout']} layout"] if v.get("layout", "channels") != "channels" else []) + \
+        (["cudnn benchmark"] if v.get("benchmark") else [])
+    return ", ".join([f"{v['precision']} {v['step']} x{v['group']}", *extra])
+
+
+def needs_gpu(v: dict) -> bool:
+    """Off CUDA only the fp32 eager step of model.Net runs (the fused kernels need a GPU, or
+    Triton's interpreter, which the tests use)."""
+    return v["precision"] != "fp32" or v["step"] != "eager" or v.get("layout", "channels") != "channels"
+
+
+def net_class(layout: str = "channels"):
+    if layout not in LAYOUTS:
+        raise ValueError(f"variant layout {layout!r}: expected one of {LAYOUTS}")
+    if layout == "batch":
+        from . import fused  # imports Triton: only where the variant is asked for
+        return fused.BatchStackedNet
+    return Net
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN's autotuner on or off for one variant, restored after (it is process-wide)."""
+    old, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+def _setup(p: Params, device: torch.device, v: dict, seed: int):
+    cfg = dataclasses.replace(p.train, precision=v["precision"], step=v["step"])
+    n = IMAGES[device.type] // cfg.batch_size * cfg.batch_size
+    data, copy, image = train.synthetic(v["group"], n, device, seed=seed)
+    net = train.stacked(p, list(range(v["group"])), device, net_class(v.get("layout", "channels")))
+    return cfg, n, train.Step(net, data, cfg, device), copy, image
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check(p: Params, device: torch.device, v: dict) -> dict:
+    cfg = dataclasses.replace(p.train, precision=v["precision"], step=v["step"])
+    with cudnn_benchmark(v.get("benchmark", False)):
+        return train.check_step(p, device, cfg, v["group"], net_class(v.get("layout", "channels")))
+
+
+def time_variant(p: Params, device: torch.device, v: dict, seconds: float) -> dict:
+    """Images/s summed over the group's runs: whole epochs after one warm-up epoch (compilation,
+    capture), until `seconds` have passed (at least one epoch)."""
+    with cudnn_benchmark(v.get("benchmark", False)):
+        t0 = time.perf_counter()
+        cfg, n, step, copy, image = _setup(p, device, v, seed=2)
+        step.epoch(copy, image, cfg.lr)
+        _sync(device)
+        warm_up, epochs, t0 = time.perf_counter() - t0, 0, time.perf_counter()
+        while epochs == 0 or time.perf_counter() - t0 < seconds:
+            step.epoch(copy, image, cfg.lr * 0.1)[0].sum().item()  # smaller lr: sane weights; a real epoch's sync
+            epochs += 1
+        elapsed = time.perf_counter() - t0
+    return {"images_per_s": v["group"] * n * epochs / elapsed, "step_ms": 1000 * elapsed / (epochs * n // cfg.batch_size),
+            "epochs_timed": epochs, "images_per_epoch": n, "warm_up_s": warm_up}
+
+
+def probe(p: Params, device: torch.device, seconds: float, variants=VARIANTS) -> list[dict]:
+    """Check and time each variant within about `seconds` in all (half of each share timing);
+    variants the device cannot run, or reached after the time is up, are "skipped", failures
+    "error". Each result is the variant with ok, images_per_s and its check."""
+    device = torch.device(device)
+    runnable = [v for v in variants if device.type == "cuda" or not needs_gpu(v)]
+    share, deadline = seconds / max(1, len(runnable)) / 2, time.perf_counter() + seconds
+    results = []
+    for v in variants:
+        r = dict(v, ok=False)
+        if v not in runnable:
+            r["skipped"] = f"needs a GPU (CUDA); the probe runs on {device}"
+        elif time.perf_counter() > deadline:
+            r["skipped"] = f"the probe's {seconds:g} s were used up"
+        else:
+            try:
+                r["check"] = check(p, device, v)
+                r.update(time_variant(p, device, v, share), ok=r["check"]["ok"])
+            except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not fatal
+                r["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        log.info("variant %s: %s", name(v), r.get("skipped") or r.get("error") or f"{r['images_per_s']:.0f} img/s, "
+                 f"check {'passed' if r['ok'] else 'FAILED'} (grad rel diff {r['check']['gradients_rel']:.1e})")
+        results.append(r)
+    return results
+
+
+def choose(results: list[dict], layouts: tuple[str, ...] = TRAINABLE_LAYOUTS) -> dict | None:
+    """The fastest variant whose check passed (images/s summed over runs) among `layouts`, or None."""
+    passed = [r for r in results if r.get("ok") and "images_per_s" in r and r.get("layout", "channels") in layouts]
+    return max(passed, key=lambda r: r["images_per_s"], default=None)
+
+
+def profile(p: Params, device: torch.device, v: dict, epochs: int = 2, rows: int = 15) -> str:
+    """torch.profiler's table of the variant's top kernels by device time (CPU time off CUDA), over
+    `epochs` epochs of synthetic data after one warm-up epoch."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with cudnn_benchmark(v.get("benchmark", False)):
+        cfg, n, step, copy, image = _setup(p, device, v, seed=3)
+        step.epoch(copy, image, cfg.lr)
+        _sync(device)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(epochs):
+                step.epoch(copy, image, cfg.lr * 0.1)
+            _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return f"{name(v)}: {epochs} epochs of {n} images per run\n" + prof.key_averages().table(sort_by=sort, row_limit=rows)
+
