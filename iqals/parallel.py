@@ -5,7 +5,9 @@ What is DVC's and what is Dask's:
   `Stage.changed()` check when a stage's upstream stages are done, the same run-cache lookup.
 - Each stage that must run is one Dask task: its resolved command (`stage.cmd`) in a subprocess
   on a worker, with OMP/MKL threads set so that the workers do not oversubscribe the cores, and a
-  `GPU` resource asked for by training stages when `train.device` resolves to cuda.
+  `GPU` resource asked for by training stages when `train.device` resolves to cuda. Training
+  stages ready at the same time on a GPU become one task, one `stages.train` process that stacks
+  all their runs on the GPU (`merge_training`); each stage is still recorded on its own.
 - This process (the coordinator) records each finished stage as `Stage.run` + `dvc repro` do
   (save deps and outs, commit outs to the cache, run-cache entry, `dump` into dvc.lock), under
   DVC's repo lock, in dvc repro's order (which also fixes the order of the .gitignore lines DVC
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -87,7 +90,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_path: str,
                       threads: dict, stop_event: str | None = None) -> dict:
-    """Run one stage's commands in a subprocess on this Dask worker; returns rc, time, log tail.
+    """Run one stage's commands (or one command for several stages: names joined by " + ") in a
+    subprocess on this Dask worker; returns rc, time, log tail.
 
     threads maps worker address -> CPU threads for its stages (key None: the default). The
     command's output goes to log_path. When the Dask Event stop_event is set, the command is
@@ -139,6 +143,26 @@ def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_p
 
 
 # ---------------------------------------------------------------- the plan (DVC's)
+
+def merge_training(cmds: list[list[str]]) -> str | None:
+    """One `python -m stages.train` command for several training stages, their strategies (each
+    with its seeds) stacked in one process on the GPU; it writes what each stage's own command
+    writes. None unless every stage is one `python -m stages.train --strategy S [--scores DIR]`
+    with one DIR."""
+    strategies, scores = [], set()
+    for cmd in cmds:
+        argv = shlex.split(cmd[0]) if len(cmd) == 1 else []
+        opts = dict(zip(argv[3::2], argv[4::2]))
+        if argv[:3] != ["python", "-m", "stages.train"] or len(argv) % 2 != 1 or "--strategy" not in opts \
+                or set(opts) - {"--strategy", "--scores"}:
+            return None
+        strategies.append(opts["--strategy"])
+        scores |= {opts["--scores"]} if "--scores" in opts else set()
+    if len(scores) > 1:
+        return None
+    return shlex.join(["python", "-m", "stages.train", *[a for s in strategies for a in ("--strategy", s)],
+                       *(["--scores", *scores] if scores else [])])
+
 
 @dataclass
 class Step:
@@ -299,12 +323,15 @@ class _Progress:
 
     def on_event(self, event) -> None:
         _, msg = event
-        step = self.plan.steps.get(msg.get("stage")) if isinstance(msg, dict) else None
-        if step is None or msg.get("event") != "start" or step.state not in ("submitted", "running"):
+        if not isinstance(msg, dict) or msg.get("event") != "start":
             return
-        again = " (again: its worker was lost)" if step.state == "running" else ""
-        step.state, step.worker = "running", msg["worker"]
-        self.line(f"start  {step.name} on {msg['worker']} ({msg['threads']} threads){again}")
+        for name in msg["stage"].split(" + "):  # several training stages in one command
+            step = self.plan.steps.get(name)
+            if step is None or step.state not in ("submitted", "running"):
+                continue
+            again = " (again: its worker was lost)" if step.state == "running" else ""
+            step.state, step.worker = "running", msg["worker"]
+            self.line(f"start  {step.name} on {msg['worker']} ({msg['threads']} threads){again}")
 
 
 def run(root: str | Path = ".", targets: list[str] | None = None, workers: int = 2,
@@ -411,42 +438,67 @@ def run(root: str | Path = ".", targets: list[str] | None = None, workers: int =
                 elif step.state not in RESOLVED and not gaps:
                     return
 
-        def start(step: Step, stages: dict) -> None:
+        def must_run(step: Step, stages: dict) -> bool:
             """dvc repro's decision for a stage whose upstream is done: skip, restore or run."""
             stage = stages[step.name]
             if not stage.changed():
                 step.state = "unchanged"
                 outcome.unchanged.append(step.name)
-                return
+                return False
             stage.remove_outs(ignore_remove=False, force=False)  # as Stage.run does
             if _restore_from_run_cache(repo, stage):
                 step.state = "ended"
                 ended[step.name] = {"rc": 0, "cached": True, "worker": None, "seconds": 0.0, "log": None}
                 progress.line(f"cached {step.name}: outputs restored from DVC's run-cache")
-                return
-            log_path = logs / (step.name.replace("/", "_").replace(":", "_") + ".log")
+                return False
+            return True
+
+        def submit(steps: list[Step], cmd: list[str]) -> None:
+            """One Dask task running cmd for the steps (one stage, or training stages merged)."""
+            name = " + ".join(s.name for s in steps)
+            log_path = logs / (steps[0].name.replace("/", "_").replace(":", "_")
+                               + (f"_and_{len(steps) - 1}_more" if len(steps) > 1 else "") + ".log")
             log_path.unlink(missing_ok=True)  # the log of this run only
             env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
-            fut = client.submit(run_stage_command, step.name, step.cmd, step.wdir, env, str(log_path),
-                                thread_map, stop_name, key=f"stage-{step.name}-{uuid.uuid4().hex[:8]}",
-                                pure=False, resources={"GPU": 1} if step.gpu else None)
-            futures[fut] = step
-            step.state = "submitted"
-            fut.add_done_callback(lambda f, step=step: progress.finished(step))
+            fut = client.submit(run_stage_command, name, cmd, steps[0].wdir, env, str(log_path),
+                                thread_map, stop_name, key=f"stage-{steps[0].name}-{uuid.uuid4().hex[:8]}",
+                                pure=False, resources={"GPU": 1} if steps[0].gpu else None)
+            futures[fut] = steps
+            for s in steps:
+                s.state = "submitted"
+                fut.add_done_callback(lambda f, s=s: progress.finished(s))
+            if len(steps) > 1:
+                progress.line(f"merged {name} into one process on the GPU: {cmd[0]}")
+
+        def start_ready(stages: dict) -> None:
+            """Start what is ready; on a GPU, the training stages ready together as one command."""
+            run_now = []
+            for step in plan.steps.values():
+                if ready(step):
+                    try:
+                        if must_run(step, stages):
+                            run_now.append(step)
+                    except Exception as e:  # noqa: BLE001 - DVC could not check or prepare it
+                        fail(step, {"rc": None, "tail": f"{type(e).__name__}: {e}"}, f"DVC could not prepare it: {e}")
+            gpu = [s for s in run_now if s.gpu]
+            merged = merge_training([s.cmd for s in gpu]) if len(gpu) > 1 else None
+            for steps in ([gpu] if merged else [[s] for s in gpu]) + [[s] for s in run_now if not s.gpu]:
+                submit(steps, [merged] if len(steps) > 1 else steps[0].cmd)
 
         def ready(step: Step) -> bool:
             return step.state == "waiting" and all(
                 plan.steps[u].state in ("done", "unchanged") or u in ended for u in step.upstream)
 
         def collect(done) -> None:
-            for fut in sorted(done, key=lambda f: plan.order.index(futures[f].name)):
-                step = futures.pop(fut)
+            for fut in sorted(done, key=lambda f: plan.order.index(futures[f][0].name)):
+                steps = futures.pop(fut)
                 try:
                     r = fut.result()
                 except Exception as e:  # noqa: BLE001 - e.g. KilledWorker: the task's workers kept dying
-                    r = {"stage": step.name, "rc": -1, "cancelled": False, "worker": step.worker,
+                    r = {"stage": steps[0].name, "rc": -1, "cancelled": False, "worker": steps[0].worker,
                          "seconds": 0.0, "log": None, "tail": f"{type(e).__name__}: {e}"}
-                on_result(step, r)
+                for step in steps:
+                    on_result(step, dict(r))
 
         try:
             while True:
@@ -456,13 +508,7 @@ def run(root: str | Path = ".", targets: list[str] | None = None, workers: int =
                     while before != [s.state for s in plan.steps.values()]:
                         before = [s.state for s in plan.steps.values()]
                         record_in_order(stages)
-                        for step in plan.steps.values():
-                            if ready(step):
-                                try:
-                                    start(step, stages)
-                                except Exception as e:  # noqa: BLE001 - DVC could not check or prepare it
-                                    fail(step, {"rc": None, "tail": f"{type(e).__name__}: {e}"},
-                                         f"DVC could not prepare it: {e}")
+                        start_ready(stages)
                 if not futures:
                     break
                 try:

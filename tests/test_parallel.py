@@ -209,3 +209,43 @@ def test_stage_command_dies_with_its_worker(tmp_path):
     if alive:
         command.kill()
     assert not alive, "the stage command outlived its worker"
+
+
+def test_merge_training_stacks_training_stages_and_nothing_else():
+    from iqals.parallel import merge_training
+    cmds = [["python -m stages.train --strategy S1"], ["python -m stages.train --strategy S3 --scores data/scores"],
+            ["python -m stages.train --strategy S5 --scores data/scores"]]
+    assert merge_training(cmds) == ("python -m stages.train --strategy S1 --strategy S3 --strategy S5 "
+                                    "--scores data/scores")
+    assert merge_training(cmds[:1]) == "python -m stages.train --strategy S1"
+    for bad in (["python -m stages.evaluate --strategy S1"], ["python -m stages.train --strategy S2 --seed 0"],
+                ["python -m stages.train --strategy S2", "echo two commands"],
+                ["python -m stages.train --strategy S2 --scores elsewhere"]):
+        assert merge_training(cmds + [bad]) is None, bad
+
+
+@pytest.mark.slow
+def test_training_stages_ready_together_train_in_one_process_on_a_gpu_worker(tmp_path, repo_root, tiny_cifar,
+                                                                             monkeypatch):
+    """On a worker with the GPU resource, the training stages that are ready together run as one
+    stacked process; each is recorded as dvc repro records it, and `dvc status` is clean after.
+    (The worker only declares a GPU: train.device stays auto, so the process trains on the CPU.)"""
+    from iqals import parallel
+    dest = tmp_path / "project"
+    env = tiny_project(dest, repo_root, tiny_cifar)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(dest)
+    monkeypatch.setattr(parallel, "gpu_wanted", lambda *a: True)
+    real = parallel.local_cluster
+    monkeypatch.setattr(parallel, "local_cluster", lambda workers, gpus, per_gpu: real(workers, 1, per_gpu))
+    lines = []
+    outcome = parallel.run(dest, workers=2, threads=1, device="auto", say=lines.append)
+    out = "\n".join(lines)
+    assert outcome.ok, out + "\n" + parallel.failure_report(outcome)
+    merged = re.findall(r"merged (.+) into one process on the GPU: (.+?)  \[done", out)
+    assert merged[0] == ("train_onehot@S1 + train_onehot@S2", "python -m stages.train --strategy S1 --strategy S2")
+    assert {"train_onehot@S1", "train_onehot@S2", "train_scored@S3", "report"} <= set(lock(dest))
+    assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], dest, env)
+    log = (dest / "logs" / "S2" / "seed0.tsv").read_text()
+    assert log.startswith("epoch\tloss") and (dest / "models" / "S1" / "seed0.pt").is_file()
