@@ -33,7 +33,7 @@ def test_the_paper_preset_is_the_converged_regime_and_valid(repo_root):
 
 
 def test_dry_prints_the_dvc_command_whose_values_parse_back(tmp_path, repo_root):
-    r = preset(tmp_path, repo_root, "--dry")
+    r = preset(tmp_path, repo_root, "--dry", "--runner", "dvc")
     assert r.returncode == 0, r.stderr
     cmd = shlex.split(r.stdout.strip())
     assert cmd[:5] == ["dvc", "exp", "run", "-n", "paper"]
@@ -41,6 +41,30 @@ def test_dry_prints_the_dvc_command_whose_values_parse_back(tmp_path, repo_root)
     assert cmd[5::2] == ["-S"] * len(sets)
     back = {k: yaml.safe_load(v) for k, v in sets.items()}  # as DVC reads -S values: YAML
     assert back == params_lib.load_preset(repo_root / "presets/paper.yaml")
+    r = preset(tmp_path, repo_root, "--dry", "--name", "p2")  # the dask runner: the same values, then
+    lines = r.stdout.strip().splitlines()  # the stale stages on Dask, then the workspace as the experiment
+    assert lines[0].split(": ", 1)[1].split() == [" ".join(cmd[6::2])][0].split()
+    assert lines[1].endswith("-m stages.parallel --workers 4") and lines[2] == "dvc exp save -f -n p2"
+
+
+@pytest.mark.slow
+def test_the_dask_runner_makes_one_dvc_experiment(tmp_path, repo_root, tiny_cifar):
+    """A preset run through stages.parallel on the tiny pipeline: every stage in dvc.lock, the
+    preset's values in params.yaml, `dvc exp show` lists the experiment, `dvc status` clean."""
+    from tests.test_parallel import tiny_project
+    from tests.test_pipeline import sh
+    dest = tmp_path / "project"
+    env = tiny_project(dest, repo_root, tiny_cifar)
+    sh(["git", "add", "-A"], dest, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], dest, env)
+    (dest / "mini.yaml").write_text("train.epochs: 1\ntrain.lr_decay_epochs: 1\n")
+    out = sh([sys.executable, "-m", "stages.preset", "mini.yaml", "--workers", "2"], dest, env, timeout=900)
+    assert "finished:" in out and " 0 failed" in out, out[-2000:]
+    assert yaml.safe_load((dest / "params.yaml").read_text())["train"]["epochs"] == 1
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
+    assert {"train_onehot@S1", "train_scored@S3", "evaluate@S2", "report"} <= set(lock)
+    assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], dest, env)
+    assert "mini" in sh([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], dest, env).split()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
