@@ -15,7 +15,7 @@ from .seeds import derive_seed
 
 
 def level_counts(n: int, shares: tuple[float, ...]) -> list[int]:
-    """Exact counts per epoch: floor(share * n) for levels 1-3, the rest pristine (PROTOCOL.md)."""
+    """Exact counts per epoch: floor(share * n) for levels 1-3, the rest pristine (docs/protocol.md, "mixture draw")."""
     levels = [int(np.floor(s * n + 1e-9)) for s in shares[1:]]
     return [n - sum(levels)] + levels
 

@@ -1,4 +1,4 @@
-"""The Table 1 network, G independent copies of it computed together (docs/protocol.md, "Network").
+"""The Table 1 network, G independent copies of it computed together (docs/protocol.md, "What the paper fixes").
 
 `Net(groups=1)` is the network evaluation loads. With groups = G it holds G runs' weights, each
 parameter stacked run-major along dim 0 (run g's slice is exactly a one-group tensor): grouped

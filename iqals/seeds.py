@@ -1,4 +1,4 @@
-"""Seeds per purpose, all derived from one root (STYLE.md, convention 8)."""
+"""Seeds per purpose (distortion noise, epoch draw, initialisation), all derived from one root."""
 from __future__ import annotations
 
 import zlib

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import mixture, model, seeds
-from .errors import TrainingError, UsageError
+from .errors import TrainingError
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, soft_targets, true_class_probability
 from .params import DISTORTIONS, LEVELS, NUM_CLASSES, NUM_COPIES, Params, Strategy, Train, copy_index
@@ -81,34 +81,6 @@ def prepare_group(runs: list[tuple[Strategy, int]], images: np.ndarray, labels: 
 def prepare(strategy: Strategy, images, labels, distorted, scores, p: Params, seed: int,
             device: torch.device) -> TrainData:
     return prepare_group([(strategy, seed)], images, labels, distorted, scores, p, device)[0]
-
-
-def parse_runs(strategy: list[str], seed: str | None, run: list[str], scores: str | None,
-               p: Params) -> list[tuple[Strategy, int]]:
-    """The train stage's runs: --strategy S (every seed of train.seeds; repeated: several
-    strategies), --strategy S --seed k, or --run S:k ..., checked against params.yaml and --scores."""
-    if bool(run) == bool(strategy) or (seed is not None and len(strategy) != 1):
-        raise UsageError("give --strategy S [--strategy T ...], --strategy S --seed k, or --run S:k ...")
-    specs = [r.partition(":")[::2] for r in run] or [
-        (s, k) for s in strategy for k in ([seed] if seed is not None else map(str, p.train.seeds))]
-    runs = []
-    for name, k in specs:
-        if name not in p.strategies:
-            raise UsageError(f"strategy {name!r}: not in params.yaml strategies {sorted(p.strategies)}")
-        if not k.isdigit() or int(k) not in p.train.seeds:
-            raise UsageError(f"{name}:{k}: seed not in params.yaml train.seeds {list(p.train.seeds)}")
-        if (name, int(k)) in [(s.name, j) for s, j in runs]:
-            raise UsageError(f"run {name}:{k} given twice")
-        runs.append((p.strategies[name], int(k)))
-    needy = [s for s, _ in runs if s.needs_scores]
-    if needy and scores is None:
-        raise UsageError(f"strategy {needy[0].name} (labels {needy[0].labels}) needs --scores: train it in "
-                         "dvc.yaml's train_scored group")
-    if not needy and scores is not None:
-        s = runs[0][0]
-        raise UsageError(f"strategy {s.name} (labels {s.labels}) must not read scores: train it in dvc.yaml's "
-                         "train_onehot group" + (" (no run given needs --scores)" if len(runs) > 1 else ""))
-    return runs
 
 
 def lr_at(epoch: int, cfg: Train) -> float:

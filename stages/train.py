@@ -21,17 +21,48 @@ import numpy as np
 
 from iqals import train as train_lib
 from iqals.data import load_npz
+from iqals.errors import UsageError
 from iqals.model import pick_device
+from iqals.params import Params, Strategy
 from stages.common import cli, run, setup
 
 log = logging.getLogger("train")
+
+
+def parse_runs(strategy: list[str], seed: str | None, run: list[str], scores: str | None,
+               p: Params) -> list[tuple[Strategy, int]]:
+    """The train stage's runs: --strategy S (every seed of train.seeds; repeated: several
+    strategies), --strategy S --seed k, or --run S:k ..., checked against params.yaml and --scores."""
+    if bool(run) == bool(strategy) or (seed is not None and len(strategy) != 1):
+        raise UsageError("give --strategy S [--strategy T ...], --strategy S --seed k, or --run S:k ...")
+    specs = [r.partition(":")[::2] for r in run] or [
+        (s, k) for s in strategy for k in ([seed] if seed is not None else map(str, p.train.seeds))]
+    runs = []
+    for name, k in specs:
+        if name not in p.strategies:
+            raise UsageError(f"strategy {name!r}: not in params.yaml strategies {sorted(p.strategies)}")
+        if not k.isdigit() or int(k) not in p.train.seeds:
+            raise UsageError(f"{name}:{k}: seed not in params.yaml train.seeds {list(p.train.seeds)}")
+        if (name, int(k)) in [(s.name, j) for s, j in runs]:
+            raise UsageError(f"run {name}:{k} given twice")
+        runs.append((p.strategies[name], int(k)))
+    needy = [s for s, _ in runs if s.needs_scores]
+    if needy and scores is None:
+        raise UsageError(f"strategy {needy[0].name} (labels {needy[0].labels}) needs --scores: train it in "
+                         "dvc.yaml's train_scored group")
+    if not needy and scores is not None:
+        s = runs[0][0]
+        raise UsageError(f"strategy {s.name} (labels {s.labels}) must not read scores: train it in dvc.yaml's "
+                         "train_onehot group" + (" (no run given needs --scores)" if len(runs) > 1 else ""))
+    return runs
+
 
 
 def main() -> None:
     args = cli(__doc__, strategy=[], seed=None, run=[], raw="data/raw", distorted="data/distorted",
                scores=None, models="models", logs="logs", checkpoints="checkpoints", stop_after=None)
     p = setup("train")
-    runs = train_lib.parse_runs(args.strategy, args.seed, args.run, args.scores, p)
+    runs = parse_runs(args.strategy, args.seed, args.run, args.scores, p)
     images, labels = load_npz(Path(args.raw) / "train.npz", "train")
     distorted = (np.load(Path(args.distorted) / "train.npy", mmap_mode="r")
                  if any(s.distortions for s, _ in runs) else None)

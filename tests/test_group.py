@@ -330,7 +330,7 @@ def cli_args(*argv) -> dict:
 
 
 def test_cli_runs_are_checked_against_params_and_scores(params):
-    from iqals.train import parse_runs
+    from stages.train import parse_runs
     runs = parse_runs(**cli_args(("run", "S1:0"), ("run", "S3:0"), ("scores", "data/scores")), p=params)
     assert [(s.name, k) for s, k in runs] == [("S1", 0), ("S3", 0)]  # one-hot beside IQA-LS: --scores once
     assert [(s.name, k) for s, k in parse_runs(**cli_args(("strategy", "S2"), ("seed", "0")), p=params)] == [("S2", 0)]
