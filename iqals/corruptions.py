@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .params import CORRUPTIONS
 from .seeds import derive_seed, image_streams
 
 SIZE = 32  # the constants below are for 32x32 images (CIFAR-10); other sizes are refused
@@ -176,18 +177,19 @@ def elastic_transform(x, c, rngs):
 
 # family -> (function, constants c of severities 1..5), all from make_cifar_c.py (CIFAR-10
 # values); each function's docstring says what its c is
-FAMILIES: dict[str, tuple[Callable, tuple[Any, ...]]] = {
-    "defocus_blur": (defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
-    "motion_blur": (motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),
-    "shot_noise": (shot_noise, (500, 250, 100, 75, 50)),
-    "impulse_noise": (impulse_noise, (0.01, 0.02, 0.03, 0.05, 0.07)),
-    "contrast": (contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
-    "fog": (fog, ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))),
-    "pixelate": (pixelate, (0.95, 0.9, 0.85, 0.75, 0.65)),
+# values); params.CORRUPTIONS names the families, in this order
+FAMILIES: dict[str, tuple[Callable, tuple[Any, ...]]] = dict(zip(CORRUPTIONS, (
+    (defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
+    (motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),
+    (shot_noise, (500, 250, 100, 75, 50)),
+    (impulse_noise, (0.01, 0.02, 0.03, 0.05, 0.07)),
+    (contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
+    (fog, ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))),
+    (pixelate, (0.95, 0.9, 0.85, 0.75, 0.65)),
     # in pixels: IMSIZE * (alpha, sigma, affine shift) with IMSIZE = 32
-    "elastic_transform": (elastic_transform, tuple((SIZE * a, SIZE * s, SIZE * d) for a, s, d in (
+    (elastic_transform, tuple((SIZE * a, SIZE * s, SIZE * d) for a, s, d in (
         (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)))),
-}
+), strict=True))
 
 
 # ------------------------------------------------------------------ stacks

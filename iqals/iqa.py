@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import iqa_piq, stacks
-from .params import IQA, SSIM
+from .params import IQA, IQA_METRICS, IQA_TRANSFORMS, SSIM
 
 CHUNK = 256  # references per SSIM chunk: ~220 MB at the peak with 9 versions (measured)
 LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601 weights of R, G, B
@@ -63,8 +63,9 @@ def ssim(ref: np.ndarray, dist: np.ndarray, cfg: IQA) -> np.ndarray:
     return ssim_many(ref, np.asarray(dist)[None], cfg.ssim)[0]
 
 
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {
-    "ssim": ssim, "psnr": stacks.psnr, **iqa_piq.METRICS}  # gmsd, fsim and vif from piq (iqals/iqa_piq.py)
+# params.IQA_METRICS names them (validating params must not import this module), in this order
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = dict(zip(
+    IQA_METRICS, (ssim, iqa_piq.gmsd, iqa_piq.fsim, iqa_piq.vif, stacks.psnr), strict=True))
 
 
 def score_all(ref: np.ndarray, dists: np.ndarray, cfg: IQA) -> np.ndarray:
@@ -77,11 +78,11 @@ def score_all(ref: np.ndarray, dists: np.ndarray, cfg: IQA) -> np.ndarray:
 
 
 # T: measure -> (0, 1], before the clip to iqa.clip (docs/protocol.md: identity for SSIM).
-TRANSFORMS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "identity": lambda s, scale: s,
-    "linear": lambda s, scale: s / scale,              # e.g. PSNR / 50 dB
-    "exp_decay": lambda s, scale: np.exp(-s / scale),  # for distances, 0 = identical (GMSD)
-}
+TRANSFORMS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = dict(zip(IQA_TRANSFORMS, (
+    lambda s, scale: s,                  # identity
+    lambda s, scale: s / scale,          # linear, e.g. PSNR / 50 dB
+    lambda s, scale: np.exp(-s / scale),  # exp_decay, for distances where 0 = identical (GMSD)
+), strict=True))
 
 
 def target_probability(scores: np.ndarray, cfg: IQA) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""GMSD, FSIM and VIF (pixel domain) from piq, batched, with the signature of `iqa.METRICS`.
+"""GMSD, FSIM and VIF (pixel domain) from piq, batched, with the signature of `iqa.METRICS`'s functions.
 
 Each function takes uint8 (N, H, W, 3) RGB stacks `ref` (pristine) and `dist` and returns float64
-(N,); `cfg` (iqals.params.IQA) is accepted for the METRICS signature and not read. Images go to
+(N,); `cfg` (iqals.params.IQA) is accepted for that signature and not read. Images go to
 piq as float [0, 1] (x / 255), BATCH at a time, reduction='none'. README, "Quality measures",
 gives each measure's range and transform, the per-level means they were chosen from, why VIF
 upsamples, the precision and speed of float32, and why no no-reference measure is offered.
@@ -80,5 +80,3 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     # Not symmetric: piq's first argument is the distorted image, the second the reference.
     return _piq().vif_p(dist, ref, reduction="none", data_range=1.0)
 
-
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray, IQA], np.ndarray]] = {"gmsd": gmsd, "fsim": fsim, "vif": vif}
