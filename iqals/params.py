@@ -8,6 +8,7 @@ A new key is one field line, e.g. `alpha: float = param(Num(0, 1))` in Report.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -451,7 +452,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 def with_overrides(raw: dict, values: dict[str, Any], where: str = "preset") -> dict:
     """A copy of the params mapping with each dotted key set, as `dvc exp run -S` sets it; a key
     that params.yaml lacks is an error (a typo would otherwise be ignored)."""
-    out = yaml.safe_load(yaml.safe_dump(raw))
+    out = copy.deepcopy(raw)  # in params.yaml's order (strategies, say)
     for key, value in values.items():
         *parents, leaf = key.split(".")
         d = out
