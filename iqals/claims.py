@@ -1,9 +1,6 @@
-"""Which strategy beats which: IQA-LS against one-hot and against its two controls, per mix.
-
-Each family of comparisons (FAMILIES) pairs two label rules within every training mix, on each
-test set and on the claim (the per-image mean over pristine and the claim levels of the mix's own
-distortions). The tests are iqals/stats.py's; Holm's correction runs within each family.
-"""
+"""Which strategy beats which: IQA-LS against one-hot and against its two controls, per mix. Each family
+(FAMILIES) pairs two label rules within every training mix, on each test set and on the claim (the per-image
+mean over pristine and the claim levels of the mix's own distortions), with iqals/stats.py's tests."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,45 +42,29 @@ def claim_sets(strategy: Strategy, levels) -> list[str]:
     return ["pristine"] + [test_set_name(DISTORTIONS.index(d), lv - 1) for d in strategy.distortions for lv in levels]
 
 
-def correct(pred: dict) -> np.ndarray:
-    """bool (seeds, test sets, N): was each prediction right?"""
-    return pred["probs"].argmax(-1) == pred["labels"]
-
-
-def compare(ca: np.ndarray, cb: np.ndarray, boot: stats.Bootstrap) -> dict:
-    """All tests of a vs b on one test set; ca, cb bool (seeds, N), or float for the claim mean."""
-    d = ca.astype(np.float32) - cb.astype(np.float32)
-    row = stats.bootstrap_test(d, boot)
-    row["p_cmh"] = stats.cmh_mcnemar(ca, cb) if ca.dtype == bool else float("nan")
-    row["p_t_seeds"] = stats.paired_t(ca.mean(1), cb.mean(1))
-    return row
-
-
 def comparisons(strategies: dict[str, Strategy], preds: dict[str, dict], claim_levels, boot: stats.Bootstrap,
                 alpha: float) -> pd.DataFrame:
     """Every family's comparison per mix, on each test set and on the claim (mean over claim sets).
-
-    Holm's correction runs within each family, separately over its per-test-set cells and over its
-    claim cells (one per mix).
-    """
-    rows, right = [], {n: correct(pr) for n, pr in preds.items()}  # each strategy's argmax once
+    Holm runs within each family, separately over its per-test-set cells and over its claim cells."""
+    rows, right = [], {n: pr["probs"].argmax(-1) == pr["labels"] for n, pr in preds.items()}  # (seeds, sets, N)
     for (rule_a, rule_b), family in FAMILIES.items():
         for mix in mixes(strategies):
             a, b = find(strategies, mix, rule_a), find(strategies, mix, rule_b)
-            if a is None or b is None or a not in preds or b not in preds:
+            if a not in preds or b not in preds:  # None (no such strategy) or not evaluated
                 continue
             if not np.array_equal(preds[a]["seeds"], preds[b]["seeds"]):
                 raise ValueError(f"{a} and {b} were evaluated on different seeds: "
                                  f"{list(preds[a]['seeds'])} vs {list(preds[b]['seeds'])}")
             ca, cb = right[a], right[b]
-            base = {"family": family, "train_set": mix, "a": a, "b": b}
-            for j, t in enumerate(TEST_SETS):
-                rows.append({**base, "test_set": t, **compare(ca[:, j], cb[:, j], boot)})
             idx = [TEST_SETS.index(t) for t in claim_sets(strategies[a], claim_levels)]
-            rows.append({**base, "test_set": CLAIM, **compare(ca[:, idx].mean(1), cb[:, idx].mean(1), boot)})
-    if not rows:  # nothing to compare (a run cut short): the columns all the same
-        return pd.DataFrame(columns=COLUMNS)
-    df = pd.DataFrame(rows)
+            sets = {t: (ca[:, j], cb[:, j]) for j, t in enumerate(TEST_SETS)}  # bool (seeds, N)
+            sets[CLAIM] = ca[:, idx].mean(1), cb[:, idx].mean(1)  # float: the per-image mean over the claim sets
+            for t, (xa, xb) in sets.items():
+                rows.append({"family": family, "train_set": mix, "a": a, "b": b, "test_set": t,
+                             **stats.bootstrap_test(xa.astype(np.float32) - xb.astype(np.float32), boot),
+                             "p_cmh": stats.cmh_mcnemar(xa, xb) if xa.dtype == bool else float("nan"),
+                             "p_t_seeds": stats.paired_t(xa.mean(1), xb.mean(1))})
+    df = pd.DataFrame(rows, columns=COLUMNS[:-2])  # the columns all the same with nothing to compare (a run cut short)
     df["p_holm"] = np.nan
     for _, g in df.groupby(["family", df["test_set"] == CLAIM]):
         df.loc[g.index, "p_holm"] = stats.holm(g["p"].to_numpy())
@@ -91,28 +72,23 @@ def comparisons(strategies: dict[str, Strategy], preds: dict[str, dict], claim_l
     return df
 
 
-def verdict(row, alpha: float) -> str:
-    if row["p_holm"] >= alpha:
-        return "indistinguishable from"
-    return "better than" if row["diff"] > 0 else "worse than"
-
-
-def _effect(row) -> str:
-    return (f"{100 * row['diff']:+.1f} points, 95% CI [{100 * row['ci_lo']:+.1f}, {100 * row['ci_hi']:+.1f}], "
-            f"Holm p = {row['p_holm']:.3g}")
+def _ci(r) -> str:
+    return f"[{100 * r['ci_lo']:+.1f}, {100 * r['ci_hi']:+.1f}]"
 
 
 def conclusion_lines(comps: pd.DataFrame, alpha: float) -> list[str]:
     """One line per mix from its claim cells: IQA-LS against one-hot, then against the two controls."""
-    lines = []
-    claims = comps[comps["test_set"] == CLAIM].set_index(["family", "train_set"])
+    lines, claims = [], comps[comps["test_set"] == CLAIM].set_index(["family", "train_set"])
     for mix in dict.fromkeys(claims.index.get_level_values("train_set")):
         parts = []
         for (rule_a, _), family in FAMILIES.items():
-            what = family.removeprefix("IQA-LS vs ")
-            if rule_a == "iqa_ls" and (family, mix) in claims.index:
-                r = claims.loc[(family, mix)]
-                parts.append(f"{verdict(r, alpha)} {what} {r['b']} ({_effect(r)})")
+            if rule_a != "iqa_ls" or (family, mix) not in claims.index:
+                continue
+            r = claims.loc[(family, mix)]
+            verdict = ("indistinguishable from" if r["p_holm"] >= alpha
+                       else "better than" if r["diff"] > 0 else "worse than")
+            parts.append(f"{verdict} {family.removeprefix('IQA-LS vs ')} {r['b']} ({100 * r['diff']:+.1f} points, "
+                         f"95% CI {_ci(r)}, Holm p = {r['p_holm']:.3g})")
         if parts:
             a = claims.xs(mix, level="train_set")["a"].iloc[0]
             lines.append(f"- **{mix}** ({a}): IQA-LS " + "; ".join(parts) + ".")
@@ -132,8 +108,7 @@ def claim_lines(strategies, comps: pd.DataFrame, paper_rows: dict[str, pd.Series
         for t in claim_sets(strategies[name], claim_levels):
             r = rows.loc[(name, t)]
             dp = float(paper_rows[name][t]) - float(paper_rows[base][t]) if base in paper_rows else float("nan")
-            parts.append(f"{t} {100 * r['diff']:+.1f} [{100 * r['ci_lo']:+.1f}, {100 * r['ci_hi']:+.1f}]"
-                         f" (paper {100 * dp:+.1f})")
+            parts.append(f"{t} {100 * r['diff']:+.1f} {_ci(r)} (paper {100 * dp:+.1f})")
         lines.append(f"- {name} vs {base}: " + "; ".join(parts))
     return lines
 

@@ -1,11 +1,6 @@
-"""Where we differ from the paper, and why: the measurements and their tables (the cells'
-deviations themselves are Table 2's, in iqals/report.py).
-
-- `convention_sets` / `evaluate_conventions`: the test sets remade under each convention of
-  params.yaml's deviation.conventions, with their mean SSIM per level, and one model's accuracy
-  on each (the convention study);
-- `where_we_differ`: the report's section, every sentence from these numbers.
-"""
+"""Where we differ from the paper, and why: the convention study (one model on the test sets remade under each of
+params.yaml's deviation.conventions), the probe's trend, and the section's sentences, each from these numbers.
+The Table 2 cells' deviations from the paper are iqals/report.py's."""
 from __future__ import annotations
 
 import logging
@@ -15,153 +10,111 @@ import pandas as pd
 
 from . import distort, evaluate, iqa
 from .params import DISTORTIONS, LEVELS, TEST_SETS, Distort, Params, test_set_name
-from .report import KINDS
+from .report import md_table
 
 log = logging.getLogger(__name__)
-# ------------------------------------------------------------------ conventions
-
-def conventions(p: Params) -> dict[str, Distort]:
-    """"default" (params.yaml's distort section) and every named convention."""
-    return {"default": p.distort, **p.deviation.conventions}
 
 
-def changed(name: str, cfg: Distort, default: Distort) -> str:
+def changed(cfg: Distort, default: Distort) -> str:
     """What a convention changes, e.g. 'blur_kernel=fixed3, blur_border=constant'."""
     diff = [f"{k}={getattr(cfg, k)}" for k in cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(default, k)]
     return ", ".join(diff) or "(the study's defaults)"
 
 
-def convention_sets(images: np.ndarray, cfg: Distort, seed: int, index: np.ndarray) -> np.ndarray:
-    """The nine distorted test sets under one convention (the study's seeds: the default
-    convention gives exactly the distort stage's data/distorted/test.npy)."""
-    return distort.distort_all(images, cfg, seed, "test", index)
-
-
-def mean_ssim(images: np.ndarray, sets: np.ndarray, p: Params) -> dict[str, float]:
-    """Mean SSIM (params.yaml's iqa.ssim) of each distorted set against the pristine images."""
-    s = iqa.ssim_many(images, sets.reshape((-1,) + sets.shape[2:]), p.iqa.ssim).reshape(sets.shape[:3])
-    return {test_set_name(t, lv): float(s[t, lv].mean()) for t in range(len(DISTORTIONS)) for lv in range(LEVELS)}
-
-
 def evaluate_conventions(net, images: np.ndarray, labels: np.ndarray, index: np.ndarray, p: Params, device,
                          progress=None) -> pd.DataFrame:
-    """One model on the ten test sets of every convention: a row per (convention, test set)
-    with the accuracy and the set's mean SSIM (1 for pristine)."""
-    pristine = evaluate.accuracy(evaluate.predict(net, images, device, p.evaluate.batch_size), labels)
-    rows = []
-    for name, cfg in conventions(p).items():
-        sets = convention_sets(images, cfg, p.base.seed, index)
-        ssim = mean_ssim(images, sets, p)
-        rows.append({"convention": name, "changes": changed(name, cfg, p.distort), "test_set": "pristine",
-                     "acc": pristine, "ssim": 1.0})
-        for t, d in enumerate(DISTORTIONS):
-            for lv in range(LEVELS):
-                acc = evaluate.accuracy(evaluate.predict(net, sets[t, lv], device, p.evaluate.batch_size), labels)
-                rows.append({"convention": name, "changes": changed(name, cfg, p.distort),
-                             "test_set": test_set_name(t, lv), "acc": acc, "ssim": ssim[test_set_name(t, lv)]})
+    """One model on the ten test sets of "default" (params.yaml's distort: the distort stage's test sets, the same
+    seeds) and every named convention: accuracy and mean SSIM (iqa.ssim; 1 for pristine) per (convention, test set)."""
+    def acc(x: np.ndarray) -> float:
+        return evaluate.accuracy(evaluate.predict(net, x, device, p.evaluate.batch_size), labels)
+
+    pristine, rows = acc(images), []
+    for name, cfg in {"default": p.distort, **p.deviation.conventions}.items():
+        sets = distort.distort_all(images, cfg, p.base.seed, "test", index)
+        ssim = iqa.ssim_many(images, sets.reshape((-1,) + sets.shape[2:]), p.iqa.ssim).reshape(sets.shape[:3])
+        base = {"convention": name, "changes": changed(cfg, p.distort)}
+        rows.append({**base, "test_set": "pristine", "acc": pristine, "ssim": 1.0})
+        rows += [{**base, "test_set": test_set_name(t, lv), "acc": acc(sets[t, lv]), "ssim": float(ssim[t, lv].mean())}
+                 for t in range(len(DISTORTIONS)) for lv in range(LEVELS)]
         log.info("convention %s: %s", name, ", ".join(f"{r['test_set']} {r['acc']:.3f}" for r in rows[-9:]))
         if progress is not None:
             progress.update(1)
     return pd.DataFrame(rows)
 
 
-def convention_table(conv: pd.DataFrame, s1_paper: pd.Series) -> pd.DataFrame:
-    """Convention x test set: accuracy and mean SSIM side by side, the paper's S1 row first."""
-    rows = [{"convention": "paper S1", "changes": "", **{t: float(s1_paper[t]) for t in TEST_SETS[1:]}}]
+def convention_markdown(conv: pd.DataFrame, s1_paper: pd.Series) -> str:
+    """Convention x distorted test set, cells 'accuracy % (mean SSIM of the set)'; the paper's S1 row first."""
+    rows = [["paper S1", "", *(f"{100 * float(s1_paper[t]):.1f}" for t in TEST_SETS[1:])]]
     for name, g in conv.groupby("convention", sort=False):
         g = g.set_index("test_set")
-        rows.append({"convention": name, "changes": g["changes"].iloc[0],
-                     **{t: g.loc[t, "acc"] for t in TEST_SETS[1:]}, **{f"{t}_ssim": g.loc[t, "ssim"] for t in TEST_SETS[1:]}})
-    return pd.DataFrame(rows)
+        rows.append([name, g["changes"].iloc[0],
+                     *(f"{100 * g.loc[t, 'acc']:.1f} ({g.loc[t, 'ssim']:.3f})" for t in TEST_SETS[1:])])
+    return md_table(["convention", "changes", *TEST_SETS[1:]], rows)
 
 
-def convention_markdown(ct: pd.DataFrame) -> str:
-    """Cells 'accuracy % (mean SSIM)'; the paper's row without SSIM."""
-    lines = ["| convention | changes | " + " | ".join(TEST_SETS[1:]) + " |", "|" + "---|" * (2 + len(TEST_SETS) - 1)]
-    for r in ct.to_dict("records"):
-        cells = [f"{100 * r[t]:.1f}" + (f" ({r[f'{t}_ssim']:.3f})" if f"{t}_ssim" in r and pd.notna(r.get(f"{t}_ssim"))
-                                         else "") for t in TEST_SETS[1:]]
-        lines.append(f"| {r['convention']} | {r['changes']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def type_gaps(ct: pd.DataFrame, within: float) -> pd.DataFrame:
-    """Per convention and distortion type: the largest |ours - paper| over the type's levels
-    (points) and whether all its levels lie within `within` of the paper's S1 row."""
-    paper = ct.iloc[0]
+def type_gaps(conv: pd.DataFrame, s1_paper: pd.Series, within: float) -> pd.DataFrame:
+    """Per convention and distortion type: the mean and largest |ours - paper's S1| over the type's levels
+    (points), and whether all its levels lie within `within`."""
     rows = []
-    for r in ct.iloc[1:].to_dict("records"):
+    for name, g in conv.groupby("convention", sort=False):
+        acc = g.set_index("test_set")["acc"]
         for d in DISTORTIONS:
-            sets = [f"{d}_{lv + 1}" for lv in range(LEVELS)]
-            gaps = [100 * (r[t] - paper[t]) for t in sets]
-            rows.append({"convention": r["convention"], "type": d, "changes": r["changes"],
+            gaps = [100 * (acc[f"{d}_{lv + 1}"] - float(s1_paper[f"{d}_{lv + 1}"])) for lv in range(LEVELS)]
+            rows.append({"convention": name, "type": d, "changes": g["changes"].iloc[0],
                          "mean_gap_points": float(np.mean(gaps)), "max_abs_gap_points": float(np.max(np.abs(gaps))),
                          "closes": bool(np.max(np.abs(gaps)) <= 100 * within)})
     return pd.DataFrame(rows)
 
 
 def probe_trend(rows: pd.DataFrame, start_epoch: int) -> dict:
-    """The probe between its first evaluation at or after `start_epoch` and its last: train
-    accuracy, pristine accuracy and the mean accuracy over each type's levels, at both ends."""
-    a = rows[rows.epoch >= start_epoch].iloc[0] if (rows.epoch >= start_epoch).any() else rows.iloc[0]
-    b = rows.iloc[-1]
+    """The probe at its first evaluation at or after `start_epoch` and at its last: train accuracy,
+    pristine accuracy, the mean over each type's levels and over all nine distorted sets."""
+    def at(r) -> dict:
+        out = {"epoch": int(r.epoch), "train_acc": float(r.train_acc), "pristine": float(r.pristine),
+               **{d: float(np.mean([r[f"{d}_{lv + 1}"] for lv in range(LEVELS)])) for d in DISTORTIONS}}
+        return {**out, "distorted": float(np.mean([out[d] for d in DISTORTIONS]))}
 
-    def at(r):
-        out = {"epoch": int(r.epoch), "train_acc": float(r.train_acc), "pristine": float(r.pristine)}
-        for d in DISTORTIONS:
-            out[d] = float(np.mean([r[f"{d}_{lv + 1}"] for lv in range(LEVELS)]))
-        out["distorted"] = float(np.mean([out[d] for d in DISTORTIONS]))
-        return out
-    return {"from": at(a), "to": at(b)}
+    later = rows[rows.epoch >= start_epoch]
+    return {"from": at(later.iloc[0] if len(later) else rows.iloc[0]), "to": at(rows.iloc[-1])}
 
 
-def _pts(x: float) -> str:
-    return f"{x:+.1f}"
-
-
-def where_we_differ(dev: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame, trend: dict | None,
-                    within: float, probe_epochs: int, reference: str) -> list[str]:
+def where_we_differ(summary: pd.DataFrame, gaps: pd.DataFrame, trend: dict, within: float, probe_epochs: int,
+                    reference: str) -> list[str]:
     """The section's sentences, each from a number computed above."""
-    w = 100 * within
-    s = summary.set_index("kind")
+    w, s = 100 * within, summary.set_index("kind")
     allk = s.loc["all"]
     out = [f"In {reference}, {int(allk.within)} of {int(allk.cells)} Table 2 cells lie within {w:.0f} points of the "
            f"paper; the mean |z| is {allk.mean_abs_z:.1f} standard errors."]
-    for kind in KINDS:
-        if kind in s.index:
-            k = s.loc[kind]
-            out.append(f"- {kind}: {int(k.within)} of {int(k.cells)} within {w:.0f} points, mean difference "
-                       f"{_pts(k.mean_diff_points)} points, {int(k.above_paper)} above the paper.")
-    if gaps is not None and len(gaps):
-        default = gaps[gaps.convention == "default"].set_index("type")
-        out += ["", "**Are our distortions milder than the paper's?** S1 of the converged schedule evaluated on the "
-                "test sets of each convention (table below):"]
-        for d in DISTORTIONS:
-            g = gaps[gaps.type == d]
-            own = g[g.changes.str.contains(f"{d}_") | (g.convention == "default")]
-            best = own.loc[own.max_abs_gap_points.idxmin()]
-            closing = list(own[own.closes].convention)
-            out.append(f"- {d}: under the default the mean gap to the paper's S1 is {_pts(default.loc[d].mean_gap_points)} "
-                       f"points (largest {default.loc[d].max_abs_gap_points:.1f}); "
-                       + ("no other convention comes closer. " if best.convention == "default" else
-                          f"the closest convention is {best.convention} ({best.changes}): mean "
-                          f"{_pts(best.mean_gap_points)}, largest {best.max_abs_gap_points:.1f}. ")
-                       + (f"Within {w:.0f} points at every level: {', '.join(closing)}." if closing else
-                          f"No convention brings all three levels within {w:.0f} points."))
-    if trend is not None:
-        a, b = trend["from"], trend["to"]
-        drop = 100 * (b["distorted"] - a["distorted"])
-        pristine = 100 * (b["pristine"] - a["pristine"])
-        holds = drop < -w and abs(pristine) <= w and b["train_acc"] > a["train_acc"]
-        out += ["", f"**Does a long constant-lr schedule make S1 brittle?** Along {probe_epochs} epochs at constant lr, "
-                f"from epoch {a['epoch']} to {b['epoch']}: training accuracy {100 * a['train_acc']:.1f}% -> "
-                f"{100 * b['train_acc']:.1f}%, pristine {100 * a['pristine']:.1f}% -> {100 * b['pristine']:.1f}% "
-                f"({_pts(pristine)}), mean over the nine distorted sets {100 * a['distorted']:.1f}% -> "
-                f"{100 * b['distorted']:.1f}% ({_pts(drop)}; blur {_pts(100 * (b['blur'] - a['blur']))}, noise "
-                f"{_pts(100 * (b['noise'] - a['noise']))}, JPEG {_pts(100 * (b['jpeg'] - a['jpeg']))}). "
-                + (f"Robustness fell by more than {w:.0f} points while pristine accuracy held: the memorisation "
-                   "explanation fits within this probe." if holds else
-                   f"That is not the pattern memorisation predicts (distorted accuracy falling by more than {w:.0f} "
-                   f"points while pristine holds within {w:.0f}): within {probe_epochs} epochs this explanation does "
-                   "not hold; the paper's 350 epochs at lr 0.1 stay untested.")]
+    for kind, k in s.drop("all").iterrows():  # report.KINDS, in order
+        out.append(f"- {kind}: {int(k.within)} of {int(k.cells)} within {w:.0f} points, mean difference "
+                   f"{k.mean_diff_points:+.1f} points, {int(k.above_paper)} above the paper.")
+    default = gaps[gaps.convention == "default"].set_index("type")
+    out += ["", "**Are our distortions milder than the paper's?** S1 of the converged schedule evaluated on the "
+            "test sets of each convention (table below):"]
+    for d in DISTORTIONS:
+        own = gaps[(gaps.type == d) & (gaps.changes.str.contains(f"{d}_") | (gaps.convention == "default"))]
+        best, dflt = own.loc[own.max_abs_gap_points.idxmin()], default.loc[d]
+        closing = list(own[own.closes].convention)
+        out.append(f"- {d}: under the default the mean gap to the paper's S1 is {dflt.mean_gap_points:+.1f} "
+                   f"points (largest {dflt.max_abs_gap_points:.1f}); "
+                   + ("no other convention comes closer. " if best.convention == "default" else
+                      f"the closest convention is {best.convention} ({best.changes}): mean "
+                      f"{best.mean_gap_points:+.1f}, largest {best.max_abs_gap_points:.1f}. ")
+                   + (f"Within {w:.0f} points at every level: {', '.join(closing)}." if closing else
+                      f"No convention brings all three levels within {w:.0f} points."))
+    a, b = trend["from"], trend["to"]
+    drop, pristine = 100 * (b["distorted"] - a["distorted"]), 100 * (b["pristine"] - a["pristine"])
+    holds = drop < -w and abs(pristine) <= w and b["train_acc"] > a["train_acc"]
+    out += ["", "**Does a long constant-lr schedule make S1 brittle?** "
+            f"Along {probe_epochs} epochs at constant lr, from epoch {a['epoch']} to {b['epoch']}: training "
+            f"accuracy {100 * a['train_acc']:.1f}% -> {100 * b['train_acc']:.1f}%, pristine "
+            f"{100 * a['pristine']:.1f}% -> {100 * b['pristine']:.1f}% ({pristine:+.1f}), mean over the nine "
+            f"distorted sets {100 * a['distorted']:.1f}% -> {100 * b['distorted']:.1f}% ({drop:+.1f}; blur "
+            f"{100 * (b['blur'] - a['blur']):+.1f}, noise {100 * (b['noise'] - a['noise']):+.1f}, JPEG "
+            f"{100 * (b['jpeg'] - a['jpeg']):+.1f}). "
+            + (f"Robustness fell by more than {w:.0f} points while pristine accuracy held: the memorisation "
+               "explanation fits within this probe." if holds else
+               f"That is not the pattern memorisation predicts (distorted accuracy falling by more than {w:.0f} "
+               f"points while pristine holds within {w:.0f}): within {probe_epochs} epochs this explanation does "
+               "not hold; the paper's longer run at lr 0.1 (docs/protocol.md, Schedules) stays untested.")]
     return out

@@ -1,8 +1,5 @@
-"""The report's figures: Figure 3 beside the paper's, Figure 4, confidence vs quality, training curves.
-
-Each function takes the data and returns a matplotlib Figure, made without pyplot (no global
-state, no backend to choose: savefig renders with Agg); `write_all` draws and saves the four.
-"""
+"""The report's figures (Figure 3 beside the paper's, Figure 4, confidence vs quality, training curves) and the
+probe's. Made without pyplot: no global state, no backend to choose (savefig renders with Agg)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,15 +17,14 @@ PAPER_STYLE = {"alpha": 0.35, "linestyle": "--", "marker": "x"}  # the paper's v
 
 
 def _curve(values: dict, kind: str, key: str = "acc") -> list:
-    """pristine then levels 1..3 of one distortion type, from a per-test-set mapping."""
+    """Pristine then levels 1..3 of one distortion type."""
     t = DISTORTIONS.index(kind)
     return [values["pristine"][key]] + [values[test_set_name(t, lv)][key] for lv in range(LEVELS)]
 
 
 def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list[str]], n_seeds: int):
-    """Accuracy vs distortion level, ours solid (with std over seeds as error bars when there are
-    several) and the paper's faint and dashed in the same colour; baseline S1 dotted. The panel
-    'all3' shows each strategy per distortion type, as the paper's Figure 3(d)."""
+    """Accuracy vs distortion level: ours solid (error bars: std over seeds, when several), the paper's faint and
+    dashed in the same colour, baseline S1 dotted; panel 'all3' shows each type, as the paper's Figure 3(d)."""
     fig = Figure(figsize=(4 * len(panels), 3.8), layout="constrained")
     axes = fig.subplots(1, len(panels))
     x = np.arange(LEVELS + 1)
@@ -51,17 +47,14 @@ def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list
                 for kind, color in zip(DISTORTIONS, ("C0", "C1", "C2")):
                     line(ax, name, kind, color, style, f"{name} {kind}")
         ax.plot([], [], color="grey", **PAPER_STYLE, label="paper")
-        ax.set_title(f"{panel}: {', '.join(names)}")
+        ax.set(title=f"{panel}: {', '.join(names)}", xlabel="distortion level", ylabel="top-1 accuracy")
         ax.set_xticks(x, ["pristine"] + [str(lv + 1) for lv in range(LEVELS)])
-        ax.set_xlabel("distortion level")
-        ax.set_ylabel("top-1 accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig
 
 
-def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, strategy_probs: dict,
-         class_names):
+def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, strategy_probs: dict, class_names):
     """Example test images at pristine and blur levels 1-3, with each strategy's true-class
     confidence (mean over seeds) under each thumbnail, as in the paper's Figure 4."""
     fig = Figure(figsize=(8, 2.4 * len(examples)), layout="constrained")
@@ -70,10 +63,9 @@ def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, 
         for c in range(LEVELS + 1):
             ax = axes[r, c]
             ax.imshow(images[i] if c == 0 else blurred[c - 1, i], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            conf = ", ".join(f"{n} {pr[:, c, i, labels[i]].mean():.3f}" for n, pr in strategy_probs.items())
-            ax.set_xlabel(conf, fontsize=7)
+            ax.set(xticks=[], yticks=[])
+            ax.set_xlabel(", ".join(f"{n} {pr[:, c, i, labels[i]].mean():.3f}" for n, pr in strategy_probs.items()),
+                          fontsize=7)
             if r == 0:
                 ax.set_title("pristine" if c == 0 else f"blur level {c}")
             if c == 0:
@@ -82,11 +74,8 @@ def fig4(images: np.ndarray, blurred: np.ndarray, labels: np.ndarray, examples, 
 
 
 def confidence_quality(conf: dict[str, np.ndarray], strategies, test_scores: np.ndarray, bins: int):
-    """Mean true-class confidence per quantile bin of the quality score, one panel per distortion
-    type (its three levels pooled), for the strategies trained on pristine or on that type.
-
-    conf: name -> float (types, levels, N), mean over seeds; test_scores: (types, levels, N).
-    """
+    """Mean true-class confidence (name -> (types, levels, N)) per quantile bin of the quality score, a panel per
+    distortion type (its levels pooled), for the strategies trained on pristine or on that type."""
     fig = Figure(figsize=(5 * len(DISTORTIONS), 3.8), layout="constrained")
     axes = fig.subplots(1, len(DISTORTIONS))
     for t, (ax, kind) in enumerate(zip(axes, DISTORTIONS)):
@@ -99,9 +88,8 @@ def confidence_quality(conf: dict[str, np.ndarray], strategies, test_scores: np.
                 continue
             y = np.bincount(which, c[t].ravel(), len(edges) - 1) / np.bincount(which, minlength=len(edges) - 1)
             ax.plot(centre, y, marker=".", label=name)
-        ax.set_title(f"{kind}: confidence vs quality")
-        ax.set_xlabel("quality score of the test image (bin mean)")
-        ax.set_ylabel("true-class confidence")
+        ax.set(title=f"{kind}: confidence vs quality", xlabel="quality score of the test image (bin mean)",
+               ylabel="true-class confidence")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     return fig
@@ -117,17 +105,15 @@ def training_curves(logs: dict[str, pd.DataFrame]):
         for ax, col in zip(axes, ("loss", "train_acc")):
             ax.plot(mean.index, mean[col], style, label=name)
     for ax, title in zip(axes, ("training loss", "training accuracy")):
-        ax.set_title(f"{title} (mean over seeds)")
-        ax.set_xlabel("epoch")
+        ax.set(title=f"{title} (mean over seeds)", xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     return fig
 
 
 def probe_curves(rows: pd.DataFrame, paper_s1: pd.Series):
-    """The memorisation probe: accuracy vs epoch on each test set (one panel per distortion
-    type, pristine in each), training accuracy beside it; the paper's S1 at 2,000 epochs as
-    horizontal marks on the right."""
+    """The memorisation probe: accuracy vs epoch on each test set (a panel per distortion type, pristine and
+    training accuracy in each), the paper's S1 at 2,000 epochs as horizontal marks."""
     fig = Figure(figsize=(12, 3.6), layout="constrained")
     axes = fig.subplots(1, len(DISTORTIONS), sharey=True)
     for ax, kind in zip(axes, DISTORTIONS):
@@ -150,19 +136,16 @@ def save_png(fig, path: Path) -> None:
 
 
 def write_all(p: Params, d: dict, a: dict[str, Path]) -> None:
-    """The report's four figures from its inputs `d` (iqals.report.read_inputs) and the paths `a`
-    of the report stage (raw, distorted, logs, out)."""
-    def save(fig, name: str) -> None:
-        save_png(fig, a["out"] / name)
-
+    """The report's four figures, from its inputs `d` (report.read_inputs) and paths `a` (raw, distorted, logs, out)."""
     preds, r = d["preds"], p.report
     images, labels = load_npz(a["raw"] / "test.npz", "test")
     blurred = np.load(a["distorted"] / "test.npy", mmap_mode="r")[0]
-    conf = {n: true_confidence(preds[n]).mean(0)[1:].reshape(d["scores"]["test"].shape) for n in p.strategies}
+    conf = {n: true_confidence(preds[n]) for n in p.strategies}
     logs = {n: pd.concat([pd.read_csv(a["logs"] / n / f"seed{k}.tsv", sep="\t") for k in p.train.seeds])
             for n in p.strategies}
-    save(fig3(d["metrics"], d["paper_rows"], r.fig3_panels, len(p.train.seeds)), "fig3.png")
-    save(fig4(images, blurred, labels, [i for i in r.fig4_examples if i < len(labels)],
-              {n: preds[n]["probs"] for n in r.fig4_strategies}, CLASSES), "fig4.png")
-    save(confidence_quality(conf, p.strategies, d["scores"]["test"], r.quality_bins), "confidence_quality.png")
-    save(training_curves(logs), "training.png")
+    save_png(fig3(d["metrics"], d["paper_rows"], r.fig3_panels, len(p.train.seeds)), a["out"] / "fig3.png")
+    save_png(fig4(images, blurred, labels, [i for i in r.fig4_examples if i < len(labels)],
+                  {n: preds[n]["probs"] for n in r.fig4_strategies}, CLASSES), a["out"] / "fig4.png")
+    save_png(confidence_quality(conf, p.strategies, d["scores"]["test"], r.quality_bins),
+             a["out"] / "confidence_quality.png")
+    save_png(training_curves(logs), a["out"] / "training.png")

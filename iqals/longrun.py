@@ -1,11 +1,5 @@
-"""S1 on the full training set at a schedule of its own, for the question of where we differ
-from the paper (params.yaml, `deviation`): the converged schedule once, for the convention
-study, and a constant-lr schedule evaluated every few epochs, the memorisation probe.
-
-Both go through iqals.train (the same loop, checkpoints and resumption as every train stage);
-the probe trains in segments of `eval_every` epochs and evaluates the checkpoint after each,
-keeping its rows in a file beside the checkpoint, so an interrupted probe resumes where it was.
-"""
+"""S1 on the full training set at a schedule of its own (params.yaml, `deviation`): converged, for the convention
+study, and at constant lr evaluated every few epochs, the memorisation probe; both through iqals.train's loop."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +10,6 @@ import numpy as np
 import torch
 
 from . import evaluate
-from . import model as model_lib
 from . import train as train_lib
 from .io import read_json, write_json
 from .params import TEST_SETS, Params
@@ -41,31 +34,20 @@ def train_run(p: Params, images: np.ndarray, labels: np.ndarray, out: Path, log_
     return train_lib.train(s, p.deviation.seed, data, p, device, out, log_out, checkpoint)
 
 
-def _eval_row(net, epoch: int, lr: float, log_acc: float, train_x: np.ndarray, train_y: np.ndarray,
-              sets: dict[str, np.ndarray], test_y: np.ndarray, p: Params, device) -> dict:
-    b = p.evaluate.batch_size
-    row = {"epoch": epoch, "lr": lr, "train_acc_running": round(log_acc, 5),
-           "train_acc": round(evaluate.accuracy(evaluate.predict(net, train_x, device, b), train_y), 5)}
-    for name in TEST_SETS:
-        row[name] = round(evaluate.accuracy(evaluate.predict(net, sets[name], device, b), test_y), 5)
-    return row
-
-
 def probe(p: Params, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, distorted: np.ndarray,
           test_labels: np.ndarray, out: Path, log_out: Path, checkpoint: Path, device: torch.device) -> list[dict]:
-    """The memorisation probe: deviation.probe.epochs at constant lr, the model evaluated after
-    every deviation.probe.eval_every epochs (and the last) on the ten test sets and on the first
-    deviation.train_eval_size training images. Returns one row per evaluation.
-
-    Trained one epoch per call of the train loop, which resumes from its checkpoint; the rows are
-    kept beside the checkpoint under its fingerprint, so a restarted run (other code or
-    parameters) drops the rows of the old one."""
-    cfg = p.deviation.probe
-    q = schedule_params(p, cfg.epochs, None)
+    """deviation.probe.epochs at constant lr, a row per evaluation every deviation.probe.eval_every epochs (and the
+    last) on the ten test sets and the first deviation.train_eval_size training images. An epoch per call of the
+    train loop, which resumes from its checkpoint; the rows are kept beside it under its fingerprint, so an
+    interrupted probe resumes and a restarted run (other code or parameters) drops the old rows."""
+    cfg, q, n = p.deviation.probe, schedule_params(p, p.deviation.probe.epochs, None), p.deviation.train_eval_size
     s = q.strategies[p.deviation.strategy]
     data = train_lib.prepare(s, images, labels, None, None, q, p.deviation.seed, device)
     sets = evaluate.test_sets(test_images, distorted)
-    train_x, train_y = images[:p.deviation.train_eval_size], labels[:p.deviation.train_eval_size]
+
+    def acc(net, x: np.ndarray, y: np.ndarray) -> float:
+        return round(evaluate.accuracy(evaluate.predict(net, x, device, q.evaluate.batch_size), y), 5)
+
     rows_path = checkpoint.with_name(checkpoint.stem + ".rows.json")
     saved = read_json(rows_path) if rows_path.exists() else {"fingerprint": None, "rows": []}
     fingerprint, rows = saved["fingerprint"], saved["rows"]
@@ -77,11 +59,10 @@ def probe(p: Params, images: np.ndarray, labels: np.ndarray, test_images: np.nda
         rows = [r for r in rows if r["epoch"] <= ck["epoch"]]
         due = ck["epoch"] % cfg.eval_every == 0 or ck["epoch"] == cfg.epochs
         if due and (not rows or rows[-1]["epoch"] < ck["epoch"]):
-            net = model_lib.build(q.model, 0)
-            net.load_state_dict(ck["model"])
-            last = ck["history"][-1]
-            rows.append(_eval_row(net.to(device), ck["epoch"], last["lr"], last["train_acc"], train_x, train_y,
-                                  sets, test_labels, q, device))
+            net, last = evaluate.load_model(checkpoint, q, device), ck["history"][-1]
+            rows.append({"epoch": ck["epoch"], "lr": last["lr"], "train_acc_running": round(last["train_acc"], 5),
+                         "train_acc": acc(net, images[:n], labels[:n]),
+                         **{t: acc(net, sets[t], test_labels) for t in TEST_SETS}})
             r = rows[-1]
             log.info("probe epoch %d: train acc %.4f, pristine %.4f, blur_3 %.4f, noise_3 %.4f, jpeg_3 %.4f",
                      r["epoch"], r["train_acc"], r["pristine"], r["blur_3"], r["noise_3"], r["jpeg_3"])

@@ -1,8 +1,5 @@
-"""Table 2, controls, calibration, unseen corruptions, and the report's text.
-
-Pure functions over the evaluate stage's metrics and predictions (`build`), between the report
-stage's reading of its inputs (`evaluated`, `read_inputs`) and its writing (`write`).
-"""
+"""Table 2, its cells against the paper, controls, calibration, unseen corruptions, and the report's text:
+pure functions of the evaluate stage's outputs (`build`) between the stages' `read_inputs` and `write`."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,23 +12,28 @@ from scipy import stats as scipy_stats
 
 from . import claims, stats
 from .data import SPLITS, DataError, official_index
-from .io import atomic_path, read_json, write_json, write_text
+from .io import atomic_path, read_json, write_text
 from .params import DISTORTIONS, LABEL_RULES, LEVELS, TEST_SETS, Params, Strategy
 from .seeds import derive_seed
 
 log = logging.getLogger("report")
+KINDS = ("pristine-trained", "mix, own type", "mix, other type", "mix, pristine")  # of Table 2 cells
 
-def _fmt(v, digits: int) -> str:
-    if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
-        return "n/a"
-    return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
+
+def md_table(header, rows) -> str:
+    """A GitHub markdown table from its header and rows of formatted cells."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
 
 
 def markdown(df: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as a GitHub markdown table (numbers rounded to `digits`, missing as n/a)."""
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    def fmt(v) -> str:
+        if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
+            return "n/a"
+        return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
+
+    return md_table(df.columns, ([fmt(v) for v in row] for row in df.itertuples(index=False)))
 
 
 def paper_by_name(paper: pd.DataFrame, names) -> dict[str, pd.Series]:
@@ -39,7 +41,14 @@ def paper_by_name(paper: pd.DataFrame, names) -> dict[str, pd.Series]:
     return {n: paper.iloc[i] for i, n in enumerate(names)}
 
 
-# ------------------------------------------------------------------ Table 2
+def write(out: Path, tables: dict[str, pd.DataFrame], texts: dict[str, str]) -> None:
+    """Tables as name.csv (5 significant digits), texts as files, into out."""
+    for name, df in tables.items():
+        with atomic_path(out / f"{name}.csv") as tmp:
+            df.to_csv(tmp, index=False, float_format="%.5g")
+    for name, text in texts.items():
+        write_text(out / name, text)
+
 
 def table2(metrics: dict[str, dict], paper_rows: dict[str, pd.Series]) -> pd.DataFrame:
     """Our accuracy beside the paper's, per strategy and test set (Table 2 layout)."""
@@ -50,29 +59,23 @@ def table2(metrics: dict[str, dict], paper_rows: dict[str, pd.Series]) -> pd.Dat
         m = metrics[name]
         row = {"strategy": name, "regularization": m["labels"], "train_set": m["train_set"]}
         for t in TEST_SETS:
-            row[t], row[f"{t}_std"] = m[t]["acc"], m[t]["acc_std"]
-            row[f"{t}_paper"] = float(ref[t])
-            row[f"{t}_diff"] = m[t]["acc"] - float(ref[t])
+            acc, paper = m[t]["acc"], float(ref[t])
+            row.update({t: acc, f"{t}_std": m[t]["acc_std"], f"{t}_paper": paper, f"{t}_diff": acc - paper})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def table2_markdown(t2: pd.DataFrame, n_seeds: int) -> str:
     """Cells read 'ours (paper, difference)' in percent; ± std over seeds when there are several."""
-    lines = ["| S | labels | train set | " + " | ".join(TEST_SETS) + " |", "|" + "---|" * (3 + len(TEST_SETS))]
-    for _, r in t2.iterrows():
-        cells = [f"{100 * r[t]:.1f}" + (f"±{100 * r[f'{t}_std']:.1f}" if n_seeds > 1 else "")
-                 + f" ({100 * r[f'{t}_paper']:.1f}, {100 * r[f'{t}_diff']:+.1f})" for t in TEST_SETS]
-        lines.append(f"| {r['strategy']} | {r['regularization']} | {r['train_set']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-KINDS = ("pristine-trained", "mix, own type", "mix, other type", "mix, pristine")
+    return md_table(["S", "labels", "train set", *TEST_SETS], (
+        [r["strategy"], r["regularization"], r["train_set"]]
+        + [f"{100 * r[t]:.1f}" + (f"±{100 * r[f'{t}_std']:.1f}" if n_seeds > 1 else "")
+           + f" ({100 * r[f'{t}_paper']:.1f}, {100 * r[f'{t}_diff']:+.1f})" for t in TEST_SETS]
+        for _, r in t2.iterrows()))
 
 
 def cell_kind(train_set: str, test_set: str) -> str:
-    """Which kind of Table 2 cell: a pristine-trained row, or a mix on pristine images, on its
-    own distortion type or on another type."""
+    """A pristine-trained row's cell, or a mix's on pristine, on its own distortion type or on another."""
     if train_set == "pristine":
         return KINDS[0]
     if test_set == "pristine":
@@ -82,9 +85,8 @@ def cell_kind(train_set: str, test_set: str) -> str:
 
 
 def deviations(t2: pd.DataFrame, n_test: int, n_seeds: int, n_paper: int) -> pd.DataFrame:
-    """One row per Table 2 cell: ours, the paper's, the difference and its standard error
-    sqrt(p(1-p)/n_test + std^2/n_seeds + q(1-q)/n_paper) (ours binomial, the seeds' spread where
-    there are several, the paper's binomial on its n_paper test images), in points and in SE."""
+    """One row per Table 2 cell: ours (p), the paper's (q), the difference in points and in standard errors
+    sqrt(p(1-p)/n_test + std^2/n_seeds + q(1-q)/n_paper) (the seeds' spread only where there are several)."""
     rows = []
     for _, r in t2.iterrows():
         for t in TEST_SETS:
@@ -102,38 +104,28 @@ def deviations(t2: pd.DataFrame, n_test: int, n_seeds: int, n_paper: int) -> pd.
 
 def deviation_summary(dev: pd.DataFrame, within: float) -> pd.DataFrame:
     """Per kind of cell (and all): cells, how many lie within `within` of the paper, the mean
-    difference and the mean |z|."""
-    rows = []
-    for kind, g in [*((k, dev[dev.kind == k]) for k in KINDS), ("all", dev)]:
-        if len(g):
-            rows.append({"kind": kind, "cells": len(g), "within": int((g.diff_points.abs() <= 100 * within).sum()),
-                         "mean_diff_points": g.diff_points.mean(), "mean_abs_z": g.z.abs().mean(),
-                         "above_paper": int((g.diff_points > 0).sum())})
-    return pd.DataFrame(rows)
+    difference, the mean |z| and how many lie above the paper."""
+    groups = [*((k, dev[dev.kind == k]) for k in KINDS), ("all", dev)]
+    return pd.DataFrame([{"kind": kind, "cells": len(g), "within": int((g.diff_points.abs() <= 100 * within).sum()),
+                          "mean_diff_points": g.diff_points.mean(), "mean_abs_z": g.z.abs().mean(),
+                          "above_paper": int((g.diff_points > 0).sum())} for kind, g in groups if len(g)])
 
 
 def deviation_grid(dev: pd.DataFrame) -> str:
     """Markdown: strategy x test set, each cell 'difference in points (z)'."""
-    lines = ["| S | train set | " + " | ".join(TEST_SETS) + " |", "|" + "---|" * (2 + len(TEST_SETS))]
-    for (name, ts), g in dev.groupby(["strategy", "train_set"], sort=False):
-        cells = [f"{r.diff_points:+.1f} ({r.z:+.1f})" for r in g.itertuples()]
-        lines.append(f"| {name} | {ts} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return md_table(["S", "train set", *TEST_SETS], (
+        [name, ts, *(f"{r.diff_points:+.1f} ({r.z:+.1f})" for r in g.itertuples())]
+        for (name, ts), g in dev.groupby(["strategy", "train_set"], sort=False)))
 
-
-
-# ------------------------------------------------------------------ controls, calibration, unseen
 
 def mix_epsilons(strategies: dict[str, Strategy], scores: np.ndarray, cfg, shares) -> dict[str, float]:
     """Per training mix, the mean per-sample IQA-LS epsilon K(1 - T(s))/(K - 1) over an epoch:
     the epsilon the uniform_ls control smooths every image with."""
-    from .mixture import mean_epsilon, true_class_probability
+    from .mixture import mean_epsilon, true_class_probability  # here: the deviation stage imports this module
 
-    out = {}
-    for mix in claims.mixes(strategies):
-        probe = Strategy(name="probe", train_set=mix, labels="iqa_ls")
-        out[mix] = mean_epsilon(true_class_probability(probe, scores.shape[-1], scores, cfg, shares, 0), probe, shares)
-    return out
+    probes = [Strategy(name="probe", train_set=mix, labels="iqa_ls") for mix in claims.mixes(strategies)]
+    return {s.train_set: mean_epsilon(true_class_probability(s, scores.shape[-1], scores, cfg, shares, 0), s, shares)
+            for s in probes}
 
 
 def controls(strategies: dict[str, Strategy], metrics: dict, epsilons: dict[str, float], claim_levels) -> pd.DataFrame:
@@ -154,18 +146,17 @@ def controls(strategies: dict[str, Strategy], metrics: dict, epsilons: dict[str,
 
 
 def true_confidence(pred: dict) -> np.ndarray:
-    """float (seeds, test sets, N): the softmax probability of the true class."""
-    return np.take_along_axis(pred["probs"], pred["labels"][None, None, :, None], -1)[..., 0].astype(np.float64)
+    """float (types, levels, N): the softmax probability of the true class on each distorted set, mean over seeds."""
+    conf = np.take_along_axis(pred["probs"], pred["labels"][None, None, :, None], -1)[..., 0].astype(np.float64)
+    return conf.mean(0)[1:].reshape(len(DISTORTIONS), LEVELS, -1)
 
 
 def calibration(metrics: dict, preds: dict, test_scores: np.ndarray) -> pd.DataFrame:
-    """ECE and NLL per strategy and test set, and per distortion type Spearman's rho between the
-    true-class confidence (mean over seeds) and the test image's quality score over that type's
-    levels: the paper's claim that confidence follows quality, measured. Per type, because the
-    score scales of the types differ."""
+    """ECE and NLL per strategy and test set, and per distortion type (their score scales differ) Spearman's rho
+    between the true-class confidence and the test image's quality score: does confidence follow quality?"""
     rows = []
     for name, m in metrics.items():
-        conf = true_confidence(preds[name]).mean(0)[1:].reshape(len(DISTORTIONS), LEVELS, -1)
+        conf = true_confidence(preds[name])
         row = {"strategy": name, "labels": m["labels"], "train_set": m["train_set"]}
         for t, d in enumerate(DISTORTIONS):
             row[f"rho_{d}"] = scipy_stats.spearmanr(conf[t].ravel(), test_scores[t].ravel()).statistic
@@ -174,18 +165,6 @@ def calibration(metrics: dict, preds: dict, test_scores: np.ndarray) -> pd.DataF
         rows.append(row)
     return pd.DataFrame(rows)
 
-
-def unseen(strategies: dict[str, Strategy], metrics: dict, families) -> pd.DataFrame:
-    """Mean accuracy per corruption family never seen in training (CIFAR-10-C style)."""
-    rows = []
-    for name, s in strategies.items():
-        u = metrics[name]["unseen"]
-        rows.append({"strategy": name, "labels": s.labels, "train_set": s.train_set,
-                     **{f: u[f]["acc"] for f in families}, "mean": u["mean"]})
-    return pd.DataFrame(rows)
-
-
-# ------------------------------------------------------------------ the report's text
 
 def regime(p: Params, n_train: int, n_full: int, n_test: int, s1_acc: float | None, s1_paper: float | None) -> str:
     """What the run is, the standard error of one cell, and whether it can speak to the paper."""
@@ -197,9 +176,7 @@ def regime(p: Params, n_train: int, n_full: int, n_test: int, s1_acc: float | No
             f"{p.iqa.metric} ({p.iqa.transform}), loss {p.train.loss}. The binomial standard error of one "
             f"accuracy cell is {se:.1f} points (at {'S1' if s1_acc is not None else 'an'} accuracy of "
             f"{100 * acc:.1f}%).")
-    reasons = []
-    if len(seeds) == 1:
-        reasons.append("it has one seed, so the variance between training runs is unknown")
+    reasons = ["it has one seed, so the variance between training runs is unknown"] if len(seeds) == 1 else []
     if n_train < n_full:
         reasons.append(f"it trains on {n_train} of the {n_full} training images")
     if s1_acc is not None and s1_paper is not None and s1_paper - s1_acc > p.report.s1_tolerance:
@@ -217,12 +194,13 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
     r, n_seeds, n_test = p.report, len(p.train.seeds), len(next(iter(preds.values()))["labels"])
     boot = stats.Bootstrap(n_test, n_seeds, r.bootstrap, derive_seed(p.base.seed, "report bootstrap"))
     comps = claims.comparisons(p.strategies, preds, r.claim_levels, boot, r.alpha)
-    tables = {"table2": table2(metrics, paper_rows), "comparisons": comps,
-              "family_counts": claims.family_counts(comps),
-              "controls": controls(p.strategies, metrics, mix_epsilons(p.strategies, scores["train"], p.iqa,
-                                                                      p.mixture.shares), r.claim_levels),
+    epsilons = mix_epsilons(p.strategies, scores["train"], p.iqa, p.mixture.shares)
+    tables = {"table2": table2(metrics, paper_rows), "comparisons": comps, "family_counts": claims.family_counts(comps),
+              "controls": controls(p.strategies, metrics, epsilons, r.claim_levels),
               "calibration": calibration(metrics, preds, scores["test"]),
-              "unseen": unseen(p.strategies, metrics, p.corrupt.families)}
+              "unseen": pd.DataFrame([{"strategy": n, "labels": s.labels, "train_set": s.train_set,
+                                       **{f: metrics[n]["unseen"][f]["acc"] for f in p.corrupt.families},
+                                       "mean": metrics[n]["unseen"]["mean"]} for n, s in p.strategies.items()])}
     tables["deviations"] = deviations(tables["table2"], n_test, n_seeds, r.paper_test_size)
     dev_summary = deviation_summary(tables["deviations"], r.within)
     s1 = next((n for n in r.table2 if n in metrics), None)
@@ -238,7 +216,7 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         "### Table 2, regenerated", "", regime_text, "",
         "Each cell: our top-1 accuracy in %" + (" ± std over seeds" if n_seeds > 1 else "")
         + " (the paper's, our difference).", "", t2_md,
-        f"### How far from the paper: every cell in standard errors", "",
+        "### How far from the paper: every cell in standard errors", "",
         f"Our difference from the paper in points (in standard errors: binomial on our {n_test} and the paper's "
         f"{r.paper_test_size} test images" + (f", and the spread of our {n_seeds} seeds" if n_seeds > 1 else "")
         + f"); cells within {100 * r.within:.0f} points per kind of cell (deviations.csv). The measurements of "
@@ -258,8 +236,8 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         "distorted levels; ECE and NLL averaged over the ten test sets.", "",
         markdown(tables["controls"]), "",
         f"Tests per family (Holm within each family; primary test: bootstrap over {seeds_note}; beside it in "
-        "comparisons.csv (beside this report): per-seed McNemar combined over seeds by Cochran-Mantel-Haenszel, and a paired "
-        "t-test of per-seed accuracies when there are two or more seeds):", "",
+        "comparisons.csv (beside this report): per-seed McNemar combined over seeds by Cochran-Mantel-Haenszel, "
+        "and a paired t-test of per-seed accuracies when there are two or more seeds):", "",
         markdown(tables["family_counts"]), "",
         "### Calibration and confidence vs quality", "",
         "Spearman's rho between the true-class confidence (mean over seeds) and the test image's quality score, "
@@ -274,15 +252,14 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         "![Confidence vs quality](confidence_quality.png)", "", "![Training curves](training.png)", "",
     ])
     summary = {"test_images": n_test, "seeds": list(p.train.seeds), "not_evaluated": list(not_evaluated),
-               "cells_within": int(dev_summary.iloc[-1].within),
-               "conclusions": conclusions,
+               "cells_within": int(dev_summary.iloc[-1].within), "conclusions": conclusions,
                "families": tables["family_counts"].set_index("family").to_dict(orient="index")}
-    return {"tables": tables, "table2_md": t2_md, "report_md": md, "summary": summary}
+    return {"tables": tables, "texts": {"table2.md": t2_md, "report.md": md}, "summary": summary}
 
 
-def evaluated(a: dict[str, Path], p: Params, skip_missing: bool) -> tuple[Params, list[str]]:
-    """params with the strategies that have results; those without are an error, or with
-    skip_missing (a GPU run cut short) left out of every table and named in the report."""
+def read_inputs(a: dict[str, Path], p: Params, skip_missing: bool) -> tuple[Params, list[str], dict]:
+    """params with the strategies that have results, those without (an error, or with skip_missing, a GPU
+    run cut short, left out of every table and named in the report), and everything build() reads."""
     absent = [n for n in p.strategies if not (a["metrics"] / f"{n}.json").is_file()
               or not (a["predictions"] / f"{n}.npz").is_file()]
     if absent and not skip_missing:
@@ -292,27 +269,13 @@ def evaluated(a: dict[str, Path], p: Params, skip_missing: bool) -> tuple[Params
         keep = {n: s for n, s in p.strategies.items() if n not in absent}
         report = dataclasses.replace(p.report, fig4_strategies=[n for n in p.report.fig4_strategies if n in keep])
         p = dataclasses.replace(p, strategies=keep, report=report)
-    return p, absent
-
-
-def read_inputs(a: dict[str, Path], p: Params) -> dict:
-    """Everything build() reads, for the strategies of `p` (which must have results)."""
     preds = {}
     for n in p.strategies:
         with np.load(a["predictions"] / f"{n}.npz") as z:
             preds[n] = {k: z[k] for k in ("probs", "labels", "seeds")}
-    return {"metrics": {n: read_json(a["metrics"] / f"{n}.json") for n in p.strategies}, "preds": preds,
-            "paper_rows": paper_by_name(pd.read_csv(a["paper"] / "paper_table2.csv"), p.report.table2),
-            "scores": {s: np.load(a["scores"] / f"{s}.npy") for s in SPLITS},
-            "n_train": len(official_index(a["raw"] / "train.npz")), "n_full": SPLITS["train"],
-            "clipped": sum(v["clipped"] for v in read_json(a["metrics"] / "score.json")["train"].values())}
-
-
-def write(r: dict, out: Path) -> None:
-    """build()'s tables as CSV, Table 2 and the report as markdown, the summary as JSON, into out."""
-    for name, df in r["tables"].items():
-        with atomic_path(out / f"{name}.csv") as tmp:
-            df.to_csv(tmp, index=False, float_format="%.5g")
-    write_text(out / "table2.md", r["table2_md"])
-    write_text(out / "report.md", r["report_md"])
-    write_json(out / "summary.json", r["summary"])
+    return p, absent, {
+        "metrics": {n: read_json(a["metrics"] / f"{n}.json") for n in p.strategies}, "preds": preds,
+        "paper_rows": paper_by_name(pd.read_csv(a["paper"] / "paper_table2.csv"), p.report.table2),
+        "scores": {s: np.load(a["scores"] / f"{s}.npy") for s in SPLITS},
+        "n_train": len(official_index(a["raw"] / "train.npz")), "n_full": SPLITS["train"],
+        "clipped": sum(v["clipped"] for v in read_json(a["metrics"] / "score.json")["train"].values())}

@@ -1,13 +1,7 @@
-"""Paired comparisons of two strategies that respect how the study is built.
-
-The same test images recur for every seed, so (seed, image) pairs are not independent. The
-primary test resamples both units: images (the same draw for every seed, keeping each image's
-results across seeds together) and seeds (training runs). It gives the difference in accuracy,
-its 95% percentile interval and a two-sided p-value (the smallest level at which the percentile
-interval excludes 0). Beside it, per-seed McNemar tests combined across seeds as a stratified
-(Cochran-Mantel-Haenszel) test, and with two or more seeds a paired t-test of the per-seed
-accuracies. Holm's step-down correction is applied within each family of comparisons.
-"""
+"""Paired comparisons of two strategies that respect how the study is built: the same test images recur for every
+seed, so (seed, image) pairs are not independent. The primary test resamples images (one draw for every seed,
+keeping each image's results together) and seeds (training runs); beside it, per-seed McNemar tests combined over
+seeds (Cochran-Mantel-Haenszel) and, with two or more seeds, a paired t-test of the per-seed accuracies."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,11 +9,8 @@ from scipy import stats
 
 
 class Bootstrap:
-    """Resampling weights drawn once and shared by every comparison (common random numbers).
-
-    images: (B, N) counts of each image in each replicate; seeds: (B, S) counts of each seed
-    (all ones when S = 1: one training run says nothing about the variance between runs).
-    """
+    """Resampling weights drawn once, shared by every comparison (common random numbers): images (B, N) and seeds
+    (B, S) counts per replicate (all ones when S = 1: one run says nothing about the variance between runs)."""
 
     def __init__(self, n_images: int, n_seeds: int, replicates: int, seed: int):
         rng = np.random.default_rng(seed)
@@ -29,26 +20,24 @@ class Bootstrap:
 
     def replicates(self, d: np.ndarray) -> np.ndarray:
         """Bootstrap replicates of the mean of d (S seeds, N images) over seeds and images."""
-        s, n = d.shape
         per_seed = self.images @ d.T.astype(np.float32)  # (B, S): resampled image sums per seed
-        return (per_seed * self.seeds).sum(1) / (s * n)
+        return (per_seed * self.seeds).sum(1) / d.size
 
 
 def bootstrap_test(d: np.ndarray, boot: Bootstrap, level: float = 0.95) -> dict:
-    """Mean of the paired differences d (seeds, images), its percentile interval and p-value."""
+    """Mean of the paired differences d (seeds, images), its percentile interval and two-sided p-value (the
+    smallest level at which that interval excludes 0)."""
     rep = boot.replicates(d)
-    b = len(rep)
     tail = min(np.sum(rep <= 0), np.sum(rep >= 0))
     lo, hi = np.quantile(rep, [(1 - level) / 2, (1 + level) / 2])
     return {"diff": float(d.mean()), "ci_lo": float(lo), "ci_hi": float(hi),
-            "p": float(min(1.0, 2 * (tail + 1) / (b + 1))) if np.any(d) else 1.0}
+            "p": float(min(1.0, 2 * (tail + 1) / (len(rep) + 1))) if np.any(d) else 1.0}
 
 
 def cmh_mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> float:
     """Per-seed McNemar tables combined across seeds (Cochran-Mantel-Haenszel for matched pairs):
     chi2 = (sum_k (b_k - c_k))^2 / sum_k (b_k + c_k), 1 degree of freedom; exact binomial for one seed."""
-    b = np.sum(a_correct & ~b_correct, axis=-1)
-    c = np.sum(~a_correct & b_correct, axis=-1)
+    b, c = np.sum(a_correct & ~b_correct, axis=-1), np.sum(~a_correct & b_correct, axis=-1)
     if b.sum() + c.sum() == 0:
         return 1.0
     if len(b) == 1:
@@ -70,6 +59,5 @@ def holm(p: np.ndarray) -> np.ndarray:
     ok = np.flatnonzero(~np.isnan(p))
     order = ok[np.argsort(p[ok], kind="stable")]
     m = len(order)
-    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order]) if m else np.array([])
-    out[order] = np.minimum(adjusted, 1.0)
+    out[order] = np.minimum(np.maximum.accumulate((m - np.arange(m)) * p[order]), 1.0)
     return out

@@ -121,18 +121,18 @@ def test_fixed3_is_fspecials_default_with_zero_padding(images):
 # ------------------------------------------------------------------ conventions as params
 
 def test_every_convention_changes_what_it_names(params, raw_params):
-    convs = deviation.conventions(params)
-    assert convs["default"] == params.distort
-    for name, cfg in list(convs.items())[1:]:
+    assert deviation.changed(params.distort, params.distort) == "(the study's defaults)"
+    for name, cfg in params.deviation.conventions.items():
         named = raw_params["deviation"]["conventions"][name]
-        assert deviation.changed(name, cfg, params.distort) == ", ".join(f"{k}={v}" for k, v in named.items()), name
+        assert deviation.changed(cfg, params.distort) == ", ".join(f"{k}={v}" for k, v in named.items()), name
 
 
 def test_default_convention_remakes_the_distort_stage_sets(images, params):
-    got = deviation.convention_sets(images, params.distort, params.base.seed, np.arange(len(images)))
+    """The convention study's sets (distort_all with the images' official index, as evaluate_conventions)."""
+    index = np.arange(len(images))
+    got = distort.distort_all(images, params.distort, params.base.seed, "test", index)
     np.testing.assert_array_equal(got, distort.distort_all(images, params.distort, params.base.seed, "test"))
-    flo = deviation.convention_sets(images, params.deviation.conventions["noise_float"], params.base.seed,
-                                    np.arange(len(images)))
+    flo = distort.distort_all(images, params.deviation.conventions["noise_float"], params.base.seed, "test", index)
     assert flo.dtype == np.float32
     np.testing.assert_array_equal(flo[0], got[0])  # blur and JPEG untouched by a noise convention
     np.testing.assert_array_equal(flo[2], got[2])
