@@ -7,7 +7,8 @@
 - train_cpu:  iqals.train's loop vs a plain DataLoader loop with stock layers (bench_train)
 - train_cuda: the same on the GPU, run when torch sees one; alone:
               `python -m bench.run --only train_cuda` (or `python -m bench.bench_train --device cuda`)
-- train_group: runs stepped together as one stacked model vs one run, fp32 eager (bench_group)
+- train_group: model.Net(1) vs the old one-run Net in one plain loop; runs stepped together vs one
+              run, fp32 eager (bench_group)
 - train_gpu:  every training-step variant (precision, step, group) on the GPU, smoke-checked and
               timed, vs the one-run fp32 eager step; run when torch sees a GPU; alone:
               `python -m bench.run --only train_gpu` (or `python -m bench.bench_group --device cuda`)

@@ -232,3 +232,14 @@ def test_converged_schedule_decays_where_it_says(tmp_path, tiny_arrays, params):
                              torch.device("cpu"))
     assert [h["lr"] for h in hist] == pytest.approx([0.1, 0.1, 0.01])
     assert p.train.seeds == (p.deviation.seed,) and p.base.train_size == 100
+
+
+def test_a_reference_without_metrics_stops_before_any_work(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "empty" / "metrics").mkdir(parents=True)
+    for ref in (tmp_path / "absent", tmp_path / "empty"):
+        r = subprocess.run([sys.executable, "-m", "stages.deviation", "--reference", str(ref)], cwd=repo_root,
+                           env=dict(os.environ, PYTHONPATH=str(repo_root)), capture_output=True, text=True)
+        assert r.returncode == 1 and f"--reference {ref}: expected a run folder with metrics/" in r.stderr, r.stderr
