@@ -176,8 +176,7 @@ def elastic_transform(x, c, rngs):
 
 
 # family -> (function, constants c of severities 1..5), all from make_cifar_c.py (CIFAR-10
-# values); each function's docstring says what its c is
-# values); params.CORRUPTIONS names the families, in this order
+# values); each function's docstring says what its c is; params.CORRUPTIONS names the families, in this order
 FAMILIES: dict[str, tuple[Callable, tuple[Any, ...]]] = dict(zip(CORRUPTIONS, (
     (defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
     (motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),

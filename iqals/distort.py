@@ -29,7 +29,7 @@ def _round_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def kernel_radius(sigma: float, rule: str) -> int:
-    """Half the kernel size under each rule of params.BLUR_KERNELS."""
+    """Half the kernel size under each rule of distort.blur_kernel (params.Distort)."""
     if rule == "matlab":    # imgaussfilt: 2*ceil(2 sigma)+1
         return math.ceil(2 * sigma)
     if rule == "scipy":     # ndimage.gaussian_filter, truncate 4: radius int(4 sigma + 0.5)
@@ -84,26 +84,20 @@ def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = 
 
 def jpeg(images: np.ndarray, quality: int, subsampling: str, encoder: str = "opencv") -> np.ndarray:
     """JPEG round trip of a stack with OpenCV or Pillow, image by image."""
-    if encoder == "pillow":
-        return _jpeg_pillow(images, quality, subsampling)
     flags = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{subsampling}")]
     out = np.empty_like(images)
     for im, dst in zip(images, out):
+        if encoder == "pillow":
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="JPEG", quality=int(quality),
+                                     subsampling={"444": 0, "422": 1, "420": 2}[subsampling])  # Pillow's codes
+            dst[:] = np.asarray(Image.open(buf).convert("RGB"))
+            continue
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR), flags)  # OpenCV wants BGR
         if not ok:
             raise RuntimeError(f"OpenCV could not JPEG-encode at quality {quality}")
         cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB, dst=dst)
-    return out
-
-
-def _jpeg_pillow(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
-    sub = {"444": 0, "422": 1, "420": 2}[subsampling]  # Pillow's codes
-    out = np.empty_like(images)
-    for im, dst in zip(images, out):
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="JPEG", quality=int(quality), subsampling=sub)
-        dst[:] = np.asarray(Image.open(buf).convert("RGB"))
     return out
 
 

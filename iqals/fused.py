@@ -1,18 +1,8 @@
-"""Candidate GPU step pieces, each checked against the plain layers it would replace.
-
-- `lrn`: the LRN as two Triton kernels (forward; backward recomputing everything from the input,
-  the only tensor saved), fp32 arithmetic for fp32, bf16 and fp16 in and out (float64 in float64); the window sum over
-  channels is a product with a band matrix built in registers. Runs on CPU under Triton's
-  interpreter (TRITON_INTERPRET=1), which is how the tests check it.
-- `max_pool_same`: the 3x3/2 'SAME' max pool without int64 indices: the backward finds the
-  maxima again by comparing the input with the saved output.
-- `batch_stacked_conv`: G runs stacked along the batch (G*B, C, H, W), each with its own dense
-  convolution, the same result as conv2d(groups=G) over runs stacked along the channels.
-- `BatchStackedNet`: model.Net's parameters with the runs stacked along the batch and the three
-  pieces above, so LRN, pooling and ReLU need no groups.
-
-The probe (iqals/probe.py, layout "batch") checks and times it on a GPU; the train stage does
-not run it yet.
+"""Candidate GPU step pieces, each checked against the plain layers it would replace: the LRN as
+two Triton kernels (`lrn`), the 'SAME' max pool without int64 indices (`max_pool_same`), dense
+convolutions of runs stacked along the batch (`batch_stacked_conv`), and model.Net in that
+layout (`BatchStackedNet`). The probe (iqals/probe.py, layout "batch") checks and times it on a
+GPU; the train stage does not run it yet.
 """
 from __future__ import annotations
 
@@ -37,34 +27,22 @@ def _band(C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
-def _lrn_fwd(x_ptr, y_ptr, rows, C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr,
-             BETA: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-             ACC: tl.constexpr):
+def _lrn(x_ptr, g_ptr, out_ptr, rows, C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr, BETA: tl.constexpr,
+         K: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BACKWARD: tl.constexpr):
+    """y = x s^-beta, or (BACKWARD) dx = g s^-beta - 2 beta x ((g y / s) @ w^T) for the gradient g of y."""
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
     c = tl.arange(0, C)[None, :]
     mask = r < rows
     x = tl.load(x_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
-    s = K + tl.dot(x * x, _band(C, SIZE, ALPHA, ACC), input_precision=PRECISION)
-    y = x * tl.exp2(-BETA * tl.log2(s))
-    tl.store(y_ptr + r * C + c, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lrn_bwd(x_ptr, g_ptr, dx_ptr, rows, C: tl.constexpr, SIZE: tl.constexpr, ALPHA: tl.constexpr,
-             BETA: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-             ACC: tl.constexpr):
-    # y = x s^-beta; dx = g s^-beta - 2 beta x ((g y / s) @ w^T)
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
-    c = tl.arange(0, C)[None, :]
-    mask = r < rows
-    x = tl.load(x_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
-    g = tl.load(g_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
     w = _band(C, SIZE, ALPHA, ACC)
     s = K + tl.dot(x * x, w, input_precision=PRECISION)
     rs = tl.exp2(-BETA * tl.log2(s))
-    t = tl.dot(g * x * rs / s, tl.trans(w), input_precision=PRECISION)
-    dx = g * rs - 2.0 * BETA * x * t
-    tl.store(dx_ptr + r * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if BACKWARD:
+        g = tl.load(g_ptr + r * C + c, mask=mask, other=0.0).to(ACC)
+        out = g * rs - 2.0 * BETA * x * tl.dot(g * x * rs / s, tl.trans(w), input_precision=PRECISION)
+    else:
+        out = x * rs
+    tl.store(out_ptr + r * C + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
@@ -78,43 +56,38 @@ def _rows(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c), c
 
 
-def _launch(kernel, rows: torch.Tensor, out: torch.Tensor, *extra, c, size, alpha, beta, k):
-    precision = "ieee"  # fp32 products: the band matrix's sums exactly as in the fp32 reference
+def _run(x: torch.Tensor, size, alpha, beta, k, groups, g: torch.Tensor | None = None) -> torch.Tensor:
+    """_lrn over x's rows (backward: and the gradient g's): NCHW shape, channels-last strides."""
+    rows, c = _rows(x, groups)
+    out = torch.empty_like(rows)
     acc = tl.float64 if rows.dtype == torch.float64 else tl.float32  # float64 for gradcheck only
-    grid = (triton.cdiv(rows.shape[0], BLOCK_P),)
-    kernel[grid](rows, *extra, out, rows.shape[0], C=c, SIZE=size, ALPHA=float(alpha), BETA=float(beta),
-                 K=float(k), BLOCK=BLOCK_P, PRECISION=precision, ACC=acc)
-
-
-def _back(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    b, ch, h, w = like.shape
-    return rows.view(b, h, w, ch).permute(0, 3, 1, 2)  # channels-last strides, NCHW shape
+    _lrn[(triton.cdiv(rows.shape[0], BLOCK_P),)](  # ieee: fp32 products, the band matrix's sums as in fp32
+        rows, rows if g is None else _rows(g.to(x.dtype), groups)[0], out, rows.shape[0], C=c, SIZE=size,
+        ALPHA=float(alpha), BETA=float(beta), K=float(k), BLOCK=BLOCK_P, PRECISION="ieee", ACC=acc,
+        BACKWARD=g is not None)
+    b, ch, h, w = x.shape
+    return out.view(b, h, w, ch).permute(0, 3, 1, 2)
 
 
 class _FusedLRN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, size, alpha, beta, k, groups):
-        rows, c = _rows(x, groups)
-        y = torch.empty_like(rows)
-        _launch(_lrn_fwd, rows, y, c=c, size=size, alpha=alpha, beta=beta, k=k)
+    def forward(ctx, x, *cfg):  # cfg: size, alpha, beta, k, groups
         ctx.save_for_backward(x)  # only the input: the backward recomputes the rest
-        ctx.cfg = (size, alpha, beta, k, groups)
-        return _back(y, x)
+        ctx.cfg = cfg
+        return _run(x, *cfg)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        size, alpha, beta, k, groups = ctx.cfg
-        rows, c = _rows(x, groups)
-        g_rows, _ = _rows(g.to(x.dtype), groups)
-        dx = torch.empty_like(rows)
-        _launch(_lrn_bwd, rows, dx, g_rows, c=c, size=size, alpha=alpha, beta=beta, k=k)
-        return _back(dx, x), None, None, None, None, None
+        return _run(x, *ctx.cfg, g=g), None, None, None, None, None
 
 
 def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int = 1) -> torch.Tensor:
     """nn.LocalResponseNorm(size, alpha, beta, k) of (B, G*c, H, W) x, each group of c channels
-    alone; output in x's dtype, channels-last."""
+    alone; output in x's dtype, channels-last. Two Triton kernels: the forward, and a backward
+    recomputing everything from the input (the only tensor saved); fp32 arithmetic for fp32, bf16
+    and fp16 in and out (float64 for float64); the window sum over channels is a product with a band matrix
+    built in registers. Runs on CPU under Triton's interpreter (TRITON_INTERPRET=1): the tests."""
     return _FusedLRN.apply(x, size, alpha, beta, k, groups)
 
 

@@ -1,9 +1,8 @@
 """Full-reference quality scores s(x) of distorted images and the map T into (0, 1].
 
-`METRICS[name](ref, dist, cfg)` takes uint8 (N, H, W, 3) RGB stacks and returns float64 (N,).
-`score_all(ref, dists, cfg)` scores V distorted versions (V, N, H, W, 3) of the same references
-with cfg.metric and returns (V, N); SSIM then filters each reference's maps once for all versions.
-Adding a measure means adding it here; the training code only sees scores.
+`METRICS[name](ref, dist, cfg)` takes uint8 (N, H, W, 3) RGB stacks and returns float64 (N,);
+`score_all` scores many versions of the same references at once. Adding a measure means adding
+it here; the training code only sees scores.
 """
 from __future__ import annotations
 

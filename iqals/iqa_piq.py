@@ -21,6 +21,9 @@ from .params import IQA
 BATCH = 512             # images per piq call (VIF at 64x64 holds ~25 float32 maps per image)
 DTYPE = torch.float32   # float64: 2-11x the time for differences <= 6e-3 (README, "Quality measures")
 FSIM_CHROMATIC = True   # FSIMc: phase congruency and gradients on Y, plus the I/Q chroma terms
+VIF_MIN_SIZE = 41       # piq.vif_p refuses smaller images: its 4-scale pyramid needs 41 pixels
+
+
 def _piq():
     """piq, imported on first use: ssim and psnr never need it, and the GPU machine lacks it."""
     try:
@@ -31,27 +34,20 @@ def _piq():
     return piq
 
 
-VIF_MIN_SIZE = 41       # piq.vif_p refuses smaller images: its 4-scale pyramid needs 41 pixels
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) RGB -> DTYPE (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(DTYPE) / 255.0
-
-
 def vif_upsample_factor(height: int, width: int) -> int:
     """Smallest integer factor k with k * min(height, width) >= VIF_MIN_SIZE (2 for 32x32)."""
     return max(1, math.ceil(VIF_MIN_SIZE / min(height, width)))
 
 
 def _batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """fn(ref, dist) on float [0, 1] (B, 3, H, W) tensors, applied to uint8 stacks in batches."""
+    """fn(ref, dist) on DTYPE [0, 1] (B, 3, H, W) tensors, applied to uint8 stacks in batches."""
     def score(ref: np.ndarray, dist: np.ndarray, cfg: IQA | None = None) -> np.ndarray:
         for x in (ref, dist):
             if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
                 raise ValueError(f"expected uint8 (N, H, W, 3) RGB stacks, got {x.dtype} {x.shape}")
         with torch.no_grad():
-            return stacks.per_image(fn, ref, dist, BATCH, to_tensor)
+            return stacks.per_image(fn, ref, dist, BATCH, lambda a: torch.from_numpy(
+                np.ascontiguousarray(a)).permute(0, 3, 1, 2).to(DTYPE) / 255.0)
     score.__name__ = fn.__name__
     score.__doc__ = fn.__doc__
     return score
@@ -75,8 +71,7 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     smallest integer factor that piq accepts (2 for 32x32): 1 for identical images."""
     k = vif_upsample_factor(*ref.shape[-2:])
     if k > 1:
-        ref = F.interpolate(ref, scale_factor=k, mode="nearest")
-        dist = F.interpolate(dist, scale_factor=k, mode="nearest")
+        ref, dist = (F.interpolate(t, scale_factor=k, mode="nearest") for t in (ref, dist))
     # Not symmetric: piq's first argument is the distorted image, the second the reference.
     return _piq().vif_p(dist, ref, reduction="none", data_range=1.0)
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import ExpectedError
+
 log = logging.getLogger("parallel")
 
 TOPIC = "iqals-parallel"  # Dask event topic: workers report "start" on it
@@ -39,7 +41,7 @@ INTERRUPT_GRACE_S = 20.0  # after SIGINT, a stage command gets this long before 
 RESOLVED = ("done", "unchanged", "failed", "blocked", "interrupted")
 
 
-class ParallelError(RuntimeError):
+class ParallelError(ExpectedError, RuntimeError):
     """Bad arguments or a cluster that cannot run the plan (raised before any stage runs)."""
 
 
@@ -183,13 +185,6 @@ def make_plan(repo, targets: list[str] | None = None, gpu_training: bool = False
     return steps
 
 
-def _record(stage) -> None:
-    """What Stage.run does after the command, and dvc repro after Stage.run (dvc 3.x)."""
-    stage.save(run_cache=all(o.use_cache for o in stage.outs if not (o.is_metric or o.is_plot)))
-    stage.commit()
-    stage.dump(update_pipeline=False)
-
-
 # ---------------------------------------------------------------- the cluster
 
 def gpu_wanted(device: str, gpus_here: int, cluster_has_gpu: bool | None) -> bool:
@@ -304,7 +299,10 @@ class _Coordinator:
                 try:
                     if bad := [u for u in step.upstream if self.plan[u].state == "failed"]:
                         raise RuntimeError(f"upstream stage(s) {', '.join(bad)} could not be recorded")
-                    _record(stages[step.name])
+                    stage = stages[step.name]  # what Stage.run does after the command, then dvc repro (dvc 3.x)
+                    stage.save(run_cache=all(o.use_cache for o in stage.outs if not (o.is_metric or o.is_plot)))
+                    stage.commit()
+                    stage.dump(update_pipeline=False)
                 except Exception as e:  # noqa: BLE001 - e.g. an output the command did not write
                     r["tail"] = (r.get("tail") or "") + f"\nrecording it in dvc.lock: {type(e).__name__}: {e}"
                     self.fail(step, r, f"its command exited 0 but DVC could not record it: {e}")

@@ -54,7 +54,6 @@ IQA_TRANSFORMS = ("identity", "linear", "exp_decay")
 # CIFAR-10-C style corruption families of iqals/corruptions.py (evaluation only; a test checks).
 CORRUPTIONS = ("defocus_blur", "motion_blur", "shot_noise", "impulse_noise", "contrast", "fog",
                "pixelate", "elastic_transform")
-SCORED_RULES = ("iqa_ls", "uniform_ls", "shuffled_ls")  # rules whose targets read the scores
 
 
 class ParamError(ExpectedError, ValueError):
@@ -186,27 +185,19 @@ class Base:
             yield "train_size", f"a multiple of {NUM_CLASSES} (class-balanced subset)"
 
 
-# Conventions of the distortions where the paper is silent (iqals/distort.py implements each;
-# docs/protocol.md says where each comes from). The first of each is the study's default.
-BLUR_KERNELS = ("matlab", "scipy", "opencv", "fixed3")
-BLUR_BORDERS = ("replicate", "reflect", "constant")
-NOISE_SCALES = ("unit", "byte")
-NOISE_OUTPUTS = ("round", "floor", "float_clipped", "float")  # the float ones: test sets only
-NOISE_FIELDS = ("per_channel", "shared")
-JPEG_ENCODERS = ("opencv", "pillow")
-
-
+# The conventions of the distortions where the paper is silent (iqals/distort.py implements each;
+# docs/protocol.md says where each comes from): the first choice of each key is the study's default.
 @dataclass(frozen=True)
 class Distort:
     blur_sigma: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
-    blur_kernel: str = param(Choice(*BLUR_KERNELS))
-    blur_border: str = param(Choice(*BLUR_BORDERS))
+    blur_kernel: str = param(Choice("matlab", "scipy", "opencv", "fixed3"))
+    blur_border: str = param(Choice("replicate", "reflect", "constant"))
     noise_var: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
-    noise_scale: str = param(Choice(*NOISE_SCALES))
-    noise_output: str = param(Choice(*NOISE_OUTPUTS))
-    noise_field: str = param(Choice(*NOISE_FIELDS))
+    noise_scale: str = param(Choice("unit", "byte"))
+    noise_output: str = param(Choice("round", "floor", "float_clipped", "float"))  # the float ones: test sets only
+    noise_field: str = param(Choice("per_channel", "shared"))
     jpeg_quality: tuple[int, ...] = param(Seq(Int(1, 100), LEVELS))
-    jpeg_encoder: str = param(Choice(*JPEG_ENCODERS))
+    jpeg_encoder: str = param(Choice("opencv", "pillow"))
     jpeg_subsampling: str = param(Choice("420", "422", "444"))
 
     @property
@@ -300,7 +291,7 @@ class Strategy:
 
     @property
     def needs_scores(self) -> bool:
-        return self.labels in SCORED_RULES
+        return self.labels != "original"  # the other rules' targets read the scores
 
     def problems(self):
         if self.needs_scores and self.train_set == "pristine":

@@ -67,48 +67,47 @@ def net_class(layout: str = "channels"):
 
 
 @contextlib.contextmanager
-def cudnn_benchmark(on: bool):
-    """cuDNN's autotuner on or off for one variant, restored after (it is process-wide)."""
-    old, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, on
+def _variant(p: Params, v: dict):
+    """The variant's train config and network class, with cuDNN's autotuner on or off as it asks
+    (process-wide: restored after)."""
+    old, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, v.get("benchmark", False)
     try:
-        yield
+        yield (dataclasses.replace(p.train, precision=v["precision"], step=v["step"]),
+               net_class(v.get("layout", "channels")))
     finally:
         torch.backends.cudnn.benchmark = old
 
 
-def _setup(p: Params, device: torch.device, v: dict, seed: int):
-    cfg = dataclasses.replace(p.train, precision=v["precision"], step=v["step"])
+def _warm_step(p: Params, device: torch.device, v: dict, cfg, net_cls, seed: int):
+    """Images per run and a function running one epoch of the variant's step on synthetic data
+    (smaller lr: sane weights), after one warm-up epoch (compilation, capture)."""
     n = IMAGES[device.type] // cfg.batch_size * cfg.batch_size
     data, copy, image = train.synthetic(v["group"], n, device, seed=seed)
-    net = train.stacked(p, list(range(v["group"])), device, net_class(v.get("layout", "channels")))
-    return cfg, n, train.Step(net, data, cfg, device), copy, image
-
-
-def _sync(device: torch.device) -> None:
+    step = train.Step(train.stacked(p, list(range(v["group"])), device, net_cls), data, cfg, device)
+    step.epoch(copy, image, cfg.lr)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return n, lambda: step.epoch(copy, image, cfg.lr * 0.1)
 
 
 def check(p: Params, device: torch.device, v: dict) -> dict:
-    cfg = dataclasses.replace(p.train, precision=v["precision"], step=v["step"])
-    with cudnn_benchmark(v.get("benchmark", False)):
-        return train.check_step(p, device, cfg, v["group"], net_class(v.get("layout", "channels")))
+    with _variant(p, v) as (cfg, net_cls):
+        return train.check_step(p, device, cfg, v["group"], net_cls)
 
 
 def time_variant(p: Params, device: torch.device, v: dict, seconds: float) -> dict:
     """Images/s summed over the group's runs: whole epochs after one warm-up epoch (compilation,
     capture), until `seconds` have passed (at least one epoch)."""
-    with cudnn_benchmark(v.get("benchmark", False)):
+    with _variant(p, v) as (cfg, net_cls):
         t0 = time.perf_counter()
-        cfg, n, step, copy, image = _setup(p, device, v, seed=2)
-        step.epoch(copy, image, cfg.lr)
-        _sync(device)
+        n, epoch = _warm_step(p, device, v, cfg, net_cls, seed=2)
         warm_up, epochs, t0 = time.perf_counter() - t0, 0, time.perf_counter()
         while epochs == 0 or time.perf_counter() - t0 < seconds:
-            step.epoch(copy, image, cfg.lr * 0.1)[0].sum().item()  # smaller lr: sane weights; a real epoch's sync
+            epoch()[0].sum().item()  # a real epoch's sync
             epochs += 1
         elapsed = time.perf_counter() - t0
-    return {"images_per_s": v["group"] * n * epochs / elapsed, "step_ms": 1000 * elapsed / (epochs * n // cfg.batch_size),
+    return {"images_per_s": v["group"] * n * epochs / elapsed,
+            "step_ms": 1000 * elapsed / (epochs * n // cfg.batch_size),
             "epochs_timed": epochs, "images_per_epoch": n, "warm_up_s": warm_up}
 
 
@@ -153,15 +152,14 @@ def profile(p: Params, device: torch.device, v: dict, epochs: int = 2, rows: int
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = torch.device(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with cudnn_benchmark(v.get("benchmark", False)):
-        cfg, n, step, copy, image = _setup(p, device, v, seed=3)
-        step.epoch(copy, image, cfg.lr)
-        _sync(device)
-        with torch_profile(activities=activities) as prof:
+    cuda = device.type == "cuda"
+    with _variant(p, v) as (cfg, net_cls):
+        n, epoch = _warm_step(p, device, v, cfg, net_cls, seed=3)
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             for _ in range(epochs):
-                step.epoch(copy, image, cfg.lr * 0.1)
-            _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return f"{name(v)}: {epochs} epochs of {n} images per run\n" + prof.key_averages().table(sort_by=sort, row_limit=rows)
+                epoch()
+            if cuda:
+                torch.cuda.synchronize(device)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
+    return f"{name(v)}: {epochs} epochs of {n} images per run\n" + table
 

@@ -30,13 +30,11 @@ def headline(root: Path) -> str:
     for name, r in t2.iterrows():
         cells = []
         for family in TWINS:
-            if (family, name) in claim.index:
-                c = claim.loc[(family, name)]
-                cells.append(f"{100 * c['diff']:+.1f} [{100 * c.ci_lo:+.1f}, {100 * c.ci_hi:+.1f}], p {c.p_holm:.2g}")
-            else:
-                cells.append("")
-        lines.append(f"| {name} | {r.regularization} | {r.train_set} | {100 * r.pristine:.1f} ± {100 * r.pristine_std:.1f} "
-                     f"({100 * r.pristine_paper:.1f}) | " + " | ".join(cells) + " |")
+            c = claim.loc[(family, name)] if (family, name) in claim.index else None
+            cells.append("" if c is None else
+                         f"{100 * c['diff']:+.1f} [{100 * c.ci_lo:+.1f}, {100 * c.ci_hi:+.1f}], p {c.p_holm:.2g}")
+        lines.append(f"| {name} | {r.regularization} | {r.train_set} | {100 * r.pristine:.1f} ± "
+                     f"{100 * r.pristine_std:.1f} ({100 * r.pristine_paper:.1f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,18 +33,12 @@ def main() -> None:
     import dvc  # noqa: F401
     for name in ("distributed", "dvc"):  # their INFO lines would drown the progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        outcome = parallel.run(".", args.targets or None, workers=args.workers, scheduler=args.scheduler,
-                               threads=args.threads_per_worker, stages_per_gpu=args.stages_per_gpu,
-                               device=p.train.device, say=lambda s: print(s, flush=True))
-    except parallel.ParallelError as e:
-        raise ValueError(str(e)) from None
-    if outcome.interrupted and not outcome.failed:
-        log.error("%s", parallel.failure_report(outcome))
-        sys.exit(130)
+    outcome = parallel.run(".", args.targets or None, workers=args.workers, scheduler=args.scheduler,
+                           threads=args.threads_per_worker, stages_per_gpu=args.stages_per_gpu,
+                           device=p.train.device, say=lambda s: print(s, flush=True))
     if not outcome.ok:
         log.error("%s", parallel.failure_report(outcome))
-        sys.exit(1)
+        sys.exit(130 if outcome.interrupted and not outcome.failed else 1)
 
 
 if __name__ == "__main__":

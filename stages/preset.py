@@ -29,15 +29,6 @@ from stages.common import run
 log = logging.getLogger("preset")
 
 
-def check_device(values: dict, preset: Path) -> None:
-    """A preset for a CUDA GPU on a machine without one stops here, naming train.device."""
-    if values.get("train.device") == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise UsageError(f"{preset}: train.device = 'cuda', but this machine has no CUDA device "
-                             f"(torch {torch.__version__}, torch.cuda.is_available() is False): nothing was run")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", type=Path)
@@ -60,7 +51,11 @@ def main() -> None:
         if args.runner == "dask":
             print(f"# {args.params}, as `dvc exp run -S` sets it: {' '.join(sets)}")
         return print("\n".join(shlex.join(c) for c in cmds))
-    check_device(values, args.preset)
+    if values.get("train.device") == "cuda":  # a preset for a CUDA GPU on a machine without one stops here
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"{args.preset}: train.device = 'cuda', but this machine has no CUDA device "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False): nothing was run")
     if args.runner == "dask":
         from dvc.utils.hydra import apply_overrides  # DVC's own implementation of `exp run -S`
         apply_overrides(str(args.params), sets)

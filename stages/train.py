@@ -57,7 +57,6 @@ def parse_runs(strategy: list[str], seed: str | None, run: list[str], scores: st
     return runs
 
 
-
 def main() -> None:
     args = cli(__doc__, strategy=[], seed=None, run=[], raw="data/raw", distorted="data/distorted",
                scores=None, models="models", logs="logs", checkpoints="checkpoints", stop_after=None)
