@@ -61,6 +61,18 @@ def load_model(path: Path, p: Params, device: torch.device) -> torch.nn.Module:
     return net.to(device)
 
 
+def along_training(path: Path, sets: dict[str, np.ndarray], labels: np.ndarray, p: Params,
+                   device: torch.device) -> list[dict]:
+    """Accuracy on each test set of the weights a run kept every train.snapshot_every epochs (the
+    model file's snapshots; none: []), a row per epoch: is it learning, or memorising?"""
+    net, rows = model_lib.build(p.model, 0).to(device), []
+    for epoch, state in torch.load(path, map_location="cpu", weights_only=False).get("snapshots", {}).items():
+        net.load_state_dict(state)
+        rows.append({"epoch": epoch, **{n: round(accuracy(predict(net, x, device, p.evaluate.batch_size), labels), 5)
+                                        for n, x in sets.items()}})
+    return rows
+
+
 def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict:
     """Per test set: the mean over seeds of each measure, and the std of accuracy (None with one
     seed: one run says nothing about the spread between runs)."""
@@ -84,9 +96,10 @@ def unseen_summary(acc: np.ndarray, families) -> dict:
 
 def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.ndarray,
                       corrupted: np.ndarray, labels: np.ndarray, p: Params,
-                      device: torch.device) -> tuple[np.ndarray, dict]:
+                      device: torch.device, paths: dict[int, Path] | None = None) -> tuple[np.ndarray, dict]:
     """Every seed's network on the ten test sets and the (families, severities, N, ...) grid of
-    corrupted test images: softmax outputs float32 (seeds, test sets, N, 10) and the metrics."""
+    corrupted test images: softmax outputs float32 (seeds, test sets, N, 10) and the metrics;
+    with each seed's model file in `paths`, the accuracies of its snapshots ("along_training")."""
     want = (len(p.corrupt.families), len(p.corrupt.severities), len(labels))
     if corrupted.shape[:3] != want:
         raise DataError(f"corrupted test set has shape {corrupted.shape[:3]}, expected (families, "
@@ -111,4 +124,7 @@ def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.n
                "unseen": unseen_summary(np.array(unseen), p.corrupt.families),
                "per_seed_acc": {f"seed{k}": {n: round(r[n]["acc"], 5) for n in TEST_SETS}
                                 for k, r in zip(nets, per_seed)}}
+    along = {f"seed{k}": along_training(path, sets, labels, p, device) for k, path in (paths or {}).items()}
+    if any(along.values()):
+        metrics["along_training"] = along
     return probs, metrics

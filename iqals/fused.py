@@ -1,8 +1,9 @@
 """Candidate GPU step pieces, each checked against the plain layers it would replace: the LRN as
 two Triton kernels (`lrn`), the 'SAME' max pool without int64 indices (`max_pool_same`), dense
-convolutions of runs stacked along the batch (`batch_stacked_conv`), and model.Net in that
-layout (`BatchStackedNet`). The probe (iqals/probe.py, layout "batch") checks and times it on a
-GPU; the train stage does not run it yet.
+convolutions of runs stacked along the batch (`batch_stacked_conv`), fully connected layers whose
+weight gradients arrive in the weights' own layout (`linear_weight_layout`), and model.Net in
+that layout (`BatchStackedNet`): train.layout = batch trains with it (after the step's check),
+the probe (iqals/probe.py) times it.
 """
 from __future__ import annotations
 
@@ -136,13 +137,23 @@ def batch_stacked_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return torch.cat([F.conv2d(a, w, b, padding=padding) for a, w, b in zip(xs, ws, bs)])
 
 
+def linear_weight_layout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """G linear layers on (G, B, in), weight (G*out, in) and bias (G*out,) as model.Linear holds
+    them, computed as (w @ x^T)^T: autograd then forms each weight's gradient as g^T @ x, (G, out,
+    in), the weight's own layout, where model.Linear's x @ w^T forms x^T @ g, (G, in, out), and
+    copies it transposed into .grad every step. The output is a transposed view (G, B, out)."""
+    w = weight.view(groups, -1, x.shape[-1])
+    return torch.baddbmm(bias.view(groups, -1, 1), w, x.transpose(1, 2)).transpose(1, 2)
+
+
 # ---------------------------------------------------------------- the network in this layout
 
 class BatchStackedNet(Net):
     """model.Net with its G runs stacked along the batch: input (G, B, 3, H, W) as (G*B, 3, H, W),
     each run's slice convolved with its own dense kernels, then the fused LRN, the index-free pool
-    and ReLU over the whole batch without groups. Same parameters (run-major, named as Net's),
-    run_state, load_run and decayed parameters as model.Net; output (G, B, 10)."""
+    and ReLU over the whole batch without groups, the fully connected layers by
+    linear_weight_layout. Same parameters (run-major, named as Net's), run_state, load_run and
+    decayed parameters as model.Net; output (G, B, 10)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, b = x.shape[:2]
@@ -153,5 +164,6 @@ class BatchStackedNet(Net):
         x = batch_stacked_conv(x, self.conv2.weight, self.conv2.bias, g, padding=2)
         x = max_pool_same(lrn(F.relu(x), **lrn_args))
         x = x.unflatten(0, (g, b)).flatten(2)  # (G, B, 64*8*8) in Net's (channel, row, column) order
-        x = F.relu(self.fc2(F.relu(self.fc1(x))))
-        return self.out(x)
+        for fc in (self.fc1, self.fc2):
+            x = F.relu(linear_weight_layout(x, fc.weight, fc.bias, g))
+        return linear_weight_layout(x, self.out.weight, self.out.bias, g)

@@ -22,7 +22,7 @@ def schedule_params(p: Params, epochs: int, lr_decay_epochs: int | None) -> Para
     (None: constant lr, the decay falls after the last epoch)."""
     d = p.deviation
     train = dataclasses.replace(p.train, epochs=epochs, lr_decay_epochs=lr_decay_epochs or epochs,
-                                seeds=(d.seed,), checkpoint_every=1)
+                                seeds=(d.seed,), checkpoint_every=1, snapshot_every=0)
     return dataclasses.replace(p, train=train, base=dataclasses.replace(p.base, train_size=d.train_size))
 
 
@@ -37,9 +37,9 @@ def train_run(p: Params, images: np.ndarray, labels: np.ndarray, out: Path, log_
 def probe(p: Params, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, distorted: np.ndarray,
           test_labels: np.ndarray, out: Path, log_out: Path, checkpoint: Path, device: torch.device) -> list[dict]:
     """deviation.probe.epochs at constant lr, a row per evaluation every deviation.probe.eval_every epochs (and the
-    last) on the ten test sets and the first deviation.train_eval_size training images. An epoch per call of the
-    train loop, which resumes from its checkpoint; the rows are kept beside it under its fingerprint, so an
-    interrupted probe resumes and a restarted run (other code or parameters) drops the old rows."""
+    last) on the ten test sets and the first deviation.train_eval_size training images. Each call of the train loop
+    runs to the next evaluation and resumes from its checkpoint; the rows are kept beside it under its
+    fingerprint, so an interrupted probe resumes and a restarted run (other code or parameters) drops the old rows."""
     cfg, q, n = p.deviation.probe, schedule_params(p, p.deviation.probe.epochs, None), p.deviation.train_eval_size
     s = q.strategies[p.deviation.strategy]
     data = train_lib.prepare(s, images, labels, None, None, q, p.deviation.seed, device)
@@ -51,9 +51,12 @@ def probe(p: Params, images: np.ndarray, labels: np.ndarray, test_images: np.nda
     rows_path = checkpoint.with_name(checkpoint.stem + ".rows.json")
     saved = read_json(rows_path) if rows_path.exists() else {"fingerprint": None, "rows": []}
     fingerprint, rows = saved["fingerprint"], saved["rows"]
-    while True:
-        train_lib.train(s, p.deviation.seed, data, q, device, out, log_out, checkpoint, stop_after=1)
+    done = torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"] if checkpoint.exists() else 0
+    while True:  # (a stale checkpoint's epoch only shortens the first call: the next one stops at an evaluation)
+        train_lib.train(s, p.deviation.seed, data, q, device, out, log_out, checkpoint,
+                        stop_after=cfg.eval_every - done % cfg.eval_every)
         ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        done = ck["epoch"]
         if ck["fingerprint"] != fingerprint:  # the loop started afresh: the old rows are another run's
             fingerprint, rows = ck["fingerprint"], []
         rows = [r for r in rows if r["epoch"] <= ck["epoch"]]

@@ -45,6 +45,8 @@ TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "m
 # train.step: eager = op by op; compile = torch.compile(mode="reduce-overhead"); graph = the
 # whole step (forward, loss, backward, SGD update) captured once in a CUDA graph (iqals/train.py)
 TRAIN_STEPS = ("eager", "compile", "graph")
+# train.layout: runs stacked side by side in channels (model.Net) or along the batch (iqals/fused.py)
+TRAIN_LAYOUTS = ("channels", "batch")
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
 # agree). Kept here so that validating params does not import the IQA code: the one-hot
@@ -97,6 +99,9 @@ def Choice(*options: str):
     """One of the given strings (an unquoted YAML number such as 420 counts as "420")."""
     return Check(f"one of {list(options)}",
                  lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
+
+
+Flag = Check("true or false", lambda v: isinstance(v, bool))
 
 
 def Seq(item, n: int | None = None, unique: bool = False, noun: str = "values"):
@@ -270,11 +275,15 @@ class Train:
     device: str = param(Choice("auto", "cpu", "cuda"))
     precision: str = param(Choice("fp32", "tf32", "bf16"))
     step: str = param(Choice(*TRAIN_STEPS))
+    layout: str = param(Choice(*TRAIN_LAYOUTS))
+    cudnn_benchmark: bool = param(Flag)
+    snapshot_every: int = param(Int(0))
 
     def problems(self):
-        if self.lr_decay_epochs > self.epochs:
-            yield "lr_decay_epochs", f"at most train.epochs ({self.epochs})"
-        for name, plain in (("precision", "fp32"), ("step", "eager")):
+        for name in ("lr_decay_epochs", "snapshot_every"):
+            if getattr(self, name) > self.epochs:
+                yield name, f"at most train.epochs ({self.epochs})"
+        for name, plain in (("precision", "fp32"), ("step", "eager"), ("layout", "channels")):
             if self.device == "cpu" and getattr(self, name) != plain:  # device auto: iqals.train checks
                 yield name, f"{plain!r} with train.device = 'cpu' (the others need a CUDA GPU)"
 

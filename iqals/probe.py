@@ -1,24 +1,23 @@
 """The probe of training-step variants on a GPU: each checked (iqals.train.check_step) and timed.
 
-A variant is {"precision": fp32|tf32|bf16, "step": eager|compile|graph, "group": G} plus, for the
-candidate steps of iqals/fused.py, "layout": "batch" (runs stacked along the batch) and
-"benchmark": True (cuDNN's autotuner on). It times the training step itself (iqals.train.Step)
-on synthetic resident data: there is no second training path here. `make bench` on a GPU runs
-it (bench/bench_group.py) and reports the fastest variant that passed, for train.precision and
-train.step.
+A variant is {"group": G} and the train.* values it sets: "precision" (fp32|tf32|bf16), "step"
+(eager|compile|graph), optionally "layout" ("batch": runs stacked along the batch, the kernels of
+iqals/fused.py) and "cudnn_benchmark" (True: cuDNN's autotuner on). It times the training step
+itself (iqals.train.Step) on synthetic resident data: there is no second training path here.
+`make bench` on a GPU runs it (bench/bench_group.py) and reports the fastest variant that passed:
+the values to give train.precision, train.step, train.layout and train.cudnn_benchmark.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
+import types
 
 import torch
 
 from . import train
-from .model import Net
-from .params import Params
+from .params import TRAIN_LAYOUTS, Params
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +26,11 @@ log = logging.getLogger(__name__)
 # in groups). compile is last: its compilation takes tens of seconds per group size.
 GROUPS = (1, 3, 17, 51)
 _CANDIDATES = (
-    {"precision": "bf16", "step": "graph", "layout": "batch", "benchmark": True},
+    {"precision": "bf16", "step": "graph", "layout": "batch", "cudnn_benchmark": True},
     {"precision": "bf16", "step": "graph"},
-    {"precision": "bf16", "step": "graph", "benchmark": True},
+    {"precision": "bf16", "step": "graph", "cudnn_benchmark": True},
     {"precision": "tf32", "step": "graph"},
-    {"precision": "tf32", "step": "graph", "layout": "batch", "benchmark": True},
+    {"precision": "tf32", "step": "graph", "layout": "batch", "cudnn_benchmark": True},
     {"precision": "fp32", "step": "graph"},
     {"precision": "tf32", "step": "eager"},
     {"precision": "tf32", "step": "compile"},
@@ -39,16 +38,21 @@ _CANDIDATES = (
 VARIANTS = ({"precision": "fp32", "step": "eager", "group": 1},   # the reference step, and the fallback
             {"precision": "fp32", "step": "eager", "group": 3},   # what the CPU can run besides
             *({**c, "group": g} for c in _CANDIDATES for g in GROUPS))
-LAYOUTS = ("channels", "batch")  # runs stacked along the channels (model.Net) or the batch (fused)
-TRAINABLE_LAYOUTS = ("channels",)  # what the train stage runs
+TRAIN_KEYS = ("precision", "step", "layout", "cudnn_benchmark")  # what a variant sets in train.*
 IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run (50 or 4 steps an epoch)
+
+
+def config(p: Params, v: dict):
+    """params' train section with the variant's values."""
+    if v.get("layout", "channels") not in TRAIN_LAYOUTS:
+        raise ValueError(f"variant layout {v['layout']!r}: expected one of {TRAIN_LAYOUTS}")
+    return dataclasses.replace(p.train, **{"layout": "channels", "cudnn_benchmark": False,
+                                           **{k: v[k] for k in TRAIN_KEYS if k in v}})
 
 
 def name(v: dict) -> str:
     """e.g. 'bf16 graph x17, batch layout, cudnn benchmark'."""
-    extra = ([f"{v['layout']} layout"] if v.get("layout", "channels") != "channels" else []) + \
-        (["cudnn benchmark"] if v.get("benchmark") else [])
-    return ", ".join([f"{v['precision']} {v['step']} x{v['group']}", *extra])
+    return train.describe(types.SimpleNamespace(**{"layout": "channels", "cudnn_benchmark": False, **v}), v["group"])
 
 
 def needs_gpu(v: dict) -> bool:
@@ -57,33 +61,12 @@ def needs_gpu(v: dict) -> bool:
     return v["precision"] != "fp32" or v["step"] != "eager" or v.get("layout", "channels") != "channels"
 
 
-def net_class(layout: str = "channels"):
-    if layout not in LAYOUTS:
-        raise ValueError(f"variant layout {layout!r}: expected one of {LAYOUTS}")
-    if layout == "batch":
-        from . import fused  # imports Triton: only where the variant is asked for
-        return fused.BatchStackedNet
-    return Net
-
-
-@contextlib.contextmanager
-def _variant(p: Params, v: dict):
-    """The variant's train config and network class, with cuDNN's autotuner on or off as it asks
-    (process-wide: restored after)."""
-    old, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, v.get("benchmark", False)
-    try:
-        yield (dataclasses.replace(p.train, precision=v["precision"], step=v["step"]),
-               net_class(v.get("layout", "channels")))
-    finally:
-        torch.backends.cudnn.benchmark = old
-
-
-def _warm_step(p: Params, device: torch.device, v: dict, cfg, net_cls, seed: int):
+def _warm_step(p: Params, device: torch.device, v: dict, cfg, seed: int):
     """Images per run and a function running one epoch of the variant's step on synthetic data
     (smaller lr: sane weights), after one warm-up epoch (compilation, capture)."""
     n = IMAGES[device.type] // cfg.batch_size * cfg.batch_size
     data, copy, image = train.synthetic(v["group"], n, device, seed=seed)
-    step = train.Step(train.stacked(p, list(range(v["group"])), device, net_cls), data, cfg, device)
+    step = train.Step(train.stacked(p, list(range(v["group"])), device, cfg.layout), data, cfg, device)
     step.epoch(copy, image, cfg.lr)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,21 +74,19 @@ def _warm_step(p: Params, device: torch.device, v: dict, cfg, net_cls, seed: int
 
 
 def check(p: Params, device: torch.device, v: dict) -> dict:
-    with _variant(p, v) as (cfg, net_cls):
-        return train.check_step(p, device, cfg, v["group"], net_cls)
+    return train.check_step(p, device, config(p, v), v["group"])
 
 
 def time_variant(p: Params, device: torch.device, v: dict, seconds: float) -> dict:
     """Images/s summed over the group's runs: whole epochs after one warm-up epoch (compilation,
     capture), until `seconds` have passed (at least one epoch)."""
-    with _variant(p, v) as (cfg, net_cls):
-        t0 = time.perf_counter()
-        n, epoch = _warm_step(p, device, v, cfg, net_cls, seed=2)
-        warm_up, epochs, t0 = time.perf_counter() - t0, 0, time.perf_counter()
-        while epochs == 0 or time.perf_counter() - t0 < seconds:
-            epoch()[0].sum().item()  # a real epoch's sync
-            epochs += 1
-        elapsed = time.perf_counter() - t0
+    cfg, t0 = config(p, v), time.perf_counter()
+    n, epoch = _warm_step(p, device, v, cfg, seed=2)
+    warm_up, epochs, t0 = time.perf_counter() - t0, 0, time.perf_counter()
+    while epochs == 0 or time.perf_counter() - t0 < seconds:
+        epoch()[0].sum().item()  # a real epoch's sync
+        epochs += 1
+    elapsed = time.perf_counter() - t0
     return {"images_per_s": v["group"] * n * epochs / elapsed,
             "step_ms": 1000 * elapsed / (epochs * n // cfg.batch_size),
             "epochs_timed": epochs, "images_per_epoch": n, "warm_up_s": warm_up}
@@ -140,9 +121,9 @@ def probe(p: Params, device: torch.device, seconds: float, variants=VARIANTS) ->
     return results
 
 
-def choose(results: list[dict], layouts: tuple[str, ...] = TRAINABLE_LAYOUTS) -> dict | None:
-    """The fastest variant whose check passed (images/s summed over runs) among `layouts`, or None."""
-    passed = [r for r in results if r.get("ok") and "images_per_s" in r and r.get("layout", "channels") in layouts]
+def choose(results: list[dict]) -> dict | None:
+    """The fastest variant whose check passed (images/s summed over runs), or None."""
+    passed = [r for r in results if r.get("ok") and "images_per_s" in r]
     return max(passed, key=lambda r: r["images_per_s"], default=None)
 
 
@@ -153,13 +134,12 @@ def profile(p: Params, device: torch.device, v: dict, epochs: int = 2, rows: int
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    with _variant(p, v) as (cfg, net_cls):
-        n, epoch = _warm_step(p, device, v, cfg, net_cls, seed=3)
-        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            for _ in range(epochs):
-                epoch()
-            if cuda:
-                torch.cuda.synchronize(device)
+    n, epoch = _warm_step(p, device, v, config(p, v), seed=3)
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(epochs):
+            epoch()
+        if cuda:
+            torch.cuda.synchronize(device)
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
     return f"{name(v)}: {epochs} epochs of {n} images per run\n" + table
 

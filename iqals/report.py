@@ -166,6 +166,18 @@ def calibration(metrics: dict, preds: dict, test_scores: np.ndarray) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def along_training(metrics: dict, every: int) -> str:
+    """The report's section on the runs' accuracies every `every` epochs (train.snapshot_every;
+    the evaluate stage's along_training), or nothing when no run kept snapshots."""
+    along = pd.DataFrame([{"strategy": n, "seed": k, **row} for n, m in metrics.items()
+                          for k, rows in m.get("along_training", {}).items() for row in rows])
+    if along.empty:
+        return ""
+    return "\n".join(["### Along training: learning or memorising?", "",
+                      f"Accuracy of each run's weights every {every} epochs on the ten test sets:", "",
+                      markdown(along), ""])
+
+
 def regime(p: Params, n_train: int, n_full: int, n_test: int, s1_acc: float | None, s1_paper: float | None) -> str:
     """What the run is, the standard error of one cell, and whether it can speak to the paper."""
     seeds = list(p.train.seeds)
@@ -251,6 +263,7 @@ def build(p: Params, metrics: dict, preds: dict, paper_rows: dict, scores: dict,
         "![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", "",
         "![Confidence vs quality](confidence_quality.png)", "", "![Training curves](training.png)", "",
     ])
+    md += along_training(metrics, p.train.snapshot_every)
     summary = {"test_images": n_test, "seeds": list(p.train.seeds), "not_evaluated": list(not_evaluated),
                "cells_within": int(dev_summary.iloc[-1].within), "conclusions": conclusions,
                "families": tables["family_counts"].set_index("family").to_dict(orient="index")}

@@ -2,11 +2,12 @@
 
 1. Inputs: the images stay on the device as one uint8 tensor of copies (airbench); each step
    indexes a batch out of it, standardises it and builds the soft targets from a small table.
-2. The step: Eq. (1) and plain SGD, in the variant train.precision and train.step ask for: eager,
-   compiled, or the whole step captured in one CUDA graph.
+2. The step: Eq. (1) and plain SGD, in the variant train.precision, train.step and train.layout
+   ask for: eager, compiled, or the whole step captured in one CUDA graph; runs side by side in
+   channels (model.Net) or along the batch (fused.BatchStackedNet).
 3. Its check: a few steps of the variant, runs stacked, against each run alone in fp32 eager on
    the CPU; on a GPU a variant that fails is not used (the log says why).
-4. The loop: resume each run from its checkpoint, epochs, log, checkpoint, model.
+4. The loop: resume each run from its checkpoint, epochs, log, checkpoint (and snapshots), model.
 
 Runs trained together are one model.Net of G groups, each run with its own initial weights,
 per-epoch draw and targets, as if trained alone (a single run is a group of one).
@@ -123,8 +124,9 @@ class Step:
     """
 
     def __init__(self, net: model.Net, data: list[TrainData], cfg: Train, device: torch.device):
-        if device.type == "cuda":
+        if device.type == "cuda":  # process-wide switches: the step of this process sets them
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # before any capture: the graph keeps its kernels
         self.net, self.cfg, self.device, self.graphed = net, cfg, device, cfg.step == "graph"
         self.pool, self.labels = data[0].pool, data[0].labels
         self.q_true = torch.stack([d.q_true for d in data])  # (G, copies, N)
@@ -262,9 +264,18 @@ def synthetic(groups: int, n: int, device: torch.device, seed: int = 0):
     return data, copy.to(device), image.to(device)
 
 
-def stacked(p: Params, run_seeds: list[int], device: torch.device, net_cls=model.Net) -> model.Net:
-    """The runs' initial networks (init seeds derived from their seeds) as one net_cls on device."""
-    net = net_cls.stack([model.build(p.model, derive_seed(s, "init")) for s in run_seeds]).to(device)
+def net_class(layout: str) -> type[model.Net]:
+    """model.Net for train.layout 'channels'; fused.BatchStackedNet for 'batch' (Triton kernels:
+    imported only when asked for)."""
+    if layout == "batch":
+        from . import fused
+        return fused.BatchStackedNet
+    return model.Net
+
+
+def stacked(p: Params, run_seeds: list[int], device: torch.device, layout: str = "channels") -> model.Net:
+    """The runs' initial networks (init seeds derived from their seeds) stacked in `layout` on device."""
+    net = net_class(layout).stack([model.build(p.model, derive_seed(s, "init")) for s in run_seeds]).to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
@@ -273,7 +284,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_step(p: Params, device: torch.device, cfg: Train, groups: int, net_cls=model.Net) -> dict:
+def check_step(p: Params, device: torch.device, cfg: Train, groups: int) -> dict:
     """CHECK_STEPS steps of cfg's variant, `groups` runs stacked on `device`, against each run
     alone in fp32 eager on the CPU from the same weights and batches (the first and last run).
     Returns the largest relative and absolute differences of the last step's logits and
@@ -281,7 +292,7 @@ def check_step(p: Params, device: torch.device, cfg: Train, groups: int, net_cls
     within TOLERANCE[cfg.precision]."""
     device, cpu = torch.device(device), torch.device("cpu")
     data, copy, image = synthetic(groups, CHECK_STEPS * cfg.batch_size, device, seed=1)
-    net = stacked(p, list(range(groups)), device, net_cls)
+    net = stacked(p, list(range(groups)), device, cfg.layout)
     checked = sorted({0, groups - 1})
     before = {r: net.run_state(r) for r in checked}
     step = Step(net, data, cfg, device)
@@ -290,7 +301,7 @@ def check_step(p: Params, device: torch.device, cfg: Train, groups: int, net_cls
     for r in checked:
         ref_net = stacked(p, [r], cpu)
         ref_data = [TrainData(data[r].pool.to(cpu), data[r].labels.to(cpu), data[r].q_true.to(cpu), "")]
-        ref = Step(ref_net, ref_data, dataclasses.replace(cfg, precision="fp32", step="eager"), cpu)
+        ref = Step(ref_net, ref_data, _plain(cfg), cpu)
         ref_loss, _ = ref.epoch(copy[r:r + 1].to(cpu), image[r:r + 1].to(cpu), cfg.lr)
         params = dict(ref_net.named_parameters())
         got = {"logits": [(step.last_logits[r], ref.last_logits[0])],
@@ -302,7 +313,7 @@ def check_step(p: Params, device: torch.device, cfg: Train, groups: int, net_cls
             rel = max(_rel(a, b) for a, b in pairs)
             diff = max(float((a.detach().double().cpu() - b.double()).abs().max()) for a, b in pairs)
             worst[what] = (max(worst[what][0], rel), max(worst[what][1], diff))
-    out = {"precision": cfg.precision, "step": cfg.step, "group": groups, "device": device.type,
+    out = {"precision": cfg.precision, "step": cfg.step, "layout": cfg.layout, "group": groups, "device": device.type,
            "tolerance": TOLERANCE[cfg.precision]}
     for what, (rel, diff) in worst.items():
         out[f"{what}_rel"], out[f"{what}_abs"] = rel, diff
@@ -310,14 +321,26 @@ def check_step(p: Params, device: torch.device, cfg: Train, groups: int, net_cls
     return out
 
 
+def _plain(cfg: Train) -> Train:
+    """The reference step: fp32, eager, runs side by side in channels."""
+    return dataclasses.replace(cfg, precision="fp32", step="eager", layout="channels", cudnn_benchmark=False)
+
+
+def describe(cfg, groups: int | None = None) -> str:
+    """A step variant (cfg: train's precision, step, layout, cudnn_benchmark) in words, e.g.
+    'bf16 graph x17, batch layout, cudnn benchmark'."""
+    return ", ".join([f"{cfg.precision} {cfg.step}" + (f" x{groups}" if groups else "")]
+                     + [f"{cfg.layout} layout"] * (cfg.layout != "channels") + ["cudnn benchmark"] * cfg.cudnn_benchmark)
+
+
 def choose_step(p: Params, device: torch.device, groups: int) -> Train:
-    """The step to train with: params' train.precision and train.step if that variant passes its
-    check on this GPU at this group size, else the fp32 eager reference; logged either way."""
-    cfg, plain = p.train, dataclasses.replace(p.train, precision="fp32", step="eager")
+    """The step to train with: params' train.precision, train.step and train.layout if that variant
+    passes its check on this GPU at this group size, else the fp32 eager reference; logged either way."""
+    cfg, plain = p.train, _plain(p.train)
     if device.type != "cuda":
-        for key, value, want in (("train.precision", cfg.precision, "fp32"), ("train.step", cfg.step, "eager")):
-            if value != want:
-                raise TrainingError(f"{key} = {value!r} needs a GPU (CUDA); this run is on {device}")
+        for key, want in (("precision", "fp32"), ("step", "eager"), ("layout", "channels")):
+            if getattr(cfg, key) != want:
+                raise TrainingError(f"train.{key} = {getattr(cfg, key)!r} needs a GPU (CUDA); this run is on {device}")
     if device.type != "cuda" or cfg == plain:
         return cfg
     try:
@@ -328,10 +351,10 @@ def choose_step(p: Params, device: torch.device, groups: int) -> Train:
         r, why = {"ok": False}, f"{type(e).__name__}: {e}"
     where = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     if r["ok"]:
-        log.info("step %s %s x%d on %s: check passed (%s)", cfg.precision, cfg.step, groups, where, why)
+        log.info("step %s on %s: check passed (%s)", describe(cfg, groups), where, why)
         return cfg
-    log.warning("step %s %s x%d FAILED its check on %s (%s): training with fp32 eager instead", cfg.precision,
-                cfg.step, groups, where, why)
+    log.warning("step %s FAILED its check on %s (%s): training with fp32 eager instead",
+                describe(cfg, groups), where, why)
     return plain
 
 
@@ -367,8 +390,8 @@ def _fingerprint(run: Run, p: Params, cfg: Train, device: torch.device) -> str:
     c = {"run": run.name, "data": run.data.fingerprint, "train": asdict(cfg), "model": asdict(p.model),
          "mixture": asdict(p.mixture), "strategy": asdict(run.strategy), "torch": torch.__version__,
          "device": device.type}
-    c["train"].pop("checkpoint_every")
-    c["train"].pop("seeds")
+    for key in ("checkpoint_every", "seeds", "cudnn_benchmark"):  # how often saved, which others, kernel choice
+        c["train"].pop(key)
     h = hashlib.sha256(repr(c).encode())
     for module in (model, mixture, seeds, sys.modules[__name__]):
         h.update(Path(inspect.getsourcefile(module)).read_bytes())
@@ -426,7 +449,7 @@ def train_group(runs: list[Run], p: Params, device: torch.device, stop_after: in
 def _train_together(runs: list[Run], states: list[_State], p: Params, cfg: Train, device: torch.device,
                     stop_after: int | None):
     start, n, n_runs = states[0].epoch, runs[0].data.labels.numel(), len(runs)
-    net = stacked(p, [r.seed for r in runs], torch.device("cpu"))
+    net = stacked(p, [r.seed for r in runs], torch.device("cpu"), cfg.layout)
     for g, s in enumerate(states):
         if s.model is not None:
             net.load_run(g, s.model)
@@ -466,6 +489,9 @@ def _train_together(runs: list[Run], states: list[_State], p: Params, cfg: Train
             log.info("%s epoch %d/%d loss %.4f train_acc %.4f lr %g %.0f img/s", r.name, epoch + 1,
                      cfg.epochs, row["loss"], row["train_acc"], lr, n / seconds)
             _write_log(r.log_out, s.history)
+            if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0:
+                with atomic_path(_snapshot(r, epoch + 1)) as tmp:
+                    torch.save({"fingerprint": s.fingerprint, "model": _cpu(net.run_state(g))}, tmp)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 with atomic_path(r.checkpoint) as tmp:  # SGD without momentum has no state to keep
                     torch.save({"fingerprint": s.fingerprint, "epoch": epoch + 1, "history": s.history,
@@ -476,11 +502,29 @@ def _train_together(runs: list[Run], states: list[_State], p: Params, cfg: Train
     for g, (r, s) in enumerate(zip(runs, states)):
         with atomic_path(r.model_out) as tmp:  # the resolved config travels with the weights
             torch.save({"model": _cpu(net.run_state(g)), "strategy": asdict(r.strategy), "seed": r.seed,
-                        "params": p.to_dict(), "step": {"precision": cfg.precision, "step": cfg.step},
-                        "history": s.history}, tmp)
+                        "params": p.to_dict(), "step": describe(cfg), "history": s.history,
+                        "snapshots": _snapshots(r, s.fingerprint, cfg)}, tmp)
         _write_log(r.log_out, s.history)
     return [s.history for s in states]
 
 
 def _cpu(state: dict) -> dict:
     return {k: v.cpu() for k, v in state.items()}
+
+
+def _snapshot(run: Run, epoch: int) -> Path:
+    return run.checkpoint.with_name(f"{run.checkpoint.stem}.epoch{epoch}.pt")
+
+
+def _snapshots(run: Run, fingerprint: str, cfg: Train) -> dict[int, dict]:
+    """epoch -> the run's weights after it, every train.snapshot_every epochs, from this training's
+    snapshot files (kept beside the checkpoint, so a resumed run still has the earlier ones)."""
+    out = {}
+    for epoch in range(cfg.snapshot_every, cfg.epochs + 1, cfg.snapshot_every) if cfg.snapshot_every else ():
+        ck = torch.load(_snapshot(run, epoch), map_location="cpu", weights_only=False) \
+            if _snapshot(run, epoch).exists() else {}
+        if ck.get("fingerprint") != fingerprint:
+            raise TrainingError(f"{run.name}: snapshot {_snapshot(run, epoch)} is missing or from another "
+                                "training; delete the run's checkpoint to train it again")
+        out[epoch] = ck["model"]
+    return out

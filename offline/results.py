@@ -146,7 +146,8 @@ def run_markdown(run_dir: Path, checks: dict[str, bool] | None = None, repo: Pat
                        f"Python {info.get('python', '?')}, torch {info.get('torch') or 'not recorded'}"),
             ("schedule", f"{t['epochs']} epochs, lr {t['lr']:g} x{t['lr_decay']:g} every {t['lr_decay_epochs']} "
                          f"epochs, batch {t['batch_size']}, {n:,} training images; step asked: "
-                         f"{t.get('precision', 'fp32')}, {t.get('step', 'eager')} (stages.log: which ran)"),
+                         f"{t.get('precision', 'fp32')}, {t.get('step', 'eager')}, {t.get('layout', 'channels')} layout "
+                         "(stages.log: which ran)"),
             ("seeds", str(t["seeds"])),
             ("strategies", f"{len(trained)} of {len(strategies)} trained, {len(evaluated)} evaluated"
                            + (f"; not evaluated: {', '.join(absent)}" if absent else "")),

@@ -4,7 +4,9 @@ without `--strategy`, every strategy of params.yaml.
 
 metrics/<strategy>.json: per test set, mean over seeds of accuracy, true-class confidence, NLL
 and ECE (and the std of accuracy); per seed, the accuracies; under "unseen", the accuracy on
-each corruption family never used in training (data/corrupted), mean over severities and seeds.
+each corruption family never used in training (data/corrupted), mean over severities and seeds;
+with train.snapshot_every, under "along_training", each seed's accuracies on the ten test sets
+every that many epochs.
 data/predictions/<strategy>.npz: softmax outputs float32 (seeds, test sets, N, 10), for the
 report (Figure 4, correlations).
 """
@@ -35,8 +37,10 @@ def main() -> None:
     distorted = np.load(Path(args.distorted) / "test.npy", mmap_mode="r")
     corrupted = np.load(Path(args.corrupted) / "test.npy", mmap_mode="r")
     for name in names:
-        nets = {k: evaluate.load_model(Path(args.models) / name / f"seed{k}.pt", p, device) for k in p.train.seeds}
-        probs, metrics = evaluate.evaluate_strategy(name, nets, images, distorted, corrupted, labels, p, device)
+        paths = {k: Path(args.models) / name / f"seed{k}.pt" for k in p.train.seeds}
+        nets = {k: evaluate.load_model(path, p, device) for k, path in paths.items()}
+        probs, metrics = evaluate.evaluate_strategy(name, nets, images, distorted, corrupted, labels, p, device,
+                                                    paths)
         save_npz(Path(args.predictions) / f"{name}.npz", probs=probs, labels=labels,
                  seeds=np.array(p.train.seeds), test_sets=np.array(evaluate.TEST_SETS))
         write_json(Path(args.metrics) / f"{name}.json", metrics)  # last: metrics mean both are written

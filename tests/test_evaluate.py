@@ -90,3 +90,34 @@ def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
         evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted[:1], labels, p, cpu)
     with pytest.raises(DataError, match="no trained model"):
         evaluate.load_model(tmp_path / "seed7.pt", p, cpu)
+
+
+def test_snapshots_are_scored_along_training(params, tiny_arrays, tmp_path):
+    """A model file's snapshots (train.snapshot_every): each epoch's weights on every test set."""
+    import torch
+
+    from iqals import model as model_lib
+
+    _, (images, labels) = tiny_arrays
+    images, labels = images[:12], labels[:12]
+    distorted = np.stack([np.stack([np.roll(images, t + lv, axis=1) for lv in range(3)]) for t in range(3)])
+    corrupted = np.zeros((len(params.corrupt.families), len(params.corrupt.severities), 12, 32, 32, 3), np.uint8)
+    snaps = {5: model_lib.build(params.model, 1).state_dict(), 10: model_lib.build(params.model, 2).state_dict()}
+    torch.save({"model": snaps[10], "snapshots": snaps}, tmp_path / "seed0.pt")
+    torch.save({"model": snaps[10]}, tmp_path / "seed1.pt")  # trained without snapshots
+    cpu = torch.device("cpu")
+    sets = evaluate.test_sets(images, distorted)
+    rows = evaluate.along_training(tmp_path / "seed0.pt", sets, labels, params, cpu)
+    assert [r["epoch"] for r in rows] == [5, 10] and list(rows[0])[1:] == list(evaluate.TEST_SETS)
+    for r, seed in zip(rows, (1, 2)):
+        net = model_lib.build(params.model, seed)
+        for name in ("pristine", "jpeg_2"):
+            assert r[name] == round(evaluate.accuracy(evaluate.predict(net, sets[name], cpu, 5), labels), 5)
+    assert evaluate.along_training(tmp_path / "seed1.pt", sets, labels, params, cpu) == []
+    paths = {k: tmp_path / f"seed{k}.pt" for k in (0, 1)}
+    nets = {k: evaluate.load_model(path, params, cpu) for k, path in paths.items()}
+    _, m = evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted, labels, params, cpu, paths)
+    assert m["along_training"] == {"seed0": rows, "seed1": []}
+    _, m = evaluate.evaluate_strategy("S3", {1: nets[1]}, images, distorted, corrupted, labels, params, cpu,
+                                      {1: paths[1]})
+    assert "along_training" not in m  # no snapshots: the metrics as before

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from iqals import model
 
@@ -107,6 +108,43 @@ def test_batch_stacked_convolution_equals_grouped_conv2d(fused):
     want = channels.view(b, runs, 5, 6, 6).transpose(0, 1).reshape(runs * b, 5, 6, 6)
     # the same dot products, in whatever order each kernel sums 8 x 25 terms
     torch.testing.assert_close(got, want, rtol=0, atol=200 * torch.finfo(torch.float32).eps * want.abs().max().item())
+
+
+class _Ops(TorchDispatchMode):
+    """The aten operators run inside the block, with their outputs' shapes."""
+
+    def __enter__(self):
+        self.ops = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def test_linear_in_the_weights_layout_gives_model_linears_values_and_no_transposed_gradient_copy(fused):
+    torch.manual_seed(6)
+    runs, b, n_in, n_out = 3, 5, 7, 4
+    lin = model.Linear(runs, n_in, n_out)
+    x = torch.randn(runs, b, n_in)
+    g = torch.randn(runs, b, n_out)
+    copies = {}
+    for name, f in (("model", lin), ("fused", lambda t: fused.linear_weight_layout(t, lin.weight, lin.bias, runs))):
+        lin.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = f(xi)
+        with _Ops() as ops:
+            y.backward(g)
+        copies[name] = [op for op, shape in ops.ops if op.startswith(("clone", "copy")) and shape == (runs, n_out, n_in)]
+        if name == "model":
+            want, want_dx, want_dw, want_db = y.detach(), xi.grad, lin.weight.grad, lin.bias.grad
+    eps = torch.finfo(torch.float32).eps  # the same dot products of n_in (or b) terms, maybe in another order
+    torch.testing.assert_close(y, want, rtol=0, atol=4 * n_in * eps * want.abs().max().item())
+    torch.testing.assert_close(xi.grad, want_dx, rtol=0, atol=4 * n_out * eps * want_dx.abs().max().item())
+    torch.testing.assert_close(lin.weight.grad, want_dw, rtol=0, atol=4 * b * eps * want_dw.abs().max().item())
+    torch.testing.assert_close(lin.bias.grad, want_db, rtol=0, atol=4 * b * eps * want_db.abs().max().item())
+    assert copies == {"model": ["clone.default"], "fused": []}  # model.Linear copies its (G, in, out) gradient transposed
 
 
 def test_batch_stacked_net_gives_the_grouped_nets_logits_and_gradients(fused, params):

@@ -1,10 +1,12 @@
 """The probe of training-step variants (iqals/probe.py): on the CPU what runs there, on a GPU every
 variant's check (skipped without one)."""
+import dataclasses
+
 import pytest
 import torch
 
 from iqals import params as params_lib, probe, train as train_lib
-from iqals.params import TRAIN_STEPS
+from iqals.params import TRAIN_LAYOUTS, TRAIN_STEPS
 
 CPU = torch.device("cpu")
 
@@ -19,8 +21,7 @@ def test_variants_are_valid_and_include_the_reference():
     assert probe.VARIANTS[0] == {"precision": "fp32", "step": "eager", "group": 1}
     for v in probe.VARIANTS:
         assert v["precision"] in train_lib.TOLERANCE and v["step"] in TRAIN_STEPS and v["group"] >= 1
-        assert v.get("layout", "channels") in probe.LAYOUTS and set(v) <= {"precision", "step", "group",
-                                                                           "layout", "benchmark"}
+        assert v.get("layout", "channels") in TRAIN_LAYOUTS and set(v) <= {"group", *probe.TRAIN_KEYS}
     assert len({tuple(sorted(v.items())) for v in probe.VARIANTS}) == len(probe.VARIANTS)
     # every GPU candidate at 1, 3, 17 and 51 runs: what DVC trains (one seed, one strategy's three)
     # and the whole study in groups
@@ -31,15 +32,26 @@ def test_variants_are_valid_and_include_the_reference():
     assert any(v.get("layout") == "batch" for v in gpu)
 
 
-def test_choose_takes_the_fastest_passed_of_what_the_train_stage_runs_unless_asked():
+def test_choose_takes_the_fastest_that_passed_in_any_layout():
     rs = [{"group": 1, "ok": True, "images_per_s": 10.0}, {"group": 2, "ok": False, "images_per_s": 99.0},
           {"group": 3, "ok": True, "images_per_s": 20.0}, {"group": 4, "ok": False, "skipped": "x"},
           {"group": 17, "layout": "batch", "ok": True, "images_per_s": 50.0}]
-    assert probe.choose(rs)["group"] == 3
-    assert probe.choose(rs, layouts=probe.LAYOUTS)["group"] == 17
+    assert probe.choose(rs)["group"] == 17
+    assert probe.choose(rs[:4])["group"] == 3
     assert probe.choose(rs[1:2] + rs[3:4]) is None
-    assert probe.name(rs[4] | {"precision": "bf16", "step": "graph", "benchmark": True}) == \
+    assert probe.name(rs[4] | {"precision": "bf16", "step": "graph", "cudnn_benchmark": True}) == \
         "bf16 graph x17, batch layout, cudnn benchmark"
+    assert probe.name({"precision": "fp32", "step": "eager", "group": 1}) == "fp32 eager x1"
+
+
+def test_a_variant_is_the_train_values_the_stage_would_be_given(p):
+    cfg = probe.config(p, {"precision": "bf16", "step": "graph", "group": 3, "layout": "batch",
+                           "cudnn_benchmark": True})
+    assert (cfg.precision, cfg.step, cfg.layout, cfg.cudnn_benchmark) == ("bf16", "graph", "batch", True)
+    assert cfg.epochs == p.train.epochs and cfg.batch_size == p.train.batch_size
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, layout="batch", cudnn_benchmark=True))
+    plain = probe.config(p, {"precision": "fp32", "step": "eager", "group": 1})  # the variant's values, not params
+    assert (plain.layout, plain.cudnn_benchmark) == ("channels", False)
 
 
 def test_an_unknown_layout_stops_naming_the_allowed_ones(p):

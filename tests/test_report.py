@@ -192,3 +192,15 @@ def test_training_curves_average_over_seeds():
     fig = figures.training_curves(logs)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [2.0, 1.0])
     np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [0.2, 0.3])
+
+
+def test_accuracy_along_training_is_a_section_only_when_runs_kept_snapshots():
+    rows = [{"epoch": e, **{t: a for t in TEST_SETS}} for e, a in ((50, 0.5), (100, 0.625))]
+    metrics = {"S1": {"along_training": {"seed0": rows}}, "S2": {}}
+    text = rep.along_training(metrics, 50)
+    assert text.startswith("### Along training") and "every 50 epochs" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| " + " | ".join(["strategy", "seed", "epoch", *TEST_SETS]) + " |"
+    assert table[1:] == ["| S1 | seed0 | 50 | " + " | ".join(["0.500"] * 10) + " |",
+                         "| S1 | seed0 | 100 | " + " | ".join(["0.625"] * 10) + " |"]
+    assert rep.along_training({"S1": {}, "S2": {"along_training": {"seed0": []}}}, 50) == ""

@@ -98,10 +98,33 @@ def test_losses():
     assert train_lib.run_losses(logits, q, "cross_entropy").item() == pytest.approx(-(q * p.log()).sum().item())
 
 
-def test_precision_other_than_fp32_needs_gpu(tmp_path, tiny, raw_params):
-    p = small_params(raw_params, precision="bf16")
-    with pytest.raises(train_lib.TrainingError, match="needs a GPU"):
+@pytest.mark.parametrize("key, value", [("precision", "bf16"), ("step", "graph"), ("layout", "batch")])
+def test_a_gpu_variant_on_the_cpu_stops_naming_its_key(tmp_path, tiny, raw_params, key, value):
+    p = small_params(raw_params, **{key: value})  # train.device auto: the train loop checks
+    with pytest.raises(train_lib.TrainingError, match=f"train.{key} = '{value}' needs a GPU"):
         run(tmp_path, tiny, p)
+    raw_params["train"]["device"] = "cpu"  # cpu named: params validation stops first
+    with pytest.raises(params_lib.ParamError, match=f"train.{key}"):
+        small_params(raw_params, **{key: value})
+
+
+def test_snapshots_are_the_weights_along_training_and_survive_a_resume(tmp_path, tiny, raw_params):
+    p = small_params(raw_params, epochs=4, snapshot_every=2)
+    run(tmp_path, tiny, p, tag="full")
+    cut = small_params(raw_params, epochs=2, snapshot_every=2, lr_decay_epochs=2)
+    run(tmp_path, tiny, cut, tag="two")  # the same run's first two epochs, alone
+    assert run(tmp_path, tiny, p, tag="cut", stop_after=3) is None  # snapshot 2 written, then a new process
+    run(tmp_path, tiny, p, tag="cut")
+    for tag in ("full", "cut"):
+        saved = torch.load(tmp_path / tag / "model.pt", weights_only=False)
+        assert list(saved["snapshots"]) == [2, 4]
+        for k, v in saved["model"].items():
+            assert torch.equal(saved["snapshots"][4][k], v), k
+            assert torch.equal(saved["snapshots"][2][k], weights(tmp_path / "two" / "model.pt")[k]), k
+    (tmp_path / "cut" / "ck.epoch2.pt").unlink()  # a lost snapshot is named, not skipped
+    (tmp_path / "cut" / "model.pt").unlink()
+    with pytest.raises(train_lib.TrainingError, match="ck.epoch2.pt is missing"):
+        run(tmp_path, tiny, p, tag="cut")
 
 
 def test_checkpoint_of_other_code_is_not_resumed(tmp_path, tiny, raw_params, monkeypatch):
