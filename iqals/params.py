@@ -1,10 +1,7 @@
 """params.yaml, read once and validated into frozen dataclasses.
 
-Every stage calls `load()` before it computes anything, so a bad value fails at once with a
-message naming the key, the value and what is allowed (nanoGPT's configurator: unknown or
-mistyped overrides fail loudly). Each dataclass field carries its check (`param(...)`), rules
-between fields sit in the class's `problems()`, and one builder (`_build`) reads every section.
-A new key is one field line, e.g. `alpha: float = param(Num(0, 1))` in Report.
+Every stage calls `load()` first, so a bad value fails at once naming the key, the value and what is allowed.
+Each field carries its check (`param(...)`); rules between fields sit in the class's `problems()`.
 """
 from __future__ import annotations
 
@@ -42,15 +39,13 @@ TEST_SETS = ("pristine",) + tuple(test_set_name(t, lv) for t in range(len(DISTOR
 # training set -> distortion types it mixes in (docs/protocol.md, "training sets")
 TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "mix_jpeg": ("jpeg",),
               "mix_all3": DISTORTIONS}
-# train.step: eager = op by op; compile = torch.compile(mode="reduce-overhead"); graph = the
-# whole step (forward, loss, backward, SGD update) captured once in a CUDA graph (iqals/train.py)
+# train.step: op by op | torch.compile(mode="reduce-overhead") | the whole step in one CUDA graph (iqals/train.py)
 TRAIN_STEPS = ("eager", "compile", "graph")
 # train.layout: runs stacked side by side in channels (model.Net) or along the batch (iqals/fused.py)
 TRAIN_LAYOUTS = ("channels", "batch")
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
-# Names of the quality measures and transforms implemented in iqals/iqa.py (a test checks they
-# agree). Kept here so that validating params does not import the IQA code: the one-hot
-# training stages must not depend on it.
+# The measures and transforms of iqals/iqa.py (a test checks they agree), named here so that validating
+# params does not import the IQA code: the one-hot training stages must not depend on it.
 IQA_METRICS = ("ssim", "gmsd", "fsim", "vif", "psnr")
 IQA_TRANSFORMS = ("identity", "linear", "exp_decay")
 # CIFAR-10-C style corruption families of iqals/corruptions.py (evaluation only; a test checks).
@@ -68,8 +63,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 
 # ---------------------------------------------------------------- checks
-# A check is called as check(key, raw value, ctx) and returns the parsed value or raises
-# ParamError; ctx maps the full key of every value parsed so far to that value.
+# check(key, raw value, ctx) -> the parsed value, or ParamError; ctx: full key -> value, of all parsed so far.
 
 def Check(allowed: str, ok, convert=lambda v: v):
     """A value that `ok` accepts, returned through `convert`; `allowed` says what is accepted."""
@@ -82,10 +76,8 @@ def Check(allowed: str, ok, convert=lambda v: v):
 def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False):
     """A number in [lo, hi] ((lo, hi] with open_lo); an integer with integer=True; null too with null=True."""
     def ok(v):
-        if v is None:
-            return null
-        return (not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v)
-                and lo <= v <= hi and not (open_lo and v == lo))
+        return null if v is None else (not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+                                       and math.isfinite(v) and lo <= v <= hi and not (open_lo and v == lo))
     allowed = (f"{'null or ' if null else ''}{'an integer' if integer else 'a number'} in "
                f"{'(' if open_lo else '['}{lo}, {hi}]")
     return Check(allowed, ok, lambda v: v if v is None else (int if integer else float)(v))
@@ -101,9 +93,6 @@ def Choice(*options: str):
                  lambda v: not isinstance(v, bool) and isinstance(v, (str, int)) and str(v) in options, str)
 
 
-Flag = Check("true or false", lambda v: isinstance(v, bool))
-
-
 def Seq(item, n: int | None = None, unique: bool = False, noun: str = "values"):
     """A list of n items (any number but zero when n is None), each passing `item`; a tuple."""
     allowed = (f"a list of {n} {noun}" if n else f"a non-empty list of {noun}") + f", each {item.allowed}"
@@ -117,6 +106,10 @@ def Seq(item, n: int | None = None, unique: bool = False, noun: str = "values"):
                 _fail(key, v, f"distinct {noun} ({key}[{i}] repeats {key}[{out.index(x)}])")
         return out
     return check
+
+
+Flag = Check("true or false", lambda v: isinstance(v, bool))
+NAMES = Seq(Check("a name", lambda v: isinstance(v, str)), unique=True, noun="names")  # may name absent strategies
 
 
 def Names(source: str, noun: str):
@@ -152,12 +145,8 @@ def _checks(cls) -> dict:
 
 
 def _build(cls, key: str, raw, ctx: dict):
-    """An instance of dataclass `cls` from the mapping `raw` found at `key` ("" = top level).
-
-    Every key of raw must be a checked field and every checked field present; an unchecked
-    field is the record's name, its key in the enclosing mapping (strategies). Then the rules
-    of cls.problems(), which yields (field, what is allowed) for each broken one.
-    """
+    """Dataclass `cls` from the mapping `raw` at `key` ("" = top level): each key a checked field, each checked
+    field there (an unchecked one is the record's name: its key); then cls.problems() yields (field, allowed)."""
     checks, kind = _checks(cls), ("key" if key else "section")
     join = (lambda name: f"{key}.{name}") if key else str
     if not isinstance(raw, dict):
@@ -190,8 +179,7 @@ class Base:
             yield "train_size", f"a multiple of {NUM_CLASSES} (class-balanced subset)"
 
 
-# The conventions of the distortions where the paper is silent (iqals/distort.py implements each;
-# docs/protocol.md says where each comes from): the first choice of each key is the study's default.
+# Conventions where the paper is silent (iqals/distort.py, docs/protocol.md): each first choice is the default.
 @dataclass(frozen=True)
 class Distort:
     blur_sigma: tuple[float, ...] = param(Seq(Num(0, open_lo=True), LEVELS))
@@ -206,8 +194,7 @@ class Distort:
     jpeg_subsampling: str = param(Choice("420", "422", "444"))
 
     @property
-    def uint8(self) -> bool:
-        """Whether the distorted images are uint8 (the float noise outputs are not)."""
+    def uint8(self) -> bool:  # whether the distorted images are uint8 (the float noise outputs are not)
         return self.noise_output in ("round", "floor")
 
 
@@ -313,9 +300,6 @@ class Evaluate:
     batch_size: int = param(Int(1))
 
 
-NAMES = Seq(Check("a name", lambda v: isinstance(v, str)), unique=True, noun="names")  # may name absent strategies
-
-
 @dataclass(frozen=True)
 class Report:
     table2: tuple[str, ...] = param(NAMES)
@@ -360,21 +344,17 @@ class Probe:
 
 def Conventions(key, v, ctx):
     """name -> {distort key: value}: the default `distort` with those keys changed, a Distort."""
-    if not isinstance(v, dict) or not v:
-        _fail(key, v, "a non-empty mapping name -> {distort key: value}")
-    checks, out = _checks(Distort), {}
-    for name, changes in v.items():
-        if str(name) == "default":
-            _fail(f"{key}.{name}", changes, "another name: 'default' is the distort section itself")
+    checks = _checks(Distort)
+    unknown = Check(f"a distort key; known keys: {sorted(checks)}", lambda x: False)
+
+    def convention(where, changes, ctx):
+        if where == f"{key}.default":
+            _fail(where, changes, "another name: 'default' is the distort section itself")
         if not isinstance(changes, dict) or not changes:
-            _fail(f"{key}.{name}", changes, f"a non-empty mapping of distort keys from {sorted(checks)}")
-        parsed = {}
-        for k, x in changes.items():
-            if k not in checks:
-                _fail(f"{key}.{name}.{k}", x, f"a distort key; known keys: {sorted(checks)}")
-            parsed[k] = checks[k](f"{key}.{name}.{k}", x, ctx)
-        out[str(name)] = dataclasses.replace(ctx["distort"], **parsed)
-    return out
+            _fail(where, changes, f"a non-empty mapping of distort keys from {sorted(checks)}")
+        parsed = {k: checks.get(k, unknown)(f"{where}.{k}", x, ctx) for k, x in changes.items()}
+        return dataclasses.replace(ctx["distort"], **parsed)
+    return Mapping(convention, "name -> {distort key: value}")(key, v, ctx)
 
 
 def PristineStrategy(key, v, ctx):
@@ -450,8 +430,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 
 
 def with_overrides(raw: dict, values: dict[str, Any], where: str = "preset") -> dict:
-    """A copy of the params mapping with each dotted key set, as `dvc exp run -S` sets it; a key
-    that params.yaml lacks is an error (a typo would otherwise be ignored)."""
+    """A copy of `raw` with each dotted key set, as `dvc exp run -S` sets it; a key it lacks (a typo) is an error."""
     out = copy.deepcopy(raw)  # in params.yaml's order (strategies, say)
     for key, value in values.items():
         *parents, leaf = key.split(".")
