@@ -46,8 +46,7 @@ def validate(images, labels, where: str, split: str, classes=None) -> None:
     if labels.shape != (len(images),):
         raise DataError(f"{where}: labels must have shape ({len(images)},), got {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise DataError(f"{where}: labels must lie in 0..{NUM_CLASSES - 1}, "
-                        f"got {labels.min()}..{labels.max()}")
+        raise DataError(f"{where}: labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
     if len(images) == 0 or len(images) > SPLITS[split]:
         raise DataError(f"{where}: expected 1..{SPLITS[split]} {split} images, got {len(images)}")
     if classes is not None and tuple(str(c) for c in classes) != CLASSES:
@@ -63,8 +62,7 @@ def load_npz(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
             raise DataError(f"{path}: a single .npy array, not an npz archive (expected arrays images, labels)")
         with z:
-            missing = {"images", "labels"} - set(z.files)
-            if missing:
+            if missing := {"images", "labels"} - set(z.files):
                 raise DataError(f"{path}: lacks arrays {sorted(missing)} (expected images, labels)")
             images, labels = z["images"], z["labels"]
             classes = z["classes"] if "classes" in z.files else None
@@ -79,8 +77,7 @@ def load_npz(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_local(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"{LOCAL_COPY_ENV}={directory}: not a directory (expected one holding "
-                        "train.npz and test.npz)")
+        raise DataError(f"{LOCAL_COPY_ENV}={directory}: not a directory (expected one holding train.npz and test.npz)")
     return load_raw(directory)
 
 
@@ -93,10 +90,9 @@ def load_official(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         try:
             ds = CIFAR10(root=str(root), train=(split == "train"), download=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
-            raise DataError(
-                f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}). Without network, "
-                f"set {LOCAL_COPY_ENV} to a directory holding train.npz and test.npz "
-                "(images uint8 (N,32,32,3) RGB, labels int64), e.g. ../shared/data/cifar10") from None
+            raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}). Without network, set "
+                            f"{LOCAL_COPY_ENV} to a directory holding train.npz and test.npz (images uint8 (N,32,32,3) "
+                            "RGB, labels int64), e.g. ../shared/data/cifar10") from None
         images, labels = np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
         validate(images, labels, f"torchvision CIFAR10({split})", split, ds.classes)
         if len(images) != SPLITS[split]:
@@ -106,8 +102,7 @@ def load_official(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def subset_indices(data, train_size: int | None, test_size: int | None) -> dict[str, np.ndarray]:
-    """Positions kept by base.train_size (the first train_size/K images of each class, official
-    order) and base.test_size (the first test images)."""
+    """Positions kept: the first base.train_size/K images of each class, the first base.test_size test images."""
     ytr, yte = data["train"][1], data["test"][1]
     keep = {"train": np.arange(len(ytr)), "test": np.arange(len(yte))}
     if train_size is not None:
@@ -116,8 +111,7 @@ def subset_indices(data, train_size: int | None, test_size: int | None) -> dict[
         per_class = train_size // NUM_CLASSES
         idx = [np.flatnonzero(ytr == k)[:per_class] for k in range(NUM_CLASSES)]
         if any(len(i) < per_class for i in idx):
-            raise DataError(f"base.train_size={train_size}: the source has fewer than {per_class} images "
-                            "of some class")
+            raise DataError(f"base.train_size={train_size}: the source has fewer than {per_class} images of some class")
         keep["train"] = np.sort(np.concatenate(idx))
     if test_size is not None:
         if test_size > len(yte):
@@ -135,8 +129,7 @@ def official_index(path: str | Path) -> np.ndarray:
 
 def acquire(cache_dir: str | Path):
     """The local copy named by $CIFAR10_LOCAL if set, else the official archive."""
-    local = os.environ.get(LOCAL_COPY_ENV)
-    if local:
+    if local := os.environ.get(LOCAL_COPY_ENV):
         log.info("loading the local copy %s", local)
         return load_local(local), {"source": "local copy"}
     log.info("no %s set: downloading the official archive into %s", LOCAL_COPY_ENV, cache_dir)

@@ -1,11 +1,9 @@
 """Blur, noise and JPEG at three levels: one fixed, seeded realisation per image, type and level.
 
-Over a whole image stack, in the conventions params.yaml's `distort` names (docs/protocol.md,
-"Where the paper is silent"); the defaults:
-- blur: Gaussian, kernel size 2*ceil(2 sigma)+1, replicate border (MATLAB imgaussfilt);
-- noise: x/255 + N(0, v), clipped to [0, 1], rounded to uint8 (MATLAB imnoise);
-- JPEG: OpenCV's libjpeg(-turbo) encoder at the given quality, 4:2:0 chroma.
-The other conventions exist to measure how much the paper's silence matters (the deviation study).
+Of whole stacks, in the conventions params.yaml's `distort` names (docs/protocol.md, "Where the paper is silent");
+by default Gaussian blur of kernel size 2*ceil(2 sigma)+1 with replicated borders (MATLAB imgaussfilt), noise
+x/255 + N(0, v) clipped to [0, 1] and rounded to uint8 (MATLAB imnoise), and JPEG by OpenCV's libjpeg(-turbo) at
+4:2:0. The other conventions measure how much the paper's silence matters (the deviation study).
 """
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ from PIL import Image
 from .params import DISTORTIONS, LEVELS, Distort
 from .seeds import derive_seed, image_streams
 
-_CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101,
-              "constant": cv2.BORDER_CONSTANT}
+_CV_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}
 
 
 def _round_uint8(x: np.ndarray) -> np.ndarray:
@@ -50,11 +47,8 @@ def gaussian_kernel(sigma: float, rule: str) -> np.ndarray:
 
 
 def blur(images: np.ndarray, sigma: float, rule: str, border: str) -> np.ndarray:
-    """Gaussian blur of a (N, H, W, 3) uint8 stack, image by image in float64, then rounded.
-
-    `reflect` mirrors without repeating the edge pixel (OpenCV's BORDER_REFLECT_101); `constant`
-    pads with zeros (MATLAB imfilter's default).
-    """
+    """Gaussian blur of a (N, H, W, 3) uint8 stack, image by image in float64, then rounded. `reflect` mirrors
+    without repeating the edge pixel (OpenCV's BORDER_REFLECT_101); `constant` pads zeros (imfilter's default)."""
     k, b = gaussian_kernel(sigma, rule), _CV_BORDER[border]
     out = np.empty_like(images)
     for im, dst in zip(images, out):
@@ -64,14 +58,9 @@ def blur(images: np.ndarray, sigma: float, rule: str, border: str) -> np.ndarray
 
 def noise(images: np.ndarray, var: float, seed: int, index: np.ndarray | None = None, scale: str = "unit",
           output: str = "round", field: str = "per_channel") -> np.ndarray:
-    """Additive white Gaussian noise of variance `var`, on the [0, 1] scale (scale "unit") or on
-    the [0, 255] scale ("byte"); one value per RGB value, or one field shared by the channels.
-    `output`: round or floor to uint8 after clipping to [0, 1]; float_clipped keeps the clipped
-    values, float neither clips nor rounds (both float32 on the [0, 255] scale).
-
-    Image i's noise comes from its stream image_streams(seed, ...)[i], keyed by its position in
-    the official set, so an image gets the same noise in a subset as in the full set.
-    """
+    """Additive white Gaussian noise of variance `var` on the [0, 1] ("unit") or [0, 255] ("byte") scale, per RGB
+    value or shared by the channels; `output` rounds or floors to uint8 after clipping to [0, 1], float_clipped only
+    clips, float neither (float32 on [0, 255]). Streams are keyed by official position: subsets get the same noise."""
     sd = math.sqrt(var) / (255.0 if scale == "byte" else 1.0)
     shape = images.shape[1:] if field == "per_channel" else images.shape[1:-1] + (1,)
     out = np.empty(images.shape, np.uint8 if output in ("round", "floor") else np.float32)
@@ -101,13 +90,9 @@ def jpeg(images: np.ndarray, quality: int, subsampling: str, encoder: str = "ope
     return out
 
 
-def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, index=None,
-                progress=None) -> np.ndarray:
-    """Every type at every level of a stack: (types, LEVELS, N, H, W, 3), in DISTORTIONS order;
-    uint8, or float32 on the [0, 255] scale under a float noise output (cfg.uint8).
-
-    `index`: each image's position in the official split (default 0..N-1), keys its noise.
-    """
+def distort_all(images: np.ndarray, cfg: Distort, seed: int, split: str, index=None, progress=None) -> np.ndarray:
+    """Every type at every level of a stack: (types, LEVELS, N, H, W, 3), in DISTORTIONS order; uint8, or float32
+    on [0, 255] under a float noise output (cfg.uint8). `index` (official positions, default 0..N-1) keys the noise."""
     out = np.empty((len(DISTORTIONS), LEVELS) + images.shape, dtype=np.uint8 if cfg.uint8 else np.float32)
     for t, kind in enumerate(DISTORTIONS):
         for lv in range(LEVELS):

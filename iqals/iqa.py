@@ -1,8 +1,7 @@
 """Full-reference quality scores s(x) of distorted images and the map T into (0, 1].
 
-`METRICS[name](ref, dist, cfg)` takes uint8 (N, H, W, 3) RGB stacks and returns float64 (N,);
-`score_all` scores many versions of the same references at once. Adding a measure means adding
-it here; the training code only sees scores.
+`METRICS[name](ref, dist, cfg)` maps uint8 (N, H, W, 3) RGB stacks to float64 (N,); `score_all` scores many
+versions of the same references at once. Adding a measure means adding it here; the training code only sees scores.
 """
 from __future__ import annotations
 
@@ -19,9 +18,8 @@ LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601 weights of R, G, B
 
 
 def _valid_filter(size: int, win: int, sigma: float) -> torch.Tensor:
-    """(size - win + 1, size) float64 matrix G of the Gaussian window's "valid" part: G @ m
-    filters the columns of m. skimage filters the whole image and then crops the borders
-    (win - 1) / 2 wide, which leaves exactly these values."""
+    """(size - win + 1, size) float64 matrix G of the Gaussian window's "valid" part: G @ m filters the columns
+    of m. skimage filters the whole image, then crops (win - 1) / 2 wide borders: exactly these values are left."""
     if win > size:
         raise ValueError(f"SSIM window {win} is larger than the {size}-pixel image side")
     x = torch.arange(win, dtype=torch.float64) - win // 2
@@ -33,9 +31,8 @@ def _valid_filter(size: int, win: int, sigma: float) -> torch.Tensor:
 
 
 def ssim_many(ref: np.ndarray, dists: np.ndarray, p: SSIM) -> np.ndarray:
-    """Mean SSIM (Wang et al. 2004; skimage's gaussian_weights=True, use_sample_covariance=False)
-    of V versions (V, N, H, W, 3) uint8 against their references (N, H, W, 3) uint8, on float64
-    luminance Y: float64 (V, N). Each reference's maps are filtered once for all V versions."""
+    """Mean SSIM (Wang et al. 2004; skimage's gaussian_weights=True, use_sample_covariance=False) on float64 Y of
+    uint8 versions (V, N, H, W, 3) against references (N, H, W, 3): float64 (V, N), each reference filtered once."""
     ref, dists = np.asarray(ref), np.asarray(dists)
     if dists.ndim != 5 or dists.shape[1:] != ref.shape or ref.shape[-1] != 3:
         raise ValueError(f"versions {dists.shape} do not match references {ref.shape} "
@@ -86,8 +83,7 @@ TRANSFORMS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = dict(zip(IQA_
 
 def target_probability(scores: np.ndarray, cfg: IQA) -> np.ndarray:
     """T(s) clipped to iqa.clip: the true-class probability of Eq. (2)."""
-    t = TRANSFORMS[cfg.transform](np.asarray(scores, dtype=np.float64), cfg.transform_scale)
-    return np.clip(t, cfg.clip[0], cfg.clip[1])
+    return np.clip(TRANSFORMS[cfg.transform](np.asarray(scores, dtype=np.float64), cfg.transform_scale), *cfg.clip)
 
 
 def summary(s: np.ndarray, cfg: IQA) -> dict:

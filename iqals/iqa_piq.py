@@ -1,10 +1,8 @@
 """GMSD, FSIM and VIF (pixel domain) from piq, batched, with the signature of `iqa.METRICS`'s functions.
 
-Each function takes uint8 (N, H, W, 3) RGB stacks `ref` (pristine) and `dist` and returns float64
-(N,); `cfg` (iqals.params.IQA) is accepted for that signature and not read. Images go to
-piq as float [0, 1] (x / 255), BATCH at a time, reduction='none'. README, "Quality measures",
-gives each measure's range and transform, the per-level means they were chosen from, why VIF
-upsamples, the precision and speed of float32, and why no no-reference measure is offered.
+Each maps uint8 (N, H, W, 3) RGB stacks `ref` (pristine) and `dist` to float64 (N,) and does not read `cfg`; piq
+gets x / 255, BATCH images at a time, reduction='none'. README, "Quality measures", gives each measure's range,
+transform and per-level means, why VIF upsamples, float32's precision and speed, and why no no-reference measure.
 """
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ def _piq():
     try:
         import piq
     except ImportError as e:
-        raise ImportError(f"iqa.metric gmsd, fsim and vif need the package piq ({e}); ssim and psnr "
-                          "do not") from None
+        raise ImportError(f"iqa.metric gmsd, fsim and vif need the package piq ({e}); ssim and psnr do not") from None
     return piq
 
 
@@ -72,6 +69,4 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     k = vif_upsample_factor(*ref.shape[-2:])
     if k > 1:
         ref, dist = (F.interpolate(t, scale_factor=k, mode="nearest") for t in (ref, dist))
-    # Not symmetric: piq's first argument is the distorted image, the second the reference.
-    return _piq().vif_p(dist, ref, reduction="none", data_range=1.0)
-
+    return _piq().vif_p(dist, ref, reduction="none", data_range=1.0)  # not symmetric: piq takes (distorted, ref)

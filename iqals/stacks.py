@@ -1,7 +1,6 @@
-"""Per-image scores of distorted stacks against their references, in batches (for iqa.py and
-iqa_piq.py), and per-level summaries of a grid of stacks (for the distort, score and corrupt
-stages). It imports neither torch nor the IQA code, so that the distort and corrupt stages
-report PSNR without depending on iqa.py.
+"""Per-image scores of distorted stacks against references, in batches (for iqa.py, iqa_piq.py), and per-level
+summaries of grids of stacks (distort, score and corrupt stages); no torch or IQA code: the distort and corrupt
+stages report PSNR without depending on iqa.py.
 """
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ def psnr(ref: np.ndarray, dist: np.ndarray, cfg=None) -> np.ndarray:
 
 
 def per_level(grid: np.ndarray, fn: Callable, name: Callable = test_set_name) -> dict:
-    """{name(i, j): fn(grid[i, j])} over the first two axes of a grid of stacks; by default
-    distortion types x levels, keyed by test-set name (blur_1, ...)."""
+    """{name(i, j): fn(grid[i, j])} over a grid's first two axes (by default types x levels, named blur_1, ...)."""
     return {name(i, j): fn(grid[i, j]) for i in range(grid.shape[0]) for j in range(grid.shape[1])}
 
 
