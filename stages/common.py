@@ -1,4 +1,4 @@
-"""What every stage entry point shares: logging set-up and the one params validation."""
+"""What every stage entry point shares: its options, logging set-up, the one params validation, and how it exits."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,13 @@ from iqals.errors import ExpectedError
 
 
 def setup(name: str) -> params_lib.Params:
-    """Configure logging and load + validate params.yaml before any work starts."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    """Configure logging (each line names the stage) and load + validate params.yaml before any work starts."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
     return params_lib.load()
 
 
 def cli(doc: str, **defaults: str | list | None) -> argparse.Namespace:
-    """The stage's options: --name (underscores as dashes) for each keyword, with that default
-    (None: not given; a list: the option may be repeated, and its values are appended)."""
+    """Options --name (underscores as dashes) per keyword, with that default (None: not given; a list: repeatable)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in defaults.items():
         ap.add_argument(f"--{name.replace('_', '-')}", default=default,
@@ -27,10 +25,16 @@ def cli(doc: str, **defaults: str | list | None) -> argparse.Namespace:
 
 
 def run(main) -> None:
-    """Call main(); errors raised on purpose (ExpectedError) print one line and exit 1, anything
-    unexpected propagates with its traceback."""
+    """Call main(); errors raised on purpose (ExpectedError) print one line and exit 1, others keep their traceback."""
     try:
         main()
     except ExpectedError as e:
         logging.getLogger("stage").error("%s", e)
         sys.exit(1)
+
+
+def stage(main):
+    """Decorates a stage's main() (its module's last definition): `python -m stages.<name>` runs it through run()."""
+    if main.__module__ == "__main__":
+        run(main)
+    return main

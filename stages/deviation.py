@@ -1,13 +1,10 @@
 """Stage deviation: where we differ from the paper, and why -> plots/deviation.md.
 
-From the reference run's metrics (--reference, default results/gpu_e16: the paper's regime), the converged S1 of
-deviation_train and the probe's rows: plots/deviation_cells.csv (every Table 2 cell of the reference run against
-the paper, points and SE), plots/deviation_conventions.csv (S1's accuracy and mean SSIM per test set under each
-of params.yaml's deviation.conventions, test sets remade from data/raw), plots/deviation_probe.png (the probe's
-curves), plots/deviation.md (the tables and the section) and metrics/deviation.json (counts and gaps).
+From the reference run's metrics (--reference, default results/gpu_e16: the paper's regime), deviation_train's
+converged S1 and the probe's rows: deviation_cells.csv (each Table 2 cell against the paper, points and SE),
+deviation_conventions.csv (S1's accuracy and mean SSIM per test set under each of deviation.conventions, test sets
+remade from data/raw), deviation_probe.png (the probe's curves) and deviation.md in plots/; metrics/deviation.json.
 """
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 
@@ -21,9 +18,10 @@ from iqals.data import load_npz, official_index
 from iqals.errors import UsageError
 from iqals.io import read_json, write_json
 from iqals.model import pick_device
-from stages.common import cli, run, setup
+from stages.common import cli, setup, stage
 
 
+@stage
 def main() -> None:
     args = cli(__doc__, reference="results/gpu_e16", raw="data/raw", model="models/deviation/converged.pt",
                probe="plots/deviation_probe.csv", paper="reference", out="plots", metrics="metrics/deviation.json")
@@ -33,12 +31,10 @@ def main() -> None:
     if not names:
         raise UsageError(f"--reference {ref}: expected a run folder with metrics/<strategy>.json of report.table2")
     metrics = {n: read_json(ref / "metrics" / f"{n}.json") for n in names}
-    n_seeds = len(metrics[names[0]]["seeds"])
+    n_seeds, n_test = len(metrics[names[0]]["seeds"]), metrics[names[0]]["test_images"]
     paper_rows = rep.paper_by_name(pd.read_csv(Path(args.paper) / "paper_table2.csv"), r.table2)
-    n_test = metrics[names[0]]["test_images"]
     cells = rep.deviations(rep.table2(metrics, paper_rows), n_test, n_seeds, r.paper_test_size)
     summary = rep.deviation_summary(cells, r.within)
-
     device = pick_device(p.train.device)
     images, labels = load_npz(Path(args.raw) / "test.npz", "test")
     net = evaluate.load_model(Path(args.model), p, device)
@@ -73,8 +69,4 @@ def main() -> None:
         "s1_gap_points": {t: round(float(default.loc[t].mean_gap_points), 3) for t in default.index},
         "conventions_closing": {t: list(gaps[(gaps.type == t) & gaps.closes].convention) for t in default.index},
         "probe": trend})
-    logging.getLogger("deviation").info("wrote %s/deviation.md", out)
-
-
-if __name__ == "__main__":
-    run(main)
+    logging.info("wrote %s/deviation.md", out)

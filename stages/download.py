@@ -1,35 +1,24 @@
-"""Stage download: CIFAR-10 (local copy in $CIFAR10_LOCAL, else the official archive) -> data/raw.
+"""Stage download: CIFAR-10 ($CIFAR10_LOCAL if set, else the official archive, fetched into --cache) -> data/raw.
 
-Writes data/raw/{train,test}.npz (images uint8 (N,32,32,3) RGB, labels int64, index int64: the
-position of each image in the official split; base.train_size and base.test_size applied) and
-data/raw/source.json (where it came from, sha256 of outputs). --cache: where the official archive
-is downloaded.
+data/raw/{train,test}.npz: images uint8 (N,32,32,3) RGB, labels int64, index int64 (each image's position in the
+official split), base.train_size and base.test_size applied; data/raw/source.json: the source, the outputs' sha256.
 """
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 
 from iqals import data
 from iqals.io import save_npz, write_json
-from stages.common import cli, run, setup
-
-log = logging.getLogger("download")
+from stages.common import cli, setup, stage
 
 
+@stage
 def main() -> None:
-    args = cli(__doc__, out="data/raw", cache="data/cache")
-    p = setup("download")
+    args, p = cli(__doc__, out="data/raw", cache="data/cache"), setup("download")
     loaded, source = data.acquire(args.cache)
     keep = data.subset_indices(loaded, p.base.train_size, p.base.test_size)
     for split, (images, labels) in loaded.items():
         path, k = Path(args.out) / f"{split}.npz", keep[split]
         save_npz(path, images=images[k], labels=labels[k], index=k)
-        source[f"{split}_images"] = len(k)
-        source[f"{split}_sha256"] = data.sha256(path)
-        log.info("%s: %d images -> %s", split, len(k), path)
+        source |= {f"{split}_images": len(k), f"{split}_sha256": data.sha256(path)}
+        logging.info("%s: %d images -> %s", split, len(k), path)
     write_json(Path(args.out) / "source.json", source)
-
-
-if __name__ == "__main__":
-    run(main)

@@ -5,8 +5,6 @@ per mix and test set), family_counts.csv, controls.csv, calibration.csv, deviati
 fig3.png, fig4.png, confidence_quality.png and training.png. `--missing skip` (a GPU run cut short) leaves the
 strategies without results out and names them; by default they are an error.
 """
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 
@@ -14,9 +12,10 @@ from iqals import figures
 from iqals import report as rep
 from iqals.errors import UsageError
 from iqals.io import write_json
-from stages.common import cli, run, setup
+from stages.common import cli, setup, stage
 
 
+@stage
 def main() -> None:
     args = vars(cli(__doc__, metrics="metrics", predictions="data/predictions", logs="logs", raw="data/raw",
                     distorted="data/distorted", scores="data/scores", paper="reference", out="plots", missing="error"))
@@ -28,8 +27,4 @@ def main() -> None:
     rep.write(a["out"], r["tables"], r["texts"])
     write_json(a["out"] / "summary.json", r["summary"])
     figures.write_all(p, d, a)
-    logging.getLogger("report").info("wrote %s", ", ".join(sorted(x.name for x in a["out"].iterdir())))
-
-
-if __name__ == "__main__":
-    run(main)
+    logging.info("wrote %s", ", ".join(sorted(x.name for x in a["out"].iterdir())))
