@@ -1,4 +1,4 @@
-"""What every stage entry point shares: its options, logging set-up, the one params validation, and how it exits."""
+"""What every stage entry point shares: its options, logging set-up, the one params validation, how it exits."""
 from __future__ import annotations
 
 import argparse
@@ -31,10 +31,3 @@ def run(main) -> None:
     except ExpectedError as e:
         logging.getLogger("stage").error("%s", e)
         sys.exit(1)
-
-
-def stage(main):
-    """Decorates a stage's main() (its module's last definition): `python -m stages.<name>` runs it through run()."""
-    if main.__module__ == "__main__":
-        run(main)
-    return main

@@ -12,10 +12,9 @@ from tqdm import tqdm
 from iqals import corruptions, stacks
 from iqals.data import load_npz, official_index
 from iqals.io import save_npy, write_json
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args = cli(__doc__, raw="data/raw", out="data/corrupted/test.npy", metrics="metrics/corrupt.json")
     cfg = setup("corrupt").corrupt
@@ -29,3 +28,7 @@ def main() -> None:
     levels = stacks.mean_psnr(images, out, lambda f, s: f"{cfg.families[f]}_{cfg.severities[s]}")
     write_json(args.metrics, {"test_images": len(images), "seed": cfg.seed, "families": list(cfg.families),
                               "severities": list(cfg.severities), "levels": levels})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -18,10 +18,9 @@ from iqals.data import load_npz, official_index
 from iqals.errors import UsageError
 from iqals.io import read_json, write_json
 from iqals.model import pick_device
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args = cli(__doc__, reference="results/gpu_e16", raw="data/raw", model="models/deviation/converged.pt",
                probe="plots/deviation_probe.csv", paper="reference", out="plots", metrics="metrics/deviation.json")
@@ -70,3 +69,7 @@ def main() -> None:
         "conventions_closing": {t: list(gaps[(gaps.type == t) & gaps.closes].convention) for t in default.index},
         "probe": trend})
     logging.info("wrote %s/deviation.md", out)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -14,10 +14,9 @@ from iqals import data, longrun
 from iqals.errors import UsageError
 from iqals.io import atomic_path
 from iqals.model import pick_device
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args = cli(__doc__, schedule=None, raw="data/raw", distorted="data/distorted", cache="data/cache",
                models="models/deviation", logs="logs/deviation", checkpoints="checkpoints/deviation", plots="plots")
@@ -40,3 +39,7 @@ def main() -> None:
     rows = longrun.probe(p, images, labels, test_images, distorted, test_labels, *paths, device)
     with atomic_path(Path(args.plots) / "deviation_probe.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -15,10 +15,9 @@ from iqals.data import load_raw, official_index
 from iqals.errors import UsageError
 from iqals.io import save_npy, write_json
 from iqals.params import DISTORTIONS, LEVELS
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args, p = cli(__doc__, raw="data/raw", out="data/distorted", metrics="metrics/distort.json"), setup("distort")
     if not p.distort.uint8:  # the training pool is uint8; the float outputs exist for test sets only
@@ -34,3 +33,7 @@ def main() -> None:
             if split == "test":
                 levels = stacks.mean_psnr(images, d)
     write_json(args.metrics, {"opencv": cv2.__version__, "test_images": len(raw["test"][1]), "levels": levels})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from iqals import data
 from iqals.io import save_npz, write_json
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args, p = cli(__doc__, out="data/raw", cache="data/cache"), setup("download")
     loaded, source = data.acquire(args.cache)
@@ -22,3 +21,7 @@ def main() -> None:
         source |= {f"{split}_images": len(k), f"{split}_sha256": data.sha256(path)}
         logging.info("%s: %d images -> %s", split, len(k), path)
     write_json(Path(args.out) / "source.json", source)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -15,10 +15,9 @@ from iqals.data import load_npz
 from iqals.errors import UsageError
 from iqals.io import save_npz, write_json
 from iqals.model import pick_device
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args = cli(__doc__, strategy=[], raw="data/raw", distorted="data/distorted", corrupted="data/corrupted",
                models="models", metrics="metrics", predictions="data/predictions")
@@ -36,3 +35,7 @@ def main() -> None:
         save_npz(Path(args.predictions) / f"{name}.npz", probs=probs, labels=labels,
                  seeds=np.array(p.train.seeds), test_sets=np.array(evaluate.TEST_SETS))
         write_json(Path(args.metrics) / f"{name}.json", metrics)  # last: metrics mean both are written
+
+
+if __name__ == "__main__":
+    run(main)

@@ -12,10 +12,9 @@ from iqals import figures
 from iqals import report as rep
 from iqals.errors import UsageError
 from iqals.io import write_json
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args = vars(cli(__doc__, metrics="metrics", predictions="data/predictions", logs="logs", raw="data/raw",
                     distorted="data/distorted", scores="data/scores", paper="reference", out="plots", missing="error"))
@@ -28,3 +27,7 @@ def main() -> None:
     write_json(a["out"] / "summary.json", r["summary"])
     figures.write_all(p, d, a)
     logging.info("wrote %s", ", ".join(sorted(x.name for x in a["out"].iterdir())))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -12,10 +12,9 @@ from iqals import iqa, stacks
 from iqals.data import DataError, load_raw
 from iqals.io import save_npy, write_json
 from iqals.params import DISTORTIONS, LEVELS, NUM_COPIES
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
-@stage
 def main() -> None:
     args = cli(__doc__, raw="data/raw", distorted="data/distorted", out="data/scores", metrics="metrics/score.json")
     p = setup("score")
@@ -30,3 +29,7 @@ def main() -> None:
         save_npy(Path(args.out) / f"{split}.npy", s)
         report[split] = stacks.per_level(s, lambda x: iqa.summary(x, p.iqa))
     write_json(args.metrics, report)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -21,7 +21,7 @@ from iqals.data import load_npz
 from iqals.errors import UsageError
 from iqals.model import pick_device
 from iqals.params import Params, Strategy
-from stages.common import cli, setup, stage
+from stages.common import cli, run, setup
 
 
 def parse_runs(strategy: list[str], seed: str | None, run: list[str], scores: str | None,
@@ -50,7 +50,6 @@ def parse_runs(strategy: list[str], seed: str | None, run: list[str], scores: st
     return runs
 
 
-@stage
 def main() -> None:
     args = cli(__doc__, strategy=[], seed=None, run=[], raw="data/raw", distorted="data/distorted",
                scores=None, models="models", logs="logs", checkpoints="checkpoints", stop_after=None)
@@ -69,3 +68,7 @@ def main() -> None:
                           Path(args.logs) / f"{s.name}/seed{k}.tsv", Path(args.checkpoints) / f"{s.name}/seed{k}.pt")
             for (s, k), d in zip(runs, data)]
     train_lib.train_group(runs, p, device, stop_after=int(args.stop_after) if args.stop_after else None)
+
+
+if __name__ == "__main__":
+    run(main)
