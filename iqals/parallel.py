@@ -1,21 +1,13 @@
 """DVC's out-of-date stages run side by side on a Dask cluster; DVC keeps the books (docs/parallel.md).
 
-- The plan is `dvc repro`'s: `plan_repro` over DVC's stage graph, `Stage.changed()` once a
-  stage's upstream stages are done, the run-cache first.
-- Each stage that must run is one Dask task: its resolved command in a subprocess on a worker,
-  with OMP/MKL threads set so that the workers do not oversubscribe the cores; training stages
-  ask for the worker resource `GPU` when train.device resolves to cuda. Training stages ready
-  together on a GPU become one task, one `stages.train` process stacking all their runs
-  (`merge_training`); each stage is still recorded on its own.
-- This process records each finished stage as `dvc repro` does (save, commit to the cache,
-  run-cache entry, dvc.lock), under DVC's lock and in `dvc repro`'s order, which also fixes the
-  order of the .gitignore lines DVC writes beside outputs. So dvc.lock ends as `dvc repro`
-  leaves it. Workers and this process must share the repository's filesystem.
-- A failed stage blocks only its dependants; Ctrl-C interrupts the running commands (SIGINT, so
-  their atomic writes clean up) and records nothing half done.
+The plan and stale check are `dvc repro`'s; each stage to run is a Dask task running its command
+(training stages ready together on a GPU: one stacked process, `merge_training`). This process records
+each finished stage as `dvc repro` does, in its order (which also fixes the order of the .gitignore lines
+DVC writes beside outputs); workers and this process must share the repository's filesystem.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -32,8 +24,6 @@ from typing import Callable
 
 from .errors import ExpectedError
 
-log = logging.getLogger("parallel")
-
 TOPIC = "iqals-parallel"  # Dask event topic: workers report "start" on it
 GPU_MODULES = ("stages.train",)  # stages whose command runs these modules ask for a GPU
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -44,8 +34,6 @@ RESOLVED = ("done", "unchanged", "failed", "blocked", "interrupted")
 class ParallelError(ExpectedError, RuntimeError):
     """Bad arguments or a cluster that cannot run the plan (raised before any stage runs)."""
 
-
-# ---------------------------------------------------------------- on the worker
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -62,14 +50,10 @@ def _die_with_worker() -> None:  # preexec_fn: loaded libc only, nothing that ta
 def _stop(proc: subprocess.Popen) -> None:
     """SIGINT to the command's process group (atomic writes clean up), then SIGKILL."""
     for sig, wait in ((signal.SIGINT, INTERRUPT_GRACE_S), (signal.SIGKILL, 10.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):  # no group: SIGKILL finds none
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)
             return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _tail(path: Path, n: int = 25) -> str:
@@ -82,7 +66,7 @@ def _tail(path: Path, n: int = 25) -> str:
 
 
 def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_path: str,
-                      threads: dict, stop_event: str | None = None) -> dict:
+                      threads: dict, stop_event: str) -> dict:
     """Run one stage's commands (or one command for stages named "A + B") in a subprocess on this
     Dask worker, output to log_path; returns rc, seconds, log tail, or cancelled when the Dask
     Event stop_event is set. threads: worker address -> CPU threads (key None: the default)."""
@@ -92,13 +76,12 @@ def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_p
 
     worker = get_worker()
     n = int(threads.get(worker.address) or threads.get(None) or 1)
-    full_env = {**fix_env(None), **env, **{v: str(n) for v in THREAD_VARS}, DVC_STAGE: name}
-    full_env.setdefault(DVC_ROOT, cwd)
+    full_env = {DVC_ROOT: cwd, **fix_env(None), **env, **{v: str(n) for v in THREAD_VARS}, DVC_STAGE: name}
     shell = os.environ.get("SHELL") or "/bin/sh"
     opts = ["--noprofile", "--norc"] if os.path.basename(shell) == "bash" else []  # as dvc does
-    stop = Event(stop_event) if stop_event else None
+    stop = Event(stop_event)
     result = {"stage": name, "rc": 0, "cancelled": False, "worker": worker.address, "log": log_path}
-    if stop is not None and stop.is_set():  # a retry after the run was interrupted
+    if stop.is_set():  # a retry after the run was interrupted
         return {**result, "rc": None, "cancelled": True, "seconds": 0.0, "tail": ""}
     worker.log_event(TOPIC, {"event": "start", "stage": name, "worker": worker.address, "threads": n})
     t0 = time.perf_counter()
@@ -112,7 +95,7 @@ def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_p
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, preexec_fn=_die_with_worker)
             while (rc := _poll(proc)) is None:
-                if stop is not None and stop.is_set():
+                if stop.is_set():
                     _stop(proc)
                     rc, result["cancelled"] = proc.wait(), True
             result["rc"] = rc
@@ -122,19 +105,15 @@ def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_p
 
 
 def _poll(proc: subprocess.Popen, every: float = 1.0) -> int | None:
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         return proc.wait(timeout=every)
-    except subprocess.TimeoutExpired:
-        return None
+    return None
 
-
-# ---------------------------------------------------------------- the plan (DVC's)
 
 def merge_training(cmds: list[list[str]]) -> str | None:
-    """One `python -m stages.train` command for several training stages, their strategies (each
-    with its seeds) stacked in one process on the GPU; it writes what each stage's own command
-    writes. None unless every stage is one `python -m stages.train --strategy S [--scores DIR]`
-    with one DIR."""
+    """One `python -m stages.train` command for several training stages, their strategies (each with its seeds)
+    stacked in one process on the GPU; it writes what each stage's own command writes. None unless every
+    stage is one `python -m stages.train --strategy S [--scores DIR]` with one DIR."""
     strategies, scores = [], set()
     for cmd in cmds:
         argv = shlex.split(cmd[0]) if len(cmd) == 1 else []
@@ -185,13 +164,9 @@ def make_plan(repo, targets: list[str] | None = None, gpu_training: bool = False
     return steps
 
 
-# ---------------------------------------------------------------- the cluster
-
-def gpu_wanted(device: str, gpus_here: int, cluster_has_gpu: bool | None) -> bool:
+def gpu_wanted(device: str, workers_have_gpu: bool) -> bool:
     """Does train.device resolve to cuda on the workers? auto: when the workers have GPUs."""
-    if device == "auto":
-        return cluster_has_gpu if cluster_has_gpu is not None else gpus_here > 0
-    return device == "cuda"
+    return workers_have_gpu if device == "auto" else device == "cuda"
 
 
 def local_cluster(workers: int, gpus: int = 0, stages_per_gpu: int = 1):
@@ -220,8 +195,6 @@ def threads_per_worker(client, fixed: int | None) -> dict:
     return {a: max(1, (cores.get(a) or 1) // max(1, slots[w["host"]])) for a, w in info.items()}
 
 
-# ---------------------------------------------------------------- the coordinator
-
 @dataclass
 class Outcome:
     ran: list[str] = field(default_factory=list)
@@ -241,7 +214,7 @@ class _Coordinator:
 
     def __init__(self, repo, plan: dict[str, Step], client, threads: dict, say: Callable[[str], None]):
         self.repo, self.plan, self.client, self.threads, self.say = repo, plan, client, threads, say
-        self.out, self.futures, self.ended = Outcome(), {}, {}  # ended: stage -> result (exit 0), unrecorded
+        self.out, self.futures = Outcome(), {}
         self.lock, self.t0 = threading.Lock(), time.perf_counter()
         self.stop_name = f"iqals-parallel-stop-{uuid.uuid4().hex}"
         self.logs = Path(repo.root_dir) / ".dvc" / "tmp" / "parallel"
@@ -268,7 +241,6 @@ class _Coordinator:
             if step.state in ("submitted", "running"):
                 step.state = "finishing"
 
-    # -- outcomes
     def fail(self, step: Step, r: dict, why: str) -> None:
         step.result, step.state = r, "failed"
         self.out.failed.append(step)
@@ -287,15 +259,15 @@ class _Coordinator:
         elif r["rc"] != 0:
             self.fail(step, r, f"exit {r['rc']} on {step.worker} after {secs:.1f}s (log {r['log']})")
         else:
-            step.state, self.ended[step.name] = "ended", r
+            step.state = "ended"
             self.line(f"done   {step.name} on {step.worker} in {secs:.1f}s")
 
     def record_in_order(self, stages: dict, gaps: bool = False) -> None:
         """Record ended stages in dvc repro's order, up to the first one not resolved yet (all
         ended ones with gaps: after an interrupt)."""
         for step in self.plan.values():
-            if step.name in self.ended:
-                r = self.ended.pop(step.name)
+            if step.state == "ended":
+                r = step.result
                 try:
                     if bad := [u for u in step.upstream if self.plan[u].state == "failed"]:
                         raise RuntimeError(f"upstream stage(s) {', '.join(bad)} could not be recorded")
@@ -312,7 +284,6 @@ class _Coordinator:
             elif step.state not in RESOLVED and not gaps:
                 return
 
-    # -- starting
     def must_run(self, step: Step, stage) -> bool:
         """dvc repro's decision for a stage whose upstream is done: skip, restore or run."""
         from dvc.stage.cache import RunCacheNotFoundError
@@ -325,7 +296,7 @@ class _Coordinator:
             self.repo.stage_cache.restore(stage)
         except RunCacheNotFoundError:
             return True
-        step.state, self.ended[step.name] = "ended", {"rc": 0, "cached": True, "worker": None, "seconds": 0.0}
+        step.state, step.result = "ended", {"rc": 0, "cached": True, "worker": None, "seconds": 0.0}
         self.line(f"cached {step.name}: outputs restored from DVC's run-cache")
         return False
 
@@ -350,7 +321,7 @@ class _Coordinator:
         """Start what is ready; on a GPU, the training stages ready together as one command."""
         run_now = []
         for step in self.plan.values():
-            if step.state == "waiting" and all(self.plan[u].state in ("done", "unchanged") or u in self.ended
+            if step.state == "waiting" and all(self.plan[u].state in ("done", "unchanged", "ended")
                                                for u in step.upstream):
                 try:
                     if self.must_run(step, stages[step.name]):
@@ -402,10 +373,8 @@ class _Coordinator:
 
         self.say("interrupted: stopping the running stage commands (SIGINT, then SIGKILL) ...")
         Event(self.stop_name, client=self.client).set()
-        try:
+        with contextlib.suppress(TimeoutError, KeyboardInterrupt):
             wait(list(self.futures), timeout=INTERRUPT_GRACE_S + 15)
-        except (TimeoutError, KeyboardInterrupt):
-            pass
         self.collect([f for f in self.futures if f.status in ("finished", "error")])
         with lock_repo(self.repo):  # stages that ended before the stop are kept
             self.record_in_order(self.stages(), gaps=True)
@@ -442,13 +411,12 @@ def run(root: str | Path = ".", targets: list[str] | None = None, workers: int =
             if device == "cuda" and not gpus_here:
                 raise ParallelError("train.device is cuda but torch sees no GPU here; use a cluster "
                                     "whose workers declare a GPU resource (--scheduler)")
-        if scheduler is None:
-            cluster = local_cluster(workers, gpus_here if gpu_wanted(device or "cpu", gpus_here, None) else 0,
-                                    stages_per_gpu)
+        if scheduler is None:  # gpus_here: 0 unless train.device may want them
+            cluster = local_cluster(workers, gpus_here, stages_per_gpu)
         client = Client(cluster or scheduler, timeout="30s")
         info = client.scheduler_info(n_workers=-1)["workers"]
         has_gpu = any((w.get("resources") or {}).get("GPU") for w in info.values())
-        use_gpu = gpu_wanted(device or "cpu", gpus_here, has_gpu if scheduler else None)
+        use_gpu = gpu_wanted(device or "cpu", has_gpu if scheduler else gpus_here > 0)
         if use_gpu and not has_gpu:
             raise ParallelError("train.device resolves to cuda but no Dask worker declares a GPU "
                                 "resource; start workers with --resources GPU=1")

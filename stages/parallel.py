@@ -15,8 +15,6 @@ import sys
 from iqals import parallel
 from stages.common import run, setup
 
-log = logging.getLogger("parallel")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,15 +27,14 @@ def main() -> None:
                     help="local cluster on a GPU machine: training stages sharing one GPU at a time")
     args = ap.parse_args()
     p = setup("parallel")  # params.yaml validated before any stage starts
-    import distributed  # noqa: F401 - both set their loggers' levels on import: import, then quiet them
-    import dvc  # noqa: F401
     for name in ("distributed", "dvc"):  # their INFO lines would drown the progress lines
+        __import__(name)  # it sets its loggers' levels on import: import, then quiet them
         logging.getLogger(name).setLevel(logging.WARNING)
     outcome = parallel.run(".", args.targets or None, workers=args.workers, scheduler=args.scheduler,
                            threads=args.threads_per_worker, stages_per_gpu=args.stages_per_gpu,
                            device=p.train.device, say=lambda s: print(s, flush=True))
     if not outcome.ok:
-        log.error("%s", parallel.failure_report(outcome))
+        logging.getLogger("parallel").error("%s", parallel.failure_report(outcome))
         sys.exit(130 if outcome.interrupted and not outcome.failed else 1)
 
 
