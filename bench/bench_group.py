@@ -11,8 +11,8 @@ process.
   then timed); reported: images/s, ms per step, the check's largest relative differences, the
   fastest variant that passed (its train.* values are what the train stage should be given) with
   its ratio to the bf16 CUDA-graph step of 51 runs stacked along the channels (the step
-  results/gpu_e16 trained with), a profiler table of that variant, and the minutes 51 runs (17 strategies x 3 seeds) of
-  50,000 images would take per epoch of schedule at that speed.
+  results/gpu_e16 trained with), a profiler table of that variant, and the minutes 51 runs (17
+  strategies x 3 seeds) of 50,000 images would take per epoch of schedule at that speed.
 
     PYTHONPATH=. python -m bench.bench_group [--device cpu|cuda] [--seconds S] [--groups 3]
 """

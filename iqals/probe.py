@@ -39,6 +39,7 @@ VARIANTS = ({"precision": "fp32", "step": "eager", "group": 1},   # the referenc
             {"precision": "fp32", "step": "eager", "group": 3},   # what the CPU can run besides
             *({**c, "group": g} for c in _CANDIDATES for g in GROUPS))
 TRAIN_KEYS = ("precision", "step", "layout", "cudnn_benchmark")  # what a variant sets in train.*
+DEFAULTS = {"layout": "channels", "cudnn_benchmark": False}  # a variant's values where it names none
 IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run (50 or 4 steps an epoch)
 
 
@@ -46,13 +47,12 @@ def config(p: Params, v: dict):
     """params' train section with the variant's values."""
     if v.get("layout", "channels") not in TRAIN_LAYOUTS:
         raise ValueError(f"variant layout {v['layout']!r}: expected one of {TRAIN_LAYOUTS}")
-    return dataclasses.replace(p.train, **{"layout": "channels", "cudnn_benchmark": False,
-                                           **{k: v[k] for k in TRAIN_KEYS if k in v}})
+    return dataclasses.replace(p.train, **{**DEFAULTS, **{k: v[k] for k in TRAIN_KEYS if k in v}})
 
 
 def name(v: dict) -> str:
     """e.g. 'bf16 graph x17, batch layout, cudnn benchmark'."""
-    return train.describe(types.SimpleNamespace(**{"layout": "channels", "cudnn_benchmark": False, **v}), v["group"])
+    return train.describe(types.SimpleNamespace(**{**DEFAULTS, **v}), v["group"])
 
 
 def needs_gpu(v: dict) -> bool:
