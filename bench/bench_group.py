@@ -35,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 from bench.bench_train import cpu_name  # noqa: E402
 from iqals import model, probe, train  # noqa: E402
 from iqals.mixture import soft_targets  # noqa: E402
-from iqals.params import load  # noqa: E402
+from iqals.params import REFERENCE_STEP, load  # noqa: E402
 from iqals.seeds import derive_seed  # noqa: E402
 
 STUDY = {"runs": 51, "images": 50_000}  # 17 strategies x 3 seeds on the full training set
@@ -85,7 +85,7 @@ def _cpu(p, groups: tuple[int, ...], rounds: int, seconds: float) -> dict:
     cpu = torch.device("cpu")
     n = probe.IMAGES["cpu"] // p.train.batch_size * p.train.batch_size
     data, copy, image = train.synthetic(1, n, cpu, seed=2)
-    vs = [{"precision": "fp32", "step": "eager", "group": g} for g in (1,) + tuple(groups)]
+    vs = [{**REFERENCE_STEP, "group": g} for g in (1,) + tuple(groups)]
     checks = {f"group{v['group']}": probe.check(p, cpu, v) for v in vs}
     ips = {"old_net": [], "net1": [], **{f"group{v['group']}": [] for v in vs}}
     for _ in range(rounds):

@@ -43,6 +43,9 @@ TRAIN_SETS = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "m
 TRAIN_STEPS = ("eager", "compile", "graph")
 # train.layout: runs stacked side by side in channels (model.Net) or along the batch (iqals/fused.py)
 TRAIN_LAYOUTS = ("channels", "batch")
+# The reference step: what a CPU runs, what iqals/train.py checks every other variant against on a
+# GPU, and what it falls back to when a variant fails its check
+REFERENCE_STEP = {"precision": "fp32", "step": "eager", "layout": "channels"}
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # The measures and transforms of iqals/iqa.py (a test checks they agree), named here so that validating
 # params does not import the IQA code: the one-hot training stages must not depend on it.
@@ -270,7 +273,7 @@ class Train:
         for name in ("lr_decay_epochs", "snapshot_every"):
             if getattr(self, name) > self.epochs:
                 yield name, f"at most train.epochs ({self.epochs})"
-        for name, plain in (("precision", "fp32"), ("step", "eager"), ("layout", "channels")):
+        for name, plain in REFERENCE_STEP.items():
             if self.device == "cpu" and getattr(self, name) != plain:  # device auto: iqals.train checks
                 yield name, f"{plain!r} with train.device = 'cpu' (the others need a CUDA GPU)"
 

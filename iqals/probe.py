@@ -17,7 +17,7 @@ import types
 import torch
 
 from . import train
-from .params import TRAIN_LAYOUTS, Params
+from .params import REFERENCE_STEP, TRAIN_LAYOUTS, Params
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +35,17 @@ _CANDIDATES = (
     {"precision": "tf32", "step": "eager"},
     {"precision": "tf32", "step": "compile"},
 )
-VARIANTS = ({"precision": "fp32", "step": "eager", "group": 1},   # the reference step, and the fallback
-            {"precision": "fp32", "step": "eager", "group": 3},   # what the CPU can run besides
+VARIANTS = ({**REFERENCE_STEP, "group": 1},   # the reference step, and the fallback
+            {**REFERENCE_STEP, "group": 3},   # what the CPU can run besides
             *({**c, "group": g} for c in _CANDIDATES for g in GROUPS))
 TRAIN_KEYS = ("precision", "step", "layout", "cudnn_benchmark")  # what a variant sets in train.*
-DEFAULTS = {"layout": "channels", "cudnn_benchmark": False}  # a variant's values where it names none
+DEFAULTS = {"layout": REFERENCE_STEP["layout"], "cudnn_benchmark": False}  # a variant's values where it names none
 IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run (50 or 4 steps an epoch)
 
 
 def config(p: Params, v: dict):
     """params' train section with the variant's values."""
-    if v.get("layout", "channels") not in TRAIN_LAYOUTS:
+    if {**DEFAULTS, **v}["layout"] not in TRAIN_LAYOUTS:
         raise ValueError(f"variant layout {v['layout']!r}: expected one of {TRAIN_LAYOUTS}")
     return dataclasses.replace(p.train, **{**DEFAULTS, **{k: v[k] for k in TRAIN_KEYS if k in v}})
 
@@ -58,7 +58,7 @@ def name(v: dict) -> str:
 def needs_gpu(v: dict) -> bool:
     """Off CUDA only the fp32 eager step of model.Net runs (the fused kernels need a GPU, or
     Triton's interpreter, which the tests use)."""
-    return v["precision"] != "fp32" or v["step"] != "eager" or v.get("layout", "channels") != "channels"
+    return any({**DEFAULTS, **v}[k] != want for k, want in REFERENCE_STEP.items())
 
 
 def _warm_step(p: Params, device: torch.device, v: dict, cfg, seed: int):

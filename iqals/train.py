@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,15 +26,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import mixture, model, seeds
+from . import model
 from .errors import TrainingError
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, soft_targets, true_class_probability
-from .params import DISTORTIONS, LEVELS, NUM_CLASSES, NUM_COPIES, Params, Strategy, Train, copy_index
+from .params import (DISTORTIONS, LEVELS, NUM_CLASSES, NUM_COPIES, REFERENCE_STEP, Params, Strategy, Train,
+                     copy_index)
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "loss", "train_acc", "lr", "images_per_s", "seconds")
+# The training code, in every checkpoint's fingerprint (fused.py by its text: Triton is imported
+# only for train.layout 'batch'); dvc.yaml's training stages list the same files.
+SOURCES = ("train.py", "model.py", "fused.py", "mixture.py", "seeds.py")
 
 
 # ---------------------------------------------------------------- 1. inputs, resident on the device
@@ -211,7 +213,8 @@ class Step:
                 correct += right
             return loss_sum, correct
         if copy.shape != self.draws.shape[1:]:
-            raise TrainingError(f"graph step: draws of shape {tuple(copy.shape)}, captured for {tuple(self.draws.shape[1:])}")
+            raise TrainingError(f"graph step: draws of shape {tuple(copy.shape)}, "
+                                f"captured for {tuple(self.draws.shape[1:])}")
         self.draws[0].copy_(copy)
         self.draws[1].copy_(image)
         if self.graph is None and self.device.type == "cuda":
@@ -322,15 +325,16 @@ def check_step(p: Params, device: torch.device, cfg: Train, groups: int) -> dict
 
 
 def _plain(cfg: Train) -> Train:
-    """The reference step: fp32, eager, runs side by side in channels."""
-    return dataclasses.replace(cfg, precision="fp32", step="eager", layout="channels", cudnn_benchmark=False)
+    """The reference step (params.REFERENCE_STEP), cuDNN's autotuner off."""
+    return dataclasses.replace(cfg, **REFERENCE_STEP, cudnn_benchmark=False)
 
 
 def describe(cfg, groups: int | None = None) -> str:
     """A step variant (cfg: train's precision, step, layout, cudnn_benchmark) in words, e.g.
     'bf16 graph x17, batch layout, cudnn benchmark'."""
-    return ", ".join([f"{cfg.precision} {cfg.step}" + (f" x{groups}" if groups else "")]
-                     + [f"{cfg.layout} layout"] * (cfg.layout != "channels") + ["cudnn benchmark"] * cfg.cudnn_benchmark)
+    words = [f"{cfg.precision} {cfg.step}" + (f" x{groups}" if groups else "")]
+    words += [f"{cfg.layout} layout"] * (cfg.layout != REFERENCE_STEP["layout"])
+    return ", ".join(words + ["cudnn benchmark"] * cfg.cudnn_benchmark)
 
 
 def choose_step(p: Params, device: torch.device, groups: int) -> Train:
@@ -338,7 +342,7 @@ def choose_step(p: Params, device: torch.device, groups: int) -> Train:
     passes its check on this GPU at this group size, else the fp32 eager reference; logged either way."""
     cfg, plain = p.train, _plain(p.train)
     if device.type != "cuda":
-        for key, want in (("precision", "fp32"), ("step", "eager"), ("layout", "channels")):
+        for key, want in REFERENCE_STEP.items():
             if getattr(cfg, key) != want:
                 raise TrainingError(f"train.{key} = {getattr(cfg, key)!r} needs a GPU (CUDA); this run is on {device}")
     if device.type != "cuda" or cfg == plain:
@@ -393,8 +397,8 @@ def _fingerprint(run: Run, p: Params, cfg: Train, device: torch.device) -> str:
     for key in ("checkpoint_every", "seeds", "cudnn_benchmark"):  # how often saved, which others, kernel choice
         c["train"].pop(key)
     h = hashlib.sha256(repr(c).encode())
-    for module in (model, mixture, seeds, sys.modules[__name__]):
-        h.update(Path(inspect.getsourcefile(module)).read_bytes())
+    for name in SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -521,10 +525,10 @@ def _snapshots(run: Run, fingerprint: str, cfg: Train) -> dict[int, dict]:
     snapshot files (kept beside the checkpoint, so a resumed run still has the earlier ones)."""
     out = {}
     for epoch in range(cfg.snapshot_every, cfg.epochs + 1, cfg.snapshot_every) if cfg.snapshot_every else ():
-        ck = torch.load(_snapshot(run, epoch), map_location="cpu", weights_only=False) \
-            if _snapshot(run, epoch).exists() else {}
+        path = _snapshot(run, epoch)
+        ck = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else {}
         if ck.get("fingerprint") != fingerprint:
-            raise TrainingError(f"{run.name}: snapshot {_snapshot(run, epoch)} is missing or from another "
-                                "training; delete the run's checkpoint to train it again")
+            raise TrainingError(f"{run.name}: snapshot {path} is missing or from another training; "
+                                "delete the run's checkpoint to train it again")
         out[epoch] = ck["model"]
     return out

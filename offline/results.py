@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from iqals.data import LOCAL_COPY_ENV, SPLITS, sha256
+from iqals.params import REFERENCE_STEP
 from iqals.io import write_text
 from offline.study import REPO, StudyError, code_sha256, load_config, plan, stage_env, with_python
 from stages.common import run
@@ -142,12 +143,12 @@ def run_markdown(run_dir: Path, checks: dict[str, bool] | None = None, repo: Pat
     evaluated = [s for s in strategies if (d / f"metrics/{s}.json").is_file()]
     test = _read_json(d / f"metrics/{evaluated[0]}.json").get("test_images") if evaluated else None
     code, absent = info.get("code_sha256"), [s for s in strategies if s not in evaluated]
+    asked = {**REFERENCE_STEP, **t}  # the train.* step values, as params.yaml's defaults fill them
     rows = [("device", f"{info.get('device', 'not recorded')}, {info.get('cpus', '?')} CPU cores, "
                        f"Python {info.get('python', '?')}, torch {info.get('torch') or 'not recorded'}"),
             ("schedule", f"{t['epochs']} epochs, lr {t['lr']:g} x{t['lr_decay']:g} every {t['lr_decay_epochs']} "
                          f"epochs, batch {t['batch_size']}, {n:,} training images; step asked: "
-                         f"{t.get('precision', 'fp32')}, {t.get('step', 'eager')}, {t.get('layout', 'channels')} layout "
-                         "(stages.log: which ran)"),
+                         f"{asked['precision']}, {asked['step']}, {asked['layout']} layout (stages.log: which ran)"),
             ("seeds", str(t["seeds"])),
             ("strategies", f"{len(trained)} of {len(strategies)} trained, {len(evaluated)} evaluated"
                            + (f"; not evaluated: {', '.join(absent)}" if absent else "")),

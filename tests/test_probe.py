@@ -18,7 +18,7 @@ def p(raw_params):
 
 
 def test_variants_are_valid_and_include_the_reference():
-    assert probe.VARIANTS[0] == {"precision": "fp32", "step": "eager", "group": 1}
+    assert probe.VARIANTS[0] == {"precision": "fp32", "step": "eager", "layout": "channels", "group": 1}
     for v in probe.VARIANTS:
         assert v["precision"] in train_lib.TOLERANCE and v["step"] in TRAIN_STEPS and v["group"] >= 1
         assert v.get("layout", "channels") in TRAIN_LAYOUTS and set(v) <= {"group", *probe.TRAIN_KEYS}

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from iqals import distort, params as params_lib, train as train_lib
 from iqals.params import DISTORTIONS
@@ -142,3 +143,21 @@ def test_checkpoint_of_other_code_is_not_resumed(tmp_path, tiny, raw_params, mon
     train_lib.train(s, 0, data, p, torch.device("cpu"), tmp_path / "x" / "model.pt", tmp_path / "x" / "log.tsv",
                     tmp_path / "x" / "ck.pt")
     assert any("ignoring" in c for c in calls) and not any("resuming" in c for c in calls)
+
+
+def test_every_training_source_is_in_the_fingerprint_and_in_dvc_yaml(tiny, raw_params, monkeypatch, repo_root):
+    """An edit to any file of train.SOURCES (fused.py too, which the CPU never imports) gives a new
+    fingerprint, and every training stage of dvc.yaml depends on each of them."""
+    p = small_params(raw_params)
+    x, y, d, scores = tiny
+    s = p.strategies["S3"]
+    r = train_lib.Run(s, 0, train_lib.prepare(s, x, y, d, scores, p, 0, torch.device("cpu")), *[None] * 3)
+    base = train_lib._fingerprint(r, p, p.train, torch.device("cpu"))
+    real = train_lib.Path.read_bytes
+    for name in train_lib.SOURCES:
+        monkeypatch.setattr(train_lib.Path, "read_bytes", lambda self, n=name: real(self) + b"#" * (self.name == n))
+        assert train_lib._fingerprint(r, p, p.train, torch.device("cpu")) != base, name
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    for stage in ("train_onehot", "train_scored", "deviation_converged", "deviation_probe"):
+        missing = {f"iqals/{n}" for n in train_lib.SOURCES} - set(stages[stage]["deps"])
+        assert not missing, (stage, missing)
