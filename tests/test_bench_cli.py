@@ -34,3 +34,36 @@ def test_timed_records_a_successful_command_and_replaces_its_row(tmp_path):
     assert lines[0] == "| command | wall minutes | CPU | date |" and len(lines) == 4
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| `make a`", "| `make b`"]
     assert run("make c", "false") == 1 and "make c" not in (tmp_path / "t.md").read_text()
+
+
+def test_the_gpu_probe_report_runs_through_on_canned_results(monkeypatch, capsys):
+    """bench_group's CUDA branch (choice, ratios, profile, printed table) rehearsed on the CPU with
+    the probe's results canned: a device call must not be lost to a slip in the reporting."""
+    import torch
+
+    from bench import bench_group
+    from iqals import probe
+
+    check = {"ok": True, "logits_rel": 1e-3, "gradients_rel": 1e-2}
+    timed = {"step_ms": 1.0, "epochs_timed": 1, "images_per_epoch": 5000, "warm_up_s": 1.0}
+    results = [
+        {**probe.VARIANTS[0], "ok": True, "check": check, "images_per_s": 20_000.0, **timed},
+        {**bench_group.BASELINE, "ok": True, "check": check, "images_per_s": 180_000.0, **timed},
+        {**bench_group.BASELINE, "layout": "batch", "cudnn_benchmark": True, "ok": True, "check": check,
+         "images_per_s": 540_000.0, **timed},
+        {**bench_group.BASELINE, "group": 17, "ok": False, "check": {**check, "ok": False},
+         "images_per_s": 900_000.0, **timed},  # faster, but failed its check: never chosen
+        {"precision": "tf32", "step": "compile", "group": 51, "ok": False, "skipped": "the probe's 1 s were used up"},
+        {"precision": "tf32", "step": "eager", "group": 3, "ok": False, "error": "RuntimeError: no kernel"},
+    ]
+    monkeypatch.setattr(probe, "probe", lambda p, device, seconds: results)
+    monkeypatch.setattr(probe, "profile", lambda p, device, v: f"profile of {probe.name(v)}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    out = bench_group.main(device="cuda", seconds=1)
+    assert out["chosen"] is results[2] and out["chosen_vs_baseline"] == 3.0
+    assert out["study_minutes_per_epoch"] == round(51 * 50_000 / 540_000 / 60, 3)
+    assert results[1]["ratio_vs_fp32_eager_single"] == 9.0 and out["profile"].endswith("batch layout, cudnn benchmark")
+    text = capsys.readouterr().out
+    assert "a test GPU" in text and "FAILED" in text and "no kernel" in text and "used up" in text
+    assert "fastest that passed (its train.* values for the train stage): bf16 graph x51, batch layout" in text
