@@ -119,7 +119,7 @@ def _cuda(p, seconds: float) -> dict:
         out["study_minutes_per_epoch"] = round(STUDY["runs"] * STUDY["images"] / best["images_per_s"] / 60, 3)
         out["profile"] = probe.profile(p, torch.device("cuda"), best)
         if base:
-            out["chosen_vs_baseline"] = round(best["images_per_s"] / base["images_per_s"], 3)
+            out["baseline"], out["chosen_vs_baseline"] = base, round(best["images_per_s"] / base["images_per_s"], 3)
     return out
 
 

@@ -17,10 +17,11 @@
               `stages.parallel` with 2 Dask workers of one torch thread (bench_parallel; --quick:
               2 epochs)
 
-Writes bench/results.json and bench/results.md (the committed results; `make readme` copies the
-latter into README.md); each entry carries the
+Writes bench/results.json and bench/results.md (the committed results); each entry carries the
 machine, versions and date it was measured on. With --only, the other entries already in
-bench/results.json are kept, so a GPU run can add its row to CPU results.
+bench/results.json are kept, so a GPU run can add its rows to CPU results; `make readme` then
+puts train_gpu's fastest step into the README (iqals/readme.py, gpu_speed). No DVC is needed
+for the training benchmarks: a GPU node without it runs `--only train_gpu`.
 """
 from __future__ import annotations
 
@@ -53,9 +54,15 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _version(module: str) -> str:
+    """A package's version, or 'not installed' (a GPU node may have no DVC)."""
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return "not installed"
+
+
 def machine() -> dict:
-    import cv2
-    import dvc
     import numpy as np
     import torch
 
@@ -73,7 +80,7 @@ def machine() -> dict:
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "os": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__, "dvc": dvc.__version__,
+        "torch": torch.__version__, "numpy": np.__version__, "opencv": _version("cv2"), "dvc": _version("dvc"),
         "commit": commit,
     }
     try:
@@ -93,7 +100,7 @@ def cases(quick: bool) -> dict[str, tuple[str, dict]]:
             "train_cpu": ("bench_train", {"device": "cpu", "quick": quick}),
             "train_cuda": ("bench_train", {"device": "cuda", "quick": quick}),
             "train_group": ("bench_group", {"device": "cpu", "quick": quick}),
-            "train_gpu": ("bench_group", {"device": "cuda", "quick": quick}),
+            "train_gpu": ("bench_group", {"device": "cuda", "quick": quick, "seconds": q(30, 240)}),
             "dvc": ("bench_dvc", {"repeats": q(2, 3)}),
             "parallel": ("bench_parallel", {"workers": 2, "threads": 1, "epochs": q(2, None)})}
 
@@ -136,7 +143,12 @@ def rows(name: str, r: dict) -> list[tuple]:
                        f"{r['ratio_vs_group1'][g]}x", f"grads {r['checks'][g]['gradients_rel']:.1e} rel")
                       for g, v in ips.items() if g.startswith("group") and g != "group1"]
     if name == "train_gpu":
-        return [(f"step {probe.name(v)} ({r['device_name']})",
+        best, base = r.get("chosen"), r.get("baseline")
+        chosen = [] if not (best and base) else [  # what the train stage should be given, vs gpu_e16's step
+            (f"fastest step that passed: {probe.name(best)} ({r['device_name']})", f"{best['images_per_s']:.0f} img/s",
+             f"{base['images_per_s']:.0f} img/s ({probe.name(base)}, channels: results/gpu_e16's step)",
+             f"{r['chosen_vs_baseline']}x", f"grads {best['check']['gradients_rel']:.1e} rel")]
+        return chosen + [(f"step {probe.name(v)} ({r['device_name']})",
                  f"{v['images_per_s']:.0f} img/s, {v['step_ms']:.3f} ms/step", "fp32 eager, one run",
                  f"{v.get('ratio_vs_fp32_eager_single', '')}x",
                  f"logits {v['check']['logits_rel']:.1e}, grads {v['check']['gradients_rel']:.1e} rel"
@@ -213,7 +225,7 @@ def main(only: list[str] | None = None, quick: bool = False) -> dict:
     write_text(RESULTS_JSON, json.dumps({"benchmarks": {k: results[k] for k in ALL if k in results}}, indent=2) + "\n")
     write_text(RESULTS_MD, write_md(results))
     print(f"\n{write_md(results)}\nall done in {total:.0f} s; wrote {RESULTS_JSON.relative_to(REPO_ROOT)} and "
-          f"{RESULTS_MD.relative_to(REPO_ROOT)} (`make readme` copies it into README.md)")
+          f"{RESULTS_MD.relative_to(REPO_ROOT)} (`make readme` puts train_gpu's summary into README.md)")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
     return results

@@ -36,9 +36,10 @@ def test_timed_records_a_successful_command_and_replaces_its_row(tmp_path):
     assert run("make c", "false") == 1 and "make c" not in (tmp_path / "t.md").read_text()
 
 
-def test_the_gpu_probe_report_runs_through_on_canned_results(monkeypatch, capsys):
-    """bench_group's CUDA branch (choice, ratios, profile, printed table) rehearsed on the CPU with
-    the probe's results canned: a device call must not be lost to a slip in the reporting."""
+def test_the_gpu_probe_report_runs_through_on_canned_results(tmp_path, monkeypatch, capsys):
+    """bench_group's CUDA branch (choice, ratios, profile, printed table), its rows in bench/results.md
+    and the README's speed block, rehearsed on the CPU with the probe's results canned: a device
+    call must not be lost to a slip in the reporting."""
     import torch
 
     from bench import bench_group
@@ -61,9 +62,23 @@ def test_the_gpu_probe_report_runs_through_on_canned_results(monkeypatch, capsys
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
     out = bench_group.main(device="cuda", seconds=1)
-    assert out["chosen"] is results[2] and out["chosen_vs_baseline"] == 3.0
+    assert out["chosen"] is results[2] and out["baseline"] is results[1] and out["chosen_vs_baseline"] == 3.0
     assert out["study_minutes_per_epoch"] == round(51 * 50_000 / 540_000 / 60, 3)
     assert results[1]["ratio_vs_fp32_eager_single"] == 9.0 and out["profile"].endswith("batch layout, cudnn benchmark")
     text = capsys.readouterr().out
     assert "a test GPU" in text and "FAILED" in text and "no kernel" in text and "used up" in text
     assert "fastest that passed (its train.* values for the train stage): bf16 graph x51, batch layout" in text
+    from bench import run as bench_run
+    assert bench_run._version("a_module_not_installed") == "not installed"  # a GPU node without DVC
+    first = bench_run.rows("train_gpu", out)[0]  # results.md: the chosen step first, against gpu_e16's
+    assert first[0] == "fastest step that passed: bf16 graph x51, batch layout, cudnn benchmark (a test GPU)"
+    assert first[1:4] == ("540000 img/s", "180000 img/s (bf16 graph x51, channels: results/gpu_e16's step)", "3.0x")
+    from iqals import readme
+    (tmp_path / "bench").mkdir()
+    entry = {"machine": {"date": "2026-12-07 01:00 UTC"}, "result": json.loads(json.dumps(out))}
+    (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": {"train_gpu": entry}}))
+    row = readme.gpu_speed(tmp_path).splitlines()[2]
+    assert row == ("| a test GPU, 2026-12-07 01:00 UTC | bf16 graph x51, batch layout, cudnn benchmark | 540,000 | "
+                   "3.0x (180,000 images/s) |")
+    (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": {}}))
+    assert readme.gpu_speed(tmp_path).startswith("No GPU probe in `bench/results.json` yet")

@@ -19,7 +19,7 @@ def block(text: str, name: str) -> str:
     return text.split(f"<!-- {name}:begin -->", 1)[1].split(f"<!-- {name}:end -->", 1)[0].strip()
 
 
-@pytest.mark.parametrize("name", ["headline", "deviation", "timings"])
+@pytest.mark.parametrize("name", ["headline", "deviation", "timings", "speed"])
 def test_readme_sections_are_the_committed_results(repo_root, name):
     """The README's results were copied from what the pipeline / benchmarks wrote (or computed
     from it by iqals.readme), unedited but for links made relative to the root."""
