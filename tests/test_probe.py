@@ -72,13 +72,22 @@ def test_probe_checks_and_times_what_the_cpu_runs(p, monkeypatch):
           {"precision": "bf16", "step": "graph", "group": 17})
     real = probe.check
     monkeypatch.setattr(probe, "check", lambda p, d, v: real(p, d, v) if v["group"] == 1 else 1 / 0)
-    results = probe.probe(p, CPU, 60, vs)
+    real_time = probe.time_variant  # one timed epoch, and a budget no load can use up: no clock in the test
+    monkeypatch.setattr(probe, "time_variant", lambda p, d, v, seconds: real_time(p, d, v, 0.0))
+    results = probe.probe(p, CPU, 3600, vs)
     assert [r["group"] for r in results] == [1, 2, 17]
     ok, failed, skipped = results
     assert ok["ok"] and ok["images_per_s"] > 0 and ok["check"]["ok"] and ok["epochs_timed"] >= 1
     assert not failed["ok"] and "ZeroDivisionError" in failed["error"]
     assert not skipped["ok"] and "needs a GPU" in skipped["skipped"]
     assert probe.choose(results) is ok
+
+
+def test_variants_after_the_probes_time_are_skipped_not_run(p, monkeypatch):
+    monkeypatch.setattr(probe, "check", lambda *a: pytest.fail("ran a variant after the time was up"))
+    vs = ({"precision": "fp32", "step": "eager", "group": 1}, {"precision": "bf16", "step": "graph", "group": 17})
+    first, gpu = probe.probe(p, CPU, 0, vs)
+    assert "0 s were used up" in first["skipped"] and "needs a GPU" in gpu["skipped"] and probe.choose([first]) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU variants run only there)")
