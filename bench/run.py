@@ -75,6 +75,9 @@ def machine() -> dict:
         commit = commit + ("+changes" if dirty else "") if commit else None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    if not commit:  # a copy of the tree without git (a GPU node): the sources' hash, as offline.results reads it
+        from offline.study import code_sha256
+        commit = f"none; sources sha256 {code_sha256(REPO_ROOT)[:16]}"
     info = {
         "date": _now(),
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
