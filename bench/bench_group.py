@@ -107,13 +107,16 @@ def _cpu(p, groups: tuple[int, ...], rounds: int, seconds: float) -> dict:
 def _cuda(p, seconds: float) -> dict:
     results = probe.probe(p, torch.device("cuda"), seconds)
     best = probe.choose(results)
-    ref = next((r for r in results if r["group"] == 1 and r["step"] == "eager" and r["precision"] == "fp32"
-                and "images_per_s" in r), None)
+
+    def timed(like: dict):  # the timed result of the variant `like` (unnamed train values at their defaults)
+        return next((r for r in results if "images_per_s" in r
+                     and all({**probe.DEFAULTS, **r}[k] == v for k, v in {**probe.DEFAULTS, **like}.items())), None)
+
+    ref = timed({**REFERENCE_STEP, "group": 1})
     for r in results:
         if ref and "images_per_s" in r:
             r["ratio_vs_fp32_eager_single"] = round(r["images_per_s"] / ref["images_per_s"], 2)
-    base = next((r for r in results if "images_per_s" in r and r.get("layout", "channels") == "channels"
-                 and not r.get("cudnn_benchmark") and all(r[k] == v for k, v in BASELINE.items())), None)
+    base = timed(BASELINE)
     out = {"variants": results, "chosen": best}
     if best:
         out["study_minutes_per_epoch"] = round(STUDY["runs"] * STUDY["images"] / best["images_per_s"] / 60, 3)
