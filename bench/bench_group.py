@@ -39,7 +39,6 @@ from iqals.params import REFERENCE_STEP, load  # noqa: E402
 from iqals.seeds import derive_seed  # noqa: E402
 
 STUDY = {"runs": 51, "images": 50_000}  # 17 strategies x 3 seeds on the full training set
-BASELINE = {"precision": "bf16", "step": "graph", "group": 51}  # the step results/gpu_e16 trained with
 
 
 class OldNet(nn.Module):
@@ -116,7 +115,7 @@ def _cuda(p, seconds: float) -> dict:
     for r in results:
         if ref and "images_per_s" in r:
             r["ratio_vs_fp32_eager_single"] = round(r["images_per_s"] / ref["images_per_s"], 2)
-    base = timed(BASELINE)
+    base = timed(probe.BASELINE)
     out = {"variants": results, "chosen": best}
     if best:
         out["study_minutes_per_epoch"] = round(STUDY["runs"] * STUDY["images"] / best["images_per_s"] / 60, 3)
@@ -156,7 +155,7 @@ def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, .
                 print(f"{name:48} {r.get('skipped') or r.get('error')}")
         chosen = result["chosen"]
         print(f"fastest that passed (its train.* values for the train stage): {chosen and probe.name(chosen)}"
-              f" ({result.get('chosen_vs_baseline')}x bf16 graph x51 channels); 51 runs x 50,000 images: "
+              f" ({result.get('chosen_vs_baseline')}x {probe.name(probe.BASELINE)}, channels); 51 runs x 50,000 images: "
               f"{result.get('study_minutes_per_epoch')} min per epoch")
         print(result.get("profile", ""))
     else:

@@ -147,13 +147,14 @@ def rows(name: str, r: dict) -> list[tuple]:
                       for g, v in ips.items() if g.startswith("group") and g != "group1"]
     if name == "train_gpu":
         best, base = r.get("chosen"), r.get("baseline")
-        chosen = [] if not (best and base) else [  # what the train stage should be given, vs gpu_e16's step
+        against = (f"{base['images_per_s']:.0f} img/s" if base else "not timed") + \
+            f" ({probe.name(probe.BASELINE)}, channels: results/gpu_e16's step)"
+        chosen = [] if not best else [  # what the train stage should be given, vs gpu_e16's step
             (f"fastest step that passed: {probe.name(best)} ({r['device_name']})", f"{best['images_per_s']:.0f} img/s",
-             f"{base['images_per_s']:.0f} img/s ({probe.name(base)}, channels: results/gpu_e16's step)",
-             f"{r['chosen_vs_baseline']}x", f"grads {best['check']['gradients_rel']:.1e} rel")]
+             against, f"{r['chosen_vs_baseline']}x" if base else "", f"grads {best['check']['gradients_rel']:.1e} rel")]
         return chosen + [(f"step {probe.name(v)} ({r['device_name']})",
                  f"{v['images_per_s']:.0f} img/s, {v['step_ms']:.3f} ms/step", "fp32 eager, one run",
-                 f"{v.get('ratio_vs_fp32_eager_single', '')}x",
+                 f"{v['ratio_vs_fp32_eager_single']}x" if "ratio_vs_fp32_eager_single" in v else "",
                  f"logits {v['check']['logits_rel']:.1e}, grads {v['check']['gradients_rel']:.1e} rel"
                  + ("" if v["ok"] else " FAILED"))
                 for v in r["variants"] if "images_per_s" in v]

@@ -40,6 +40,7 @@ VARIANTS = ({**REFERENCE_STEP, "group": 1},   # the reference step, and the fall
             *({**c, "group": g} for c in _CANDIDATES for g in GROUPS))
 TRAIN_KEYS = ("precision", "step", "layout", "cudnn_benchmark")  # what a variant sets in train.*
 DEFAULTS = {"layout": REFERENCE_STEP["layout"], "cudnn_benchmark": False}  # a variant's values where it names none
+BASELINE = {"precision": "bf16", "step": "graph", "group": 51}  # the step results/gpu_e16 trained with
 IMAGES = {"cuda": 5_000, "cpu": 400}  # synthetic training set per run (50 or 4 steps an epoch)
 
 

@@ -47,21 +47,24 @@ def deviation_summary(root: Path) -> str:
 def gpu_speed(root: Path) -> str:
     """The GPU probe's summary from bench/results.json (`python -m bench.run --only train_gpu` on a
     CUDA machine): card, date, the fastest step variant that passed its check, and its ratio to the
-    step results/gpu_e16 trained with, both timed in the same call."""
-    from .probe import name
+    step results/gpu_e16 trained with, both timed in the same call (or why a probe gave no figure)."""
+    from .probe import BASELINE, name
 
     entry = read_json(root / "bench/results.json")["benchmarks"].get("train_gpu", {})
-    r = entry.get("result", {})
-    if not r.get("baseline"):
+    r, more = entry.get("result", {}), "Every variant, with its check: [`bench/results.md`](bench/results.md).\n"
+    if "variants" not in r:  # not run here, or run where torch saw no GPU
         return ("No GPU probe in `bench/results.json` yet: on a CUDA machine, `python -m bench.run --only "
                 "train_gpu`, then `make readme`. The last one is in "
                 "[`results/gpu_e16/RUN.md`](results/gpu_e16/RUN.md).\n")
-    best, base = r["chosen"], r["baseline"]
+    where = f"{r['device_name']}, {entry['machine']['date']}"
+    best, base = r.get("chosen"), r.get("baseline")
+    if not best:
+        return f"The GPU probe on {where} timed no step variant that passed its check. {more}"
+    ratio = (f"{r['chosen_vs_baseline']}x ({base['images_per_s']:,.0f} images/s)" if base else
+             "not timed in this call")
     return ("| GPU, date | fastest step that passed its check | images/s, summed over runs | vs "
-            f"{name(base)}, channels (gpu_e16's step), same call |\n|---|---|---|---|\n"
-            f"| {r['device_name']}, {entry['machine']['date']} | {name(best)} | {best['images_per_s']:,.0f} | "
-            f"{r['chosen_vs_baseline']}x ({base['images_per_s']:,.0f} images/s) |\n\n"
-            "Every variant, with its check: [`bench/results.md`](bench/results.md).\n")
+            f"{name(BASELINE)}, channels (gpu_e16's step), same call |\n|---|---|---|---|\n"
+            f"| {where} | {name(best)} | {best['images_per_s']:,.0f} | {ratio} |\n\n{more}")
 
 
 # README block name -> the file that fills it (written by the pipeline or the benchmarks), or a

@@ -49,10 +49,10 @@ def test_the_gpu_probe_report_runs_through_on_canned_results(tmp_path, monkeypat
     timed = {"step_ms": 1.0, "epochs_timed": 1, "images_per_epoch": 5000, "warm_up_s": 1.0}
     results = [
         {**probe.VARIANTS[0], "ok": True, "check": check, "images_per_s": 20_000.0, **timed},
-        {**bench_group.BASELINE, "ok": True, "check": check, "images_per_s": 180_000.0, **timed},
-        {**bench_group.BASELINE, "layout": "batch", "cudnn_benchmark": True, "ok": True, "check": check,
+        {**probe.BASELINE, "ok": True, "check": check, "images_per_s": 180_000.0, **timed},
+        {**probe.BASELINE, "layout": "batch", "cudnn_benchmark": True, "ok": True, "check": check,
          "images_per_s": 540_000.0, **timed},
-        {**bench_group.BASELINE, "group": 17, "ok": False, "check": {**check, "ok": False},
+        {**probe.BASELINE, "group": 17, "ok": False, "check": {**check, "ok": False},
          "images_per_s": 900_000.0, **timed},  # faster, but failed its check: never chosen
         {"precision": "tf32", "step": "compile", "group": 51, "ok": False, "skipped": "the probe's 1 s were used up"},
         {"precision": "tf32", "step": "eager", "group": 3, "ok": False, "error": "RuntimeError: no kernel"},
@@ -80,5 +80,18 @@ def test_the_gpu_probe_report_runs_through_on_canned_results(tmp_path, monkeypat
     row = readme.gpu_speed(tmp_path).splitlines()[2]
     assert row == ("| a test GPU, 2026-12-07 01:00 UTC | bf16 graph x51, batch layout, cudnn benchmark | 540,000 | "
                    "3.0x (180,000 images/s) |")
+
+    def speed(result: dict) -> str:
+        (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": {"train_gpu": {**entry, "result": result}}}))
+        return readme.gpu_speed(tmp_path)
+
+    # the baseline's timing lost to the budget: the chosen step still reported, its ratio said missing
+    partial = {k: v for k, v in json.loads(json.dumps(out)).items() if k not in ("baseline", "chosen_vs_baseline")}
+    assert speed(partial).splitlines()[2].endswith("| 540,000 | not timed in this call |")
+    assert bench_run.rows("train_gpu", partial)[0][2:4] == (
+        "not timed (bf16 graph x51, channels: results/gpu_e16's step)", "")
+    assert speed({**partial, "chosen": None}).startswith("The GPU probe on a test GPU, 2026-12-07 01:00 UTC timed "
+                                                         "no step variant that passed its check.")
+    assert speed({"skipped": "no CUDA device"}).startswith("No GPU probe in `bench/results.json` yet")
     (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": {}}))
     assert readme.gpu_speed(tmp_path).startswith("No GPU probe in `bench/results.json` yet")
