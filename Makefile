@@ -1,6 +1,8 @@
 # `make study`: set up .venv if needed, then run the whole DVC pipeline (dvc repro).
 # `make test`:  set up .venv if needed, then run the whole test suite (as CI does).
 # `make test-fast`: the same without the slow tests (DVC end to end, kill-and-resume).
+# `make test-avx2`: the whole suite with PyTorch's, oneDNN's and MKL's AVX2 kernels forced, as a
+#   CPU without AVX-512 runs it (float rounding differs between the two; tolerances must hold on both).
 # `make paper`: the paper's regime on a CUDA GPU as one DVC experiment (presets/paper.yaml).
 # `make bench`: speed benchmarks (bench/run.py), results in bench/results.md.
 # `make readme`: copy the generated results (iqals/readme.py, BLOCKS) into README.md.
@@ -20,7 +22,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 WORKERS ?= 2
 SCHEDULER ?=
 
-.PHONY: setup study paper test test-fast bench readme parallel clean
+.PHONY: setup study paper test test-fast test-avx2 bench readme parallel clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -41,6 +43,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m bench.run
