@@ -155,7 +155,7 @@ def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, .
                 print(f"{name:48} {r.get('skipped') or r.get('error')}")
         chosen = result["chosen"]
         print(f"fastest that passed (its train.* values for the train stage): {chosen and probe.name(chosen)}"
-              f" ({result.get('chosen_vs_baseline')}x {probe.name(probe.BASELINE)}, channels); 51 runs x 50,000 images: "
+              f" ({result.get('chosen_vs_baseline')}x {probe.BASELINE_NAME}); 51 runs x 50,000 images: "
               f"{result.get('study_minutes_per_epoch')} min per epoch")
         print(result.get("profile", ""))
     else:

@@ -148,7 +148,7 @@ def rows(name: str, r: dict) -> list[tuple]:
     if name == "train_gpu":
         best, base = r.get("chosen"), r.get("baseline")
         against = (f"{base['images_per_s']:.0f} img/s" if base else "not timed") + \
-            f" ({probe.name(probe.BASELINE)}, channels: results/gpu_e16's step)"
+            f" ({probe.BASELINE_NAME}: results/gpu_e16's step)"
         chosen = [] if not best else [  # what the train stage should be given, vs gpu_e16's step
             (f"fastest step that passed: {probe.name(best)} ({r['device_name']})", f"{best['images_per_s']:.0f} img/s",
              against, f"{r['chosen_vs_baseline']}x" if base else "", f"grads {best['check']['gradients_rel']:.1e} rel")]

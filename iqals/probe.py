@@ -56,6 +56,9 @@ def name(v: dict) -> str:
     return train.describe(types.SimpleNamespace(**{**DEFAULTS, **v}), v["group"])
 
 
+BASELINE_NAME = f"{name(BASELINE)}, {DEFAULTS['layout']}"  # name() leaves the default layout unsaid
+
+
 def needs_gpu(v: dict) -> bool:
     """Off CUDA only the fp32 eager step of model.Net runs (the fused kernels need a GPU, or
     Triton's interpreter, which the tests use)."""

@@ -48,7 +48,7 @@ def gpu_speed(root: Path) -> str:
     """The GPU probe's summary from bench/results.json (`python -m bench.run --only train_gpu` on a
     CUDA machine): card, date, the fastest step variant that passed its check, and its ratio to the
     step results/gpu_e16 trained with, both timed in the same call (or why a probe gave no figure)."""
-    from .probe import BASELINE, name
+    from .probe import BASELINE_NAME, name
 
     entry = read_json(root / "bench/results.json")["benchmarks"].get("train_gpu", {})
     r, more = entry.get("result", {}), "Every variant, with its check: [`bench/results.md`](bench/results.md).\n"
@@ -63,7 +63,7 @@ def gpu_speed(root: Path) -> str:
     ratio = (f"{r['chosen_vs_baseline']}x ({base['images_per_s']:,.0f} images/s)" if base else
              "not timed in this call")
     return ("| GPU, date | fastest step that passed its check | images/s, summed over runs | vs "
-            f"{name(BASELINE)}, channels (gpu_e16's step), same call |\n|---|---|---|---|\n"
+            f"{BASELINE_NAME} (gpu_e16's step), same call |\n|---|---|---|---|\n"
             f"| {where} | {name(best)} | {best['images_per_s']:,.0f} | {ratio} |\n\n{more}")
 
 
