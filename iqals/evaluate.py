@@ -53,21 +53,31 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
     return float(np.abs(np.bincount(idx, correct - conf, bins)).sum() / len(conf))
 
 
-def load_model(path: Path, p: Params, device: torch.device) -> torch.nn.Module:
+def read_model(path: Path) -> dict:
+    """A model or checkpoint file, read once: its weights under "model" (model files: "snapshots" too)."""
     if not path.is_file():
         raise DataError(f"{path}: no trained model (run the train stage for it first)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def as_net(state: dict, p: Params, device: torch.device) -> torch.nn.Module:
+    """The Table 1 network with these weights, on device."""
     net = model_lib.build(p.model, 0)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    net.load_state_dict(state)
     return net.to(device)
 
 
-def along_training(path: Path, sets: dict[str, np.ndarray], labels: np.ndarray, p: Params,
+def load_model(path: Path, p: Params, device: torch.device) -> torch.nn.Module:
+    return as_net(read_model(path)["model"], p, device)
+
+
+def along_training(snapshots: dict[int, dict], sets: dict[str, np.ndarray], labels: np.ndarray, p: Params,
                    device: torch.device) -> list[dict]:
-    """Accuracy on each test set of the weights a run kept every train.snapshot_every epochs (the
-    model file's snapshots; none: []), a row per epoch: is it learning, or memorising?"""
-    net, rows = model_lib.build(p.model, 0).to(device), []
-    for epoch, state in torch.load(path, map_location="cpu", weights_only=False).get("snapshots", {}).items():
-        net.load_state_dict(state)
+    """Accuracy on each test set of the weights a run kept every train.snapshot_every epochs (a model
+    file's "snapshots": epoch -> weights; none: []), a row per epoch: is it learning, or memorising?"""
+    rows = []
+    for epoch, state in snapshots.items():
+        net = as_net(state, p, device)
         rows.append({"epoch": epoch, **{n: round(accuracy(predict(net, x, device, p.evaluate.batch_size), labels), 5)
                                         for n, x in sets.items()}})
     return rows
@@ -94,17 +104,17 @@ def unseen_summary(acc: np.ndarray, families) -> dict:
     return out
 
 
-def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.ndarray,
+def evaluate_strategy(name: str, files: dict[int, dict], images: np.ndarray, distorted: np.ndarray,
                       corrupted: np.ndarray, labels: np.ndarray, p: Params,
-                      device: torch.device, paths: dict[int, Path] | None = None) -> tuple[np.ndarray, dict]:
-    """Every seed's network on the ten test sets and the (families, severities, N, ...) grid of
-    corrupted test images: softmax outputs float32 (seeds, test sets, N, 10) and the metrics;
-    with each seed's model file in `paths`, the accuracies of its snapshots ("along_training")."""
+                      device: torch.device) -> tuple[np.ndarray, dict]:
+    """Every seed's network (files: seed -> its model file, read_model) on the ten test sets and the
+    (families, severities, N, ...) grid of corrupted test images: softmax outputs float32 (seeds,
+    test sets, N, 10) and the metrics; the accuracies of any snapshots ("along_training")."""
     want = (len(p.corrupt.families), len(p.corrupt.severities), len(labels))
     if corrupted.shape[:3] != want:
         raise DataError(f"corrupted test set has shape {corrupted.shape[:3]}, expected (families, "
                         f"severities, N) = {want}: rerun the corrupt stage")
-    sets = test_sets(images, distorted)
+    sets, nets = test_sets(images, distorted), {k: as_net(f["model"], p, device) for k, f in files.items()}
     probs = np.zeros((len(nets), len(sets), len(labels), NUM_CLASSES), dtype=np.float32)
     per_seed, unseen = [], []
     for i, (seed, net) in enumerate(nets.items()):
@@ -124,7 +134,7 @@ def evaluate_strategy(name: str, nets: dict, images: np.ndarray, distorted: np.n
                "unseen": unseen_summary(np.array(unseen), p.corrupt.families),
                "per_seed_acc": {f"seed{k}": {n: round(r[n]["acc"], 5) for n in TEST_SETS}
                                 for k, r in zip(nets, per_seed)}}
-    along = {f"seed{k}": along_training(path, sets, labels, p, device) for k, path in (paths or {}).items()}
+    along = {f"seed{k}": along_training(f.get("snapshots", {}), sets, labels, p, device) for k, f in files.items()}
     if any(along.values()):
         metrics["along_training"] = along
     return probs, metrics

@@ -62,7 +62,7 @@ def probe(p: Params, images: np.ndarray, labels: np.ndarray, test_images: np.nda
         rows = [r for r in rows if r["epoch"] <= ck["epoch"]]
         due = ck["epoch"] % cfg.eval_every == 0 or ck["epoch"] == cfg.epochs
         if due and (not rows or rows[-1]["epoch"] < ck["epoch"]):
-            net, last = evaluate.load_model(checkpoint, q, device), ck["history"][-1]
+            net, last = evaluate.as_net(ck["model"], q, device), ck["history"][-1]
             rows.append({"epoch": ck["epoch"], "lr": last["lr"], "train_acc_running": round(last["train_acc"], 5),
                          "train_acc": acc(net, images[:n], labels[:n]),
                          **{t: acc(net, sets[t], test_labels) for t in TEST_SETS}})

@@ -46,6 +46,14 @@ TRAIN_LAYOUTS = ("channels", "batch")
 # The reference step: what a CPU runs, what iqals/train.py checks every other variant against on a
 # GPU, and what it falls back to when a variant fails its check
 REFERENCE_STEP = {"precision": "fp32", "step": "eager", "layout": "channels"}
+
+
+def off_reference(step) -> tuple[str, ...]:
+    """The REFERENCE_STEP keys on which `step` (a Train, or a mapping of its values) differs from
+    the reference step: a step differing in any of them needs a CUDA GPU."""
+    value = step.get if isinstance(step, dict) else lambda key: getattr(step, key)
+    return tuple(key for key, plain in REFERENCE_STEP.items() if value(key) != plain)
+
 LABEL_RULES = ("original", "iqa_ls", "uniform_ls", "shuffled_ls")
 # The measures and transforms of iqals/iqa.py (a test checks they agree), named here so that validating
 # params does not import the IQA code: the one-hot training stages must not depend on it.
@@ -273,9 +281,8 @@ class Train:
         for name in ("lr_decay_epochs", "snapshot_every"):
             if getattr(self, name) > self.epochs:
                 yield name, f"at most train.epochs ({self.epochs})"
-        for name, plain in REFERENCE_STEP.items():
-            if self.device == "cpu" and getattr(self, name) != plain:  # device auto: iqals.train checks
-                yield name, f"{plain!r} with train.device = 'cpu' (the others need a CUDA GPU)"
+        for name in off_reference(self) if self.device == "cpu" else ():  # device auto: iqals.train checks
+            yield name, f"{REFERENCE_STEP[name]!r} with train.device = 'cpu' (the others need a CUDA GPU)"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import types
 import torch
 
 from . import train
-from .params import REFERENCE_STEP, TRAIN_LAYOUTS, Params
+from .params import REFERENCE_STEP, TRAIN_LAYOUTS, Params, off_reference
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ BASELINE_NAME = f"{name(BASELINE)}, {DEFAULTS['layout']}"  # name() leaves the d
 def needs_gpu(v: dict) -> bool:
     """Off CUDA only the fp32 eager step of model.Net runs (the fused kernels need a GPU, or
     Triton's interpreter, which the tests use)."""
-    return any({**DEFAULTS, **v}[k] != want for k, want in REFERENCE_STEP.items())
+    return bool(off_reference({**DEFAULTS, **v}))
 
 
 def _warm_step(p: Params, device: torch.device, v: dict, cfg, seed: int):

@@ -31,7 +31,7 @@ from .errors import TrainingError
 from .io import atomic_path, write_text
 from .mixture import epoch_draw, soft_targets, true_class_probability
 from .params import (DISTORTIONS, LEVELS, NUM_CLASSES, NUM_COPIES, REFERENCE_STEP, Params, Strategy, Train,
-                     copy_index)
+                     copy_index, off_reference)
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -341,10 +341,8 @@ def choose_step(p: Params, device: torch.device, groups: int) -> Train:
     """The step to train with: params' train.precision, train.step and train.layout if that variant
     passes its check on this GPU at this group size, else the fp32 eager reference; logged either way."""
     cfg, plain = p.train, _plain(p.train)
-    if device.type != "cuda":
-        for key, want in REFERENCE_STEP.items():
-            if getattr(cfg, key) != want:
-                raise TrainingError(f"train.{key} = {getattr(cfg, key)!r} needs a GPU (CUDA); this run is on {device}")
+    if device.type != "cuda" and (off := off_reference(cfg)):
+        raise TrainingError(f"train.{off[0]} = {getattr(cfg, off[0])!r} needs a GPU (CUDA); this run is on {device}")
     if device.type != "cuda" or cfg == plain:
         return cfg
     try:

@@ -29,9 +29,8 @@ def main() -> None:
     images, labels = load_npz(Path(args.raw) / "test.npz", "test")
     distorted, corrupted = (np.load(Path(d) / "test.npy", mmap_mode="r") for d in (args.distorted, args.corrupted))
     for name in names:
-        paths = {k: Path(args.models) / name / f"seed{k}.pt" for k in p.train.seeds}
-        nets = {k: evaluate.load_model(path, p, device) for k, path in paths.items()}
-        probs, metrics = evaluate.evaluate_strategy(name, nets, images, distorted, corrupted, labels, p, device, paths)
+        files = {k: evaluate.read_model(Path(args.models) / name / f"seed{k}.pt") for k in p.train.seeds}
+        probs, metrics = evaluate.evaluate_strategy(name, files, images, distorted, corrupted, labels, p, device)
         save_npz(Path(args.predictions) / f"{name}.npz", probs=probs, labels=labels,
                  seeds=np.array(p.train.seeds), test_sets=np.array(evaluate.TEST_SETS))
         write_json(Path(args.metrics) / f"{name}.json", metrics)  # last: metrics mean both are written

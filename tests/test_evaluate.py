@@ -78,16 +78,18 @@ def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
     for seed in (0, 1):
         torch.save({"model": model_lib.build(p.model, seed).state_dict()}, tmp_path / f"seed{seed}.pt")
     cpu = torch.device("cpu")
-    nets = {k: evaluate.load_model(tmp_path / f"seed{k}.pt", p, cpu) for k in (0, 1)}
-    probs, m = evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted, labels, p, cpu)
+    files = {k: evaluate.read_model(tmp_path / f"seed{k}.pt") for k in (0, 1)}
+    probs, m = evaluate.evaluate_strategy("S3", files, images, distorted, corrupted, labels, p, cpu)
     assert probs.shape == (2, 10, 12, 10) and probs.dtype == np.float32
-    want = evaluate.predict(nets[1], distorted[1, 2], cpu, 5)
+    want = evaluate.predict(model_lib.build(p.model, 1), distorted[1, 2], cpu, 5)
     np.testing.assert_allclose(probs[1, evaluate.TEST_SETS.index("noise_3")], want, rtol=1e-6)
     assert m["per_seed_acc"]["seed1"]["noise_3"] == round(evaluate.accuracy(want, labels), 5)
     assert (m["strategy"], m["labels"], m["seeds"], m["test_images"]) == ("S3", "iqa_ls", [0, 1], 12)
-    assert list(m["unseen"]) == list(p.corrupt.families) + ["mean"]
+    assert list(m["unseen"]) == list(p.corrupt.families) + ["mean"] and "along_training" not in m
     with pytest.raises(DataError, match="rerun the corrupt stage"):
-        evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted[:1], labels, p, cpu)
+        evaluate.evaluate_strategy("S3", files, images, distorted, corrupted[:1], labels, p, cpu)
+    with pytest.raises(DataError, match="no trained model"):
+        evaluate.read_model(tmp_path / "seed7.pt")
     with pytest.raises(DataError, match="no trained model"):
         evaluate.load_model(tmp_path / "seed7.pt", p, cpu)
 
@@ -107,17 +109,15 @@ def test_snapshots_are_scored_along_training(params, tiny_arrays, tmp_path):
     torch.save({"model": snaps[10]}, tmp_path / "seed1.pt")  # trained without snapshots
     cpu = torch.device("cpu")
     sets = evaluate.test_sets(images, distorted)
-    rows = evaluate.along_training(tmp_path / "seed0.pt", sets, labels, params, cpu)
+    rows = evaluate.along_training(snaps, sets, labels, params, cpu)
     assert [r["epoch"] for r in rows] == [5, 10] and list(rows[0])[1:] == list(evaluate.TEST_SETS)
     for r, seed in zip(rows, (1, 2)):
         net = model_lib.build(params.model, seed)
         for name in ("pristine", "jpeg_2"):
             assert r[name] == round(evaluate.accuracy(evaluate.predict(net, sets[name], cpu, 5), labels), 5)
-    assert evaluate.along_training(tmp_path / "seed1.pt", sets, labels, params, cpu) == []
-    paths = {k: tmp_path / f"seed{k}.pt" for k in (0, 1)}
-    nets = {k: evaluate.load_model(path, params, cpu) for k, path in paths.items()}
-    _, m = evaluate.evaluate_strategy("S3", nets, images, distorted, corrupted, labels, params, cpu, paths)
+    assert evaluate.along_training({}, sets, labels, params, cpu) == []
+    files = {k: evaluate.read_model(tmp_path / f"seed{k}.pt") for k in (0, 1)}
+    _, m = evaluate.evaluate_strategy("S3", files, images, distorted, corrupted, labels, params, cpu)
     assert m["along_training"] == {"seed0": rows, "seed1": []}
-    _, m = evaluate.evaluate_strategy("S3", {1: nets[1]}, images, distorted, corrupted, labels, params, cpu,
-                                      {1: paths[1]})
+    _, m = evaluate.evaluate_strategy("S3", {1: files[1]}, images, distorted, corrupted, labels, params, cpu)
     assert "along_training" not in m  # no snapshots: the metrics as before

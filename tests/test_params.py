@@ -219,3 +219,15 @@ def test_copy_layout_names_each_test_set_once():
     assert sorted(copy_index(t, lv) for t, lv in pairs) == list(range(1, NUM_COPIES))
     assert all(TEST_SETS[copy_index(t, lv)] == test_set_name(t, lv) for t, lv in pairs)
     assert TEST_SETS[0] == "pristine" and test_set_name(2, 0) == "jpeg_1" and len(set(TEST_SETS)) == NUM_COPIES
+
+
+def test_off_reference_names_the_keys_that_need_a_gpu(params):
+    """One comparison with the reference step, for a Train and for a probe's mapping of values."""
+    import dataclasses
+
+    from iqals.params import REFERENCE_STEP, off_reference
+
+    assert off_reference(params.train) == () and off_reference(dict(REFERENCE_STEP)) == ()
+    bf16_batch = dataclasses.replace(params.train, precision="bf16", layout="batch")
+    assert off_reference(bf16_batch) == ("precision", "layout")
+    assert off_reference({**REFERENCE_STEP, "step": "graph"}) == ("step",)
