@@ -1,4 +1,5 @@
-"""Fixtures shared by all tests: the repository, its params, and a tiny synthetic CIFAR-10 copy."""
+"""Fixtures shared by all tests: the repository, its params, and a tiny synthetic CIFAR-10 copy;
+and `close`, the rounding bound for comparing two code paths."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from iqals import params as params_lib
@@ -47,6 +49,18 @@ def natural_images(n: int, seed: int) -> np.ndarray:
         img += cv2.GaussianBlur(tex, (3, 3), 0.6)[..., None] + rng.normal(0, 1.5, size=(32, 32, 3))
         out[i] = np.clip(np.floor(img + 0.5), 0, 255).astype(np.uint8)
     return out
+
+
+def close(a, b, terms: int, what: str = "") -> None:
+    """Two code paths summing the same `terms` products in other orders (other kernels, CPUs,
+    memory layouts): rounding of about eps x sqrt(terms) relative to b's scale (a random walk),
+    eps of the less precise of the two dtypes; a mixed-up run, batch or channel is O(1). In fp32 a
+    3x3 max pool whose two largest inputs lie within rounding may route a gradient to the other
+    one: compare gradients in float64 where that matters. Tensors or numpy arrays; `what` names them."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+    torch.testing.assert_close(a, b, rtol=0, atol=8 * eps * terms ** 0.5 * b.abs().max().item(), check_dtype=False,
+                               msg=(lambda m: f"{what}: {m}") if what else None)
 
 
 def balanced_labels(per_class: int, rng: np.random.Generator) -> np.ndarray:

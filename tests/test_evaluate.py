@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from iqals import evaluate
+from tests.conftest import close
 
 # top confidences kept off the bin edges, where float rounding of the edges decides
 PROBS = np.array([[0.72, 0.18, 0.1], [0.1, 0.63, 0.27], [0.2, 0.25, 0.55], [0.91, 0.05, 0.04]])
@@ -82,7 +83,7 @@ def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
     probs, m = evaluate.evaluate_strategy("S3", files, images, distorted, corrupted, labels, p, cpu)
     assert probs.shape == (2, 10, 12, 10) and probs.dtype == np.float32
     want = evaluate.predict(model_lib.build(p.model, 1), distorted[1, 2], cpu, 5)
-    np.testing.assert_allclose(probs[1, evaluate.TEST_SETS.index("noise_3")], want, rtol=1e-6)
+    close(probs[1, evaluate.TEST_SETS.index("noise_3")], want, 5 * 5 * 64)  # other batches: conv2's sums
     assert m["per_seed_acc"]["seed1"]["noise_3"] == round(evaluate.accuracy(want, labels), 5)
     assert (m["strategy"], m["labels"], m["seeds"], m["test_images"]) == ("S3", "iqa_ls", [0, 1], 12)
     assert list(m["unseen"]) == list(p.corrupt.families) + ["mean"] and "along_training" not in m
