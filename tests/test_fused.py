@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from iqals import model
+from tests.conftest import close
 
 
 @pytest.fixture(scope="module")
@@ -160,22 +161,17 @@ def test_batch_stacked_net_gives_the_grouped_nets_logits_and_gradients(fused, pa
     want, out = ref(x), got(x)
     run_losses(want, q, "squared").sum().backward()
     run_losses(out, q, "squared").sum().backward()
-    eps = torch.finfo(torch.float32).eps
-    # the same sums in other kernels and orders: rounding of about eps x sqrt(terms) relative to
-    # each tensor's scale; the longest sums are conv1's weight gradients, b x 32 x 32 terms
-    terms = b * 32 * 32
-    torch.testing.assert_close(out, want, rtol=0, atol=8 * eps * terms ** 0.5 * want.abs().max().item())
+    terms = b * 32 * 32  # the same sums in other kernels and orders; the longest: conv1's weight gradients
+    close(out, want, terms)
     for (k, w), (_, v) in zip(ref.named_parameters(), got.named_parameters()):
-        tol = 8 * eps * terms ** 0.5 * w.grad.abs().max().item()
-        torch.testing.assert_close(v.grad, w.grad, rtol=0, atol=tol, msg=lambda m: f"{k}: {m}")
+        close(v.grad, w.grad, terms, k)
     # each run's slice is its own: run 1's gradients do not move when run 0's images change
     got.zero_grad()
     x2 = x.clone()
     x2[0] = x2[0].flip(-1)
     run_losses(got(x2), q, "squared").sum().backward()
-    assert torch.allclose(got.conv2.weight.grad.unflatten(0, (runs, -1))[1],
-                          dict(ref.named_parameters())["conv2.weight"].grad.unflatten(0, (runs, -1))[1],
-                          rtol=0, atol=8 * eps * terms ** 0.5 * ref.conv2.weight.grad.abs().max().item())
+    close(got.conv2.weight.grad.unflatten(0, (runs, -1))[1],
+          dict(ref.named_parameters())["conv2.weight"].grad.unflatten(0, (runs, -1))[1], terms)
 
 
 def test_check_of_the_batch_layout_passes_against_the_cpu_reference(fused, raw_params):
