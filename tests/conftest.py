@@ -51,15 +51,16 @@ def natural_images(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def close(a, b, terms: int, what: str = "") -> None:
+def close(a, b, terms: int, what: str = "", rtol: float = 0.0) -> None:
     """Two code paths summing the same `terms` products in other orders (other kernels, CPUs,
     memory layouts): rounding of about eps x sqrt(terms) relative to b's scale (a random walk),
     eps of the less precise of the two dtypes; a mixed-up run, batch or channel is O(1). In fp32 a
     3x3 max pool whose two largest inputs lie within rounding may route a gradient to the other
-    one: compare gradients in float64 where that matters. Tensors or numpy arrays; `what` names them."""
+    one: compare gradients in float64 where that matters. Tensors or numpy arrays; `what` names them;
+    rtol adds a relative part (a rounding to a coarser dtype on one side)."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
-    torch.testing.assert_close(a, b, rtol=0, atol=8 * eps * terms ** 0.5 * b.abs().max().item(), check_dtype=False,
+    torch.testing.assert_close(a, b, rtol=rtol, atol=8 * eps * terms ** 0.5 * b.abs().max().item(), check_dtype=False,
                                msg=(lambda m: f"{what}: {m}") if what else None)
 
 

@@ -42,8 +42,8 @@ def same_losses(got, want, images):
     """Per-epoch mean losses of two fp32 code paths: each a sum over images x NUM_CLASSES squared
     terms (conftest.close). The weights they are taken at differ by rounding too, which moves a
     loss far less (measured: at most 2 fp32 eps); a mixed-up run or target is O(1e-2) and more."""
-    f32 = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731 - history rows hold Python floats
-    close(f32(got), f32(want), images * params_lib.NUM_CLASSES)
+    got, want = (torch.as_tensor(v, dtype=torch.float32) for v in (got, want))  # history rows: Python floats
+    close(got, want, images * params_lib.NUM_CLASSES)
 
 
 def loss_sum(logits, q):
@@ -373,11 +373,11 @@ def test_cli_trains_runs_together_as_the_single_form_would(tmp_path, repo_root, 
     assert "S1 seed 0 epoch 2/2" in out and "S2 seed 0 epoch 2/2" in out
     one, grouped = load(tmp_path / "one" / "S2" / "seed0.pt"), load(tmp_path / "models" / "S2" / "seed0.pt")
     assert one.keys() == grouped.keys() and one["params"] == grouped["params"]
-    init = model.build(params_lib.load(tmp_path / "params.yaml").model, derive_seed(0, "init")).state_dict()
+    p = params_lib.load(tmp_path / "params.yaml")
+    init = model.build(p.model, derive_seed(0, "init")).state_dict()
     for k, v in one["model"].items():
         close_after_training(grouped["model"][k], v, init[k])
-    same_losses([r["loss"] for r in grouped["history"]], [r["loss"] for r in one["history"]],
-                params_lib.load(tmp_path / "params.yaml").base.train_size)
+    same_losses([r["loss"] for r in grouped["history"]], [r["loss"] for r in one["history"]], p.base.train_size)
     assert (tmp_path / "models" / "S1" / "seed0.pt").exists() and (tmp_path / "logs" / "S1" / "seed0.tsv").exists()
     # evaluate likewise: several strategies in one call write what one-strategy calls write
     sh(py + ["stages.corrupt"], tmp_path, env)
