@@ -1,10 +1,12 @@
 """Run a preset of params.yaml as one DVC experiment.
 
-    python -m stages.preset presets/paper.yaml [--name paper] [--runner dask|dvc] [--workers 4] [--dry]
+    python -m stages.preset presets/paper.yaml [-S key=value ...] [--name paper] [--runner dask|dvc]
+                            [--workers 4] [--dry]
 
-A preset maps dotted keys to values, as `dvc exp run -S key=value` takes them. Before anything
-runs, params.yaml with the preset's values is validated, and a preset asking for
-train.device = cuda stops unless a CUDA GPU is there. Then, with
+A preset maps dotted keys to values, as `dvc exp run -S key=value` takes them; -S here sets more
+keys or changes the preset's (the value read as YAML, as DVC reads it). Before anything runs,
+params.yaml with these values is validated, and a preset asking for train.device = cuda stops
+unless a CUDA GPU is there. Then, with
 - --runner dask (default): the values are set in params.yaml as `dvc exp run -S` sets them, the
   stale stages run on a local Dask cluster (stages.parallel: on a GPU the training stages ready
   together train in one stacked process) and `dvc exp save -n NAME` keeps the workspace as the
@@ -22,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from iqals import params as params_lib
 from iqals.errors import UsageError
 from stages.common import run
@@ -32,6 +36,8 @@ log = logging.getLogger("preset")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", type=Path)
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params key set on top of the preset's values (repeatable), as `dvc exp run -S`")
     ap.add_argument("--name", default=None, help="the experiment's name (default: the preset's file name)")
     ap.add_argument("--runner", choices=("dask", "dvc"), default="dask")
     ap.add_argument("--workers", type=int, default=4, help="dask runner: local workers (one stage each)")
@@ -40,6 +46,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s preset %(levelname)s %(message)s", datefmt="%H:%M:%S")
     values = params_lib.load_preset(args.preset)
+    for s in args.set:
+        key, eq, value = s.partition("=")
+        if not eq or not key:
+            raise UsageError(f"-S {s!r}: expected KEY=VALUE, e.g. -S train.epochs=2000")
+        values[key] = yaml.safe_load(value)
     params_lib.parse(params_lib.with_overrides(params_lib.read_raw(args.params), values, str(args.preset)))
     name, sets = args.name or args.preset.stem, [f"{k}={params_lib.yaml_value(v)}" for k, v in values.items()]
     if args.runner == "dvc":

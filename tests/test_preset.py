@@ -47,6 +47,21 @@ def test_dry_prints_the_dvc_command_whose_values_parse_back(tmp_path, repo_root)
     assert lines[1].endswith("-m stages.parallel --workers 4") and lines[2] == "dvc exp save -f -n p2"
 
 
+
+def test_set_on_the_command_line_changes_and_adds_keys_before_validation(tmp_path, repo_root):
+    r = preset(tmp_path, repo_root, "--dry", "--runner", "dvc", "-S", "train.epochs=2000",
+               "-S", "train.lr_decay_epochs=350", "--set", "report.bootstrap=200")
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout.strip())
+    back = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in cmd[6::2])}
+    want = params_lib.load_preset(repo_root / "presets/paper.yaml")
+    want.update({"train.epochs": 2000, "train.lr_decay_epochs": 350, "report.bootstrap": 200})
+    assert back == want and list(back)[-1] == "report.bootstrap"  # the preset's order, then the new key
+    bad = preset(tmp_path, repo_root, "--dry", "-S", "train.lr_decay_epochs=20")  # past the preset's 16 epochs
+    assert bad.returncode == 1 and "train.lr_decay_epochs = 20: expected at most train.epochs (16)" in bad.stderr
+    bad = preset(tmp_path, repo_root, "--dry", "-S", "train.epochs")
+    assert bad.returncode == 1 and "-S 'train.epochs': expected KEY=VALUE" in bad.stderr
+
 @pytest.mark.slow
 def test_the_dask_runner_makes_one_dvc_experiment(tmp_path, repo_root, tiny_cifar):
     """A preset run through stages.parallel on the tiny pipeline: every stage in dvc.lock, the
