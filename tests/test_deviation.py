@@ -87,6 +87,18 @@ def test_pillow_encoder_agrees_with_opencv(images, sub):
 def test_kernel_rules_are_the_documented_sizes():
     assert [2 * distort.kernel_radius(s, "matlab") + 1 for s in SIGMAS] == [2 * math.ceil(2 * s) + 1 for s in SIGMAS]
     assert [2 * distort.kernel_radius(s, "fixed3") + 1 for s in SIGMAS] == [3, 3, 3]
+    # OpenCV's GaussianBlur with ksize 0 on 8-bit images: cvRound(sigma * 3 * 2 + 1) | 1
+    # (createGaussianKernels); the value test below cannot see one tap more or less
+    assert [2 * distort.kernel_radius(s, "opencv") + 1 for s in SIGMAS] == [5, 7, 9]
+
+
+def test_scipy_rule_is_gaussian_filters_support():
+    """gaussian_filter(truncate=4) of an impulse is nonzero exactly on the kernel (float64: no tap rounds away)."""
+    for s in SIGMAS:
+        impulse = np.zeros(41)
+        impulse[20] = 1.0
+        support = np.count_nonzero(ndimage.gaussian_filter1d(impulse, s, truncate=4.0))
+        assert 2 * distort.kernel_radius(s, "scipy") + 1 == support, s
     with pytest.raises(ValueError, match="blur kernel rule 'box'"):
         distort.kernel_radius(1.0, "box")
 
