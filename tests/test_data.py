@@ -318,3 +318,26 @@ def test_official_archive_of_the_wrong_size_is_rejected(monkeypatch, tmp_path, t
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Fake)
     with pytest.raises(DataError, match=r"official train set has 200 images, expected 50000"):
         data.acquire(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("n", [0, 1, 10_000])
+def test_test_split_sizes_at_the_limits(tmp_path, n):
+    """The official test split (10,000) and a single image load; an empty split is refused."""
+    path = tmp_path / "test.npz"
+    np.savez(path, images=np.zeros((n, 32, 32, 3), np.uint8), labels=np.arange(n) % 10)
+    if n == 0:
+        with pytest.raises(DataError, match="expected 1..10000 test images, got 0"):
+            data.load_npz(path, "test")
+    else:
+        images, labels = data.load_npz(path, "test")
+        assert len(images) == n and labels.tolist() == (np.arange(n) % 10).tolist()
+
+
+def test_official_index_reads_the_stored_positions(tmp_path):
+    """The download stage stores each image's official position (it keys the noise and corruption
+    streams); a file without one counts from 0."""
+    stored = np.array([7, 3, 12], np.int64)
+    np.savez(tmp_path / "a.npz", images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.zeros(3, np.int64), index=stored)
+    np.savez(tmp_path / "b.npz", images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.zeros(3, np.int64))
+    assert data.official_index(tmp_path / "a.npz").tolist() == [7, 3, 12]
+    assert data.official_index(tmp_path / "b.npz").tolist() == [0, 1, 2]

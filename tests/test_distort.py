@@ -343,3 +343,9 @@ def test_bench_blur_and_jpeg_baselines_agree(monkeypatch):
     assert r["types"]["blur"]["max_abs_diff"] <= 1
     assert r["types"]["blur"]["n_values_differing"] <= 1e-4 * 3 * 24 * 32 * 32 * 3
     assert all(v["ours_s"] > 0 and v["loop_s"] > 0 for v in r["types"].values())
+
+
+def test_round_uint8_rounds_half_up_and_saturates():
+    """MATLAB's uint8(): halves go up (not to even, as np.rint would), out-of-range values saturate."""
+    x = np.array([0.5, 1.5, 2.5, 2.4999, 253.5, 254.5, 255.4, -0.4, -3.0, 300.0])
+    assert distort._round_uint8(x).tolist() == [1, 2, 3, 2, 254, 255, 255, 0, 0, 255]

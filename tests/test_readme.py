@@ -1,5 +1,7 @@
 """The README's promises: its first commands, and results copied verbatim from the pipeline."""
 import re
+import shlex
+import subprocess
 
 import pytest
 
@@ -70,6 +72,11 @@ def test_make_readme_fills_every_block_from_its_source(tmp_path, repo_root, monk
 def test_make_clean_keeps_committed_results_and_test_fast_skips_slow(repo_root):
     make = (repo_root / "Makefile").read_text()
     clean = re.search(r"^clean:\n((?:\t.*\n?)+)", make, re.M).group(1)
-    tracked = {"logs", "metrics", "plots", "bench", "reference"}  # committed: clean must not touch them
-    assert not tracked & {w.strip("/") for w in clean.split()}, clean
+    targets = [w for line in clean.splitlines() for w in shlex.split(line)[2:]]  # each line: rm -rf PATH...
+    assert clean.count("\t") == len(clean.splitlines()) and all(line.split()[:2] == ["rm", "-rf"]
+                                                                for line in clean.splitlines()), clean
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout
+    removed = {str(p.relative_to(repo_root)) for t in targets for p in repo_root.glob(t.strip("/"))}
+    hit = [f for f in tracked.splitlines() for r in removed if f == r or f.startswith(r.rstrip("/") + "/")]
+    assert targets and not hit, hit  # committed results (logs/, metrics/, plots/, results/ ...) stay
     assert re.search(r"^test-fast: setup\n\t\$\(PY\) -m pytest -q -m \"not slow\"$", make, re.M)
