@@ -31,8 +31,10 @@ def test_ece_zero_when_calibrated():
 
 
 def test_confidence_one_falls_in_last_bin():
-    probs = np.array([[1.0, 0.0], [1.0, 0.0]])
-    assert evaluate.ece(probs, np.array([0, 1]), 15) == pytest.approx(0.5)
+    # 1.0 wrong (correct - conf = -1) and 0.95 right (+0.05): together in bin [14/15, 1] they
+    # give |-0.95| / 2; were 1.0 a bin of its own, (1 + 0.05) / 2
+    probs = np.array([[1.0, 0.0], [0.95, 0.05]])
+    assert evaluate.ece(probs, np.array([1, 0]), 15) == pytest.approx(0.95 / 2)
 
 
 def test_test_sets_order_is_table2():
@@ -46,11 +48,14 @@ def test_test_sets_order_is_table2():
 
 def test_aggregate_means_over_seeds_and_std_of_accuracy():
     cell = lambda acc, nll: {"acc": acc, "conf": 0.5, "nll": nll, "ece": 0.1}  # noqa: E731
-    per_seed = [{n: cell(0.5, 1.0) for n in evaluate.TEST_SETS}, {n: cell(0.7, 2.0) for n in evaluate.TEST_SETS}]
+    # each test set its own values (set i: accuracy 0.05 i + 0.5 and 0.05 i + 0.7): a mix-up shows
+    per_seed = [{n: cell(0.05 * i + 0.5, 1.0) for i, n in enumerate(evaluate.TEST_SETS)},
+                {n: cell(0.05 * i + 0.7, 2.0) for i, n in enumerate(evaluate.TEST_SETS)}]
     out = evaluate.aggregate(per_seed)
     assert list(out) == list(evaluate.TEST_SETS)
-    assert out["jpeg_3"] == {"acc": 0.6, "conf": 0.5, "nll": 1.5, "ece": 0.1,
-                             "acc_std": round(np.std([0.5, 0.7], ddof=1), 5)}
+    for i, n in enumerate(evaluate.TEST_SETS):
+        assert out[n] == {"acc": round(0.05 * i + 0.6, 5), "conf": 0.5, "nll": 1.5, "ece": 0.1,
+                          "acc_std": round(np.std([0.5, 0.7], ddof=1), 5)}, n
     assert evaluate.aggregate(per_seed[:1])["pristine"]["acc_std"] is None  # one seed: n/a, not 0
 
 
@@ -74,8 +79,9 @@ def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
     images, labels = images[:12], labels[:12]
     distorted = np.stack([np.stack([np.roll(images, t + lv, axis=1) for lv in range(3)]) for t in range(3)])
     p = dataclasses.replace(params, corrupt=dataclasses.replace(params.corrupt, families=("fog", "contrast"),
-                                                                 severities=(2,)))
-    corrupted = np.stack([np.stack([images[:, ::-1]] * len(p.corrupt.severities))] * len(p.corrupt.families))
+                                                                 severities=(2,)),
+                            evaluate=dataclasses.replace(params.evaluate, ece_bins=1000))  # a bin per image
+    corrupted = np.stack([images[None, :, ::-1], 255 - images[None]])  # (families, severities, N, ...): two kinds
     for seed in (0, 1):
         torch.save({"model": model_lib.build(p.model, seed).state_dict()}, tmp_path / f"seed{seed}.pt")
     cpu = torch.device("cpu")
@@ -87,6 +93,22 @@ def test_evaluate_strategy_on_two_seeds(params, tiny_arrays, tmp_path):
     assert m["per_seed_acc"]["seed1"]["noise_3"] == round(evaluate.accuracy(want, labels), 5)
     assert (m["strategy"], m["labels"], m["seeds"], m["test_images"]) == ("S3", "iqa_ls", [0, 1], 12)
     assert list(m["unseen"]) == list(p.corrupt.families) + ["mean"] and "along_training" not in m
+    # every measure from each seed's predictions on the right set, with the right labels and bins
+    # (the same predict calls as evaluate_strategy's: equal to the last digit)
+    nets = {k: model_lib.build(p.model, k) for k in (0, 1)}
+    sets = evaluate.test_sets(images, distorted)
+    for name in ("pristine", "blur_2", "jpeg_3"):
+        pr = [evaluate.predict(nets[k], sets[name], cpu, p.evaluate.batch_size) for k in (0, 1)]
+        want = {"acc": [evaluate.accuracy(x, labels) for x in pr],
+                "conf": [evaluate.true_confidence(x, labels).mean() for x in pr],
+                "nll": [evaluate.nll(x, labels) for x in pr],
+                "ece": [evaluate.ece(x, labels, p.evaluate.ece_bins) for x in pr]}
+        assert {k: m[name][k] for k in want} == {k: round(float(np.mean(v)), 5) for k, v in want.items()}, name
+    unseen = np.array([[[evaluate.accuracy(evaluate.predict(nets[k], x, cpu, p.evaluate.batch_size), labels) for x in f]
+                        for f in corrupted] for k in (0, 1)])
+    assert m["unseen"] == evaluate.unseen_summary(unseen, p.corrupt.families)
+    pristine = np.array([m["per_seed_acc"][f"seed{k}"]["pristine"] for k in (0, 1)])
+    assert (np.abs(unseen - pristine[:, None, None]) > 1e-4).any()  # the premise: scoring the wrong stack shows
     with pytest.raises(DataError, match="rerun the corrupt stage"):
         evaluate.evaluate_strategy("S3", files, images, distorted, corrupted[:1], labels, p, cpu)
     with pytest.raises(DataError, match="no trained model"):

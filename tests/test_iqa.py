@@ -201,3 +201,19 @@ def test_each_name_params_validates_is_its_own_measure_and_transform():
     np.testing.assert_array_equal(got["identity"], s)
     np.testing.assert_array_equal(got["linear"], s / 4.0)
     np.testing.assert_array_equal(got["exp_decay"], np.exp(-s / 4.0))
+
+
+def test_summary_of_a_level_counts_the_targets_the_clip_changed(params):
+    """What the score stage reports per level: the scores' distribution, the mean target T(s) after
+    the clip, and how many targets the clip changed (below the floor or above 1)."""
+    s = np.array([0.05, 0.5, 0.95, -0.2, 1.0, 0.3])
+    cfg = dataclasses.replace(params.iqa, transform="identity", clip=(0.1, 1.0))
+    want = {"mean": s.mean(), "std": s.std(), "p05": np.percentile(s, 5), "median": np.median(s),
+            "p95": np.percentile(s, 95), "target_mean": np.mean([0.1, 0.5, 0.95, 0.1, 1.0, 0.3])}
+    assert iqa.summary(s, cfg) == {**{k: round(float(v), 5) for k, v in want.items()}, "clipped": 2}
+    # a distance through exp_decay (scale 0.1): exp(-0.5 / 0.1) = 0.0067 is raised to the floor; 0 maps to 1
+    cfg = dataclasses.replace(cfg, transform="exp_decay", transform_scale=0.1)
+    out = iqa.summary(np.array([0.0, 0.5, 0.1]), cfg)
+    assert out["clipped"] == 1 and out["target_mean"] == round((1 + 0.1 + np.exp(-1)) / 3, 5)
+    cfg = dataclasses.replace(cfg, transform="linear", transform_scale=50.0)  # PSNR above 50 dB is capped at 1
+    assert iqa.summary(np.array([60.0, 25.0]), cfg)["clipped"] == 1

@@ -49,13 +49,15 @@ def test_forward_equals_table1_order(net):
 
 def test_initialisation_follows_tf_model(params, net):
     m = params.model
-    for layer, std in [(net.conv1, m.conv_std), (net.conv2, m.conv_std), (net.fc1, m.fc_std), (net.out, m.out_std)]:
+    for layer, std in [(net.conv1, m.conv_std), (net.conv2, m.conv_std), (net.fc1, m.fc_std), (net.fc2, m.fc_std),
+                       (net.out, m.out_std)]:
         w = layer.weight.detach()
         assert w.abs().max() <= 2 * std + 1e-9  # truncated at 2 std
         # std of a normal truncated at +-2 sigma is 0.8796 sigma
         assert abs(w.std().item() / std - 0.8796) < 0.05
     assert torch.all(net.conv1.bias == m.conv1_bias) and torch.all(net.conv2.bias == m.conv2_bias)
-    assert torch.all(net.fc1.bias == m.fc_bias) and torch.all(net.out.bias == m.out_bias)
+    assert torch.all(net.fc1.bias == m.fc_bias) and torch.all(net.fc2.bias == m.fc_bias)
+    assert torch.all(net.out.bias == m.out_bias)
 
 
 def test_init_is_seeded(params):
@@ -91,8 +93,11 @@ def test_same_max_pool_matches_tf_padding():
 def test_per_image_standardisation():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     x[1] = 7  # constant image: std floored at 1/sqrt(3072), so the output is 0 not NaN
+    x[2] = 7
+    x[2, 0, 0, 0] = 8  # std 0.018, under the floor 0.018042: the floor's value decides the output
     got = model.standardize(x).numpy()
     a = x.numpy().astype(np.float64).reshape(4, -1)
     want = (a - a.mean(1, keepdims=True)) / np.maximum(a.std(1, keepdims=True), 1 / np.sqrt(3072))
     close(got.reshape(4, -1), want, 3072)  # float32 against float64: sums over 3,072 values
     assert np.all(got[1] == 0)
+    assert a[2].std() < 1 / np.sqrt(3072) and got[2].max() == pytest.approx((1 - 1 / 3072) * np.sqrt(3072), rel=1e-6)

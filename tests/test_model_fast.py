@@ -107,7 +107,9 @@ def test_lrn_under_bf16_autocast_runs_in_float32():
 def test_pool_same_equals_minus_inf_padding_in_value_and_gradient(hw, layout):
     torch.manual_seed(0)
     x = torch.randn(2, 4, *hw, dtype=torch.float64)
-    x[:, :, :2, :2] = 0.5  # ties: both must route the gradient to the same (first) maximum
+    x[:, :, :3, :3] = 5.0  # a window tied at its maximum (randn stays below 5 here): both must
+    x[:, :, -2:, -2:] = 5.0  # route the gradient to the same (first) one; and the last, clipped window
+    assert _near_tie(x, 1)  # the premise: ties in windows
     g = torch.randn_like(_reference_pool(x))
     if layout == "channels_last":
         x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
@@ -137,9 +139,21 @@ class StockNet(model.Net):
         self.lrn = nn.LocalResponseNorm(*a)
 
     def forward(self, x):
-        x = self.lrn(_reference_pool(F.relu(self.conv1(x))))
-        x = _reference_pool(self.lrn(F.relu(self.conv2(x))))
+        self.pooled = [F.relu(self.conv1(x))]  # the two pools' inputs
+        x = self.lrn(_reference_pool(self.pooled[0]))
+        self.pooled.append(self.lrn(F.relu(self.conv2(x))))
+        x = _reference_pool(self.pooled[1])
         return self.out(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+def _near_tie(t: torch.Tensor, terms: int) -> bool:
+    """Does a pool window with a positive maximum hold its two largest values within fp32 rounding
+    of `terms`-term sums (close()'s bound, for each of the two)? There two paths may route the
+    gradient apart (in windows of ReLU zeros too, harmlessly: the ReLU's backward zeroes both)."""
+    w = F.unfold(F.pad(t, (0, 1, 0, 1), value=float("-inf")).flatten(0, 1)[:, None], 3, stride=2)
+    top = w.topk(2, dim=1).values
+    bound = 2 * 8 * torch.finfo(torch.float32).eps * terms ** 0.5 * t.abs().max()
+    return bool(((top[:, 0] > 0) & (top[:, 0] - top[:, 1] <= bound)).any())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -158,8 +172,15 @@ def test_network_equals_stock_network_in_logits_and_every_gradient(params, dtype
         losses.append((logits.detach(), loss.detach()))
     close(losses[0][0], losses[1][0], 5 * 5 * 64)  # conv2's sums
     close(losses[0][1], losses[1][1], 5 * 5 * 64)
+    # In fp32 the two paths' pool inputs differ by rounding, and nearly every batch has a window
+    # whose two largest inputs lie that close (_near_tie: 198 of 200 seeded one-image batches, all
+    # 200 of two or more): the pools may route the gradient to different ones, changing every
+    # gradient below them. So the convolutions' gradients are compared in float64 (where the pools
+    # agree), the layers after the last pool in both precisions.
+    below_pools = ("conv1", "conv2")
     for (name, a), b in zip(ours.named_parameters(), stock.parameters()):
-        close(a.grad, b.grad, 6 * 32 * 32, name)  # conv1's weight gradient: batch x 32 x 32
+        if dtype == torch.float64 or not name.startswith(below_pools):
+            close(a.grad, b.grad, 6 * 32 * 32, name)  # conv1's weight gradient: batch x 32 x 32
 
 
 def test_state_dict_is_unchanged_by_the_fast_layers(params):

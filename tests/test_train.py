@@ -92,11 +92,14 @@ def test_lr_schedule_is_staircase(params):
 
 
 def test_losses():
-    logits = torch.tensor([[2.0, 0.0, 0.0]])
-    q = torch.tensor([[0.8, 0.1, 0.1]])
-    p = torch.softmax(logits, 1)
-    assert train_lib.run_losses(logits, q, "squared").item() == pytest.approx(((p - q) ** 2).sum().item())
-    assert train_lib.run_losses(logits, q, "cross_entropy").item() == pytest.approx(-(q * p.log()).sum().item())
+    """Eq. (1) and cross-entropy summed over classes, averaged over the batch (of two here), per run."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, -1.0]], [[0.5, 0.5, 0.0], [1.0, 1.0, 1.0]]])  # (runs, B, K)
+    q = torch.tensor([[0.8, 0.1, 0.1], [0.05, 0.9, 0.05]]).expand(2, 2, 3)
+    p = torch.softmax(logits, -1)
+    sq = [((p[r] - q[r]) ** 2).sum().item() / 2 for r in range(2)]
+    ce = [-(q[r] * p[r].log()).sum().item() / 2 for r in range(2)]
+    assert train_lib.run_losses(logits, q, "squared").tolist() == pytest.approx(sq, rel=1e-6)
+    assert train_lib.run_losses(logits, q, "cross_entropy").tolist() == pytest.approx(ce, rel=1e-6)
 
 
 @pytest.mark.parametrize("key, value", [("precision", "bf16"), ("step", "graph"), ("layout", "batch")])
