@@ -95,3 +95,41 @@ def test_the_gpu_probe_report_runs_through_on_canned_results(tmp_path, monkeypat
     assert speed({"skipped": "no CUDA device"}).startswith("No GPU probe in `bench/results.json` yet")
     (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": {}}))
     assert readme.gpu_speed(tmp_path).startswith("No GPU probe in `bench/results.json` yet")
+
+
+def test_measures_scores_each_level_where_the_document_names_it(tmp_path, monkeypatch, tiny_cifar):
+    """bench/measures.py, behind docs/quality_measures.md's numbers: each column is that level's
+    distortion scored directly; targets through the named transform and the clip; the block lands
+    between the markers and nowhere else."""
+    import numpy as np
+    import pytest
+
+    from bench import measures
+    from iqals import distort, iqa
+    from iqals.data import load_npz
+    from iqals.params import load
+
+    monkeypatch.setenv("CIFAR10_LOCAL", str(tiny_cifar))
+    r = measures.compute(8, float64=False, say=lambda m: None)
+    p = load(measures.REPO_ROOT / "params.yaml")
+    images = load_npz(tiny_cifar / "test.npz", "test")[0][:8]
+    blur_2 = distort.blur(images, p.distort.blur_sigma[1], p.distort.blur_kernel, p.distort.blur_border)
+    jpeg_3 = distort.jpeg(images, p.distort.jpeg_quality[2], p.distort.jpeg_subsampling, p.distort.jpeg_encoder)
+    for col, d in ((1, blur_2), (8, jpeg_3)):
+        np.testing.assert_array_equal(r["scores"]["ssim"][col], iqa.ssim(images, d, p.iqa))
+        np.testing.assert_array_equal(r["scores"]["psnr"][col], iqa.METRICS["psnr"](images, d, p.iqa))
+    np.testing.assert_array_equal(r["targets"]["gmsd"], np.clip(np.exp(-r["scores"]["gmsd"] / 0.1), 0.1, 1.0))
+    text = measures.markdown(r)
+    table = text.split("```")[1].splitlines()
+    assert table[1].split() == ["blur_1", "blur_2", "blur_3", "noise_1", "noise_2", "noise_3", "jpeg_1", "jpeg_2",
+                                "jpeg_3"]
+    assert table[10].split()[0] == "psnr" and float(table[10].split()[2]) == round(r["scores"]["psnr"][1].mean(), 2)
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- measures:begin -->\nold\n<!-- measures:end -->\nrest\n")
+    measures.write_block(text, doc)
+    assert doc.read_text() == f"intro\n<!-- measures:begin -->\n{text}<!-- measures:end -->\nrest\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="expected one <!-- measures:begin -->"):
+        measures.write_block(text, doc)
+    with pytest.raises(SystemExit, match="--n 51: expected 1 to 50"):
+        measures.compute(51, float64=False)
