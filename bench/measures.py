@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.timed import cpu  # noqa: E402
 from iqals import distort, iqa, iqa_piq  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.io import write_text  # noqa: E402
@@ -98,15 +99,6 @@ def compute(n: int, float64: bool, say=print) -> dict:
             out["seconds64"][m] = time.perf_counter() - t0
             say(f"{m} in float64: {out['seconds64'][m]:.1f} s")
     return out
-
-
-def cpu() -> str:
-    """The CPU's model name and core count (time ratios differ between CPUs)."""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def gmsd_scale_matching(s: np.ndarray, mean: float, clip) -> float:
