@@ -264,8 +264,10 @@ def test_check_of_the_cpu_group_passes_with_rounding_only(raw_params):
     p = small_params(raw_params, batch_size=20)
     r = train_lib.check_step(p, CPU, p.train, 3)
     assert r["ok"] and r["tolerance"] == train_lib.TOLERANCE["fp32"] and r["group"] == 3
-    assert r["logits_rel"] < 1e-5 and r["loss_rel"] < 1e-5  # fp32 rounding of other kernels
-    assert r["gradients_rel"] < 1e-2 and r["updates_rel"] < 1e-2  # and a max pool's near-ties, at most
+    # ok: within TOLERANCE (gradients and updates allow a max pool's near-tie routed apart); the
+    # logits and losses within fp32 rounding of conv2's 1,600-term sums, as close() bounds it
+    rounding = 8 * torch.finfo(torch.float32).eps * (5 * 5 * 64) ** 0.5
+    assert r["logits_rel"] < rounding and r["loss_rel"] < rounding, r
 
 
 def test_check_fails_a_stacked_step_that_takes_the_wrong_batch(raw_params, monkeypatch):
