@@ -1,7 +1,7 @@
 """GMSD, FSIM and VIF (pixel domain) from piq, batched, with the signature of `iqa.METRICS`'s functions.
 
 Each maps uint8 (N, H, W, 3) RGB stacks `ref` (pristine) and `dist` to float64 (N,) and does not read `cfg`; piq
-gets x / 255, BATCH images at a time, reduction='none'. README, "Quality measures", gives each measure's range,
+gets x / 255, BATCH images at a time, reduction='none'. docs/quality_measures.md gives each measure's range,
 transform and per-level means, why VIF upsamples, float32's precision and speed, and why no no-reference measure.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from . import stacks
 from .params import IQA
 
 BATCH = 512             # images per piq call (VIF at 64x64 holds ~25 float32 maps per image)
-DTYPE = torch.float32   # float64: 2-11x the time for differences <= 6e-3 (README, "Quality measures")
+DTYPE = torch.float32   # float64: several times slower for small differences (docs/quality_measures.md)
 FSIM_CHROMATIC = True   # FSIMc: phase congruency and gradients on Y, plus the I/Q chroma terms
 VIF_MIN_SIZE = 41       # piq.vif_p refuses smaller images: its 4-scale pyramid needs 41 pixels
 
