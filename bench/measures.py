@@ -17,6 +17,7 @@ Prints a Markdown block; --write puts it between the `measures` markers of the d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -37,7 +38,8 @@ from bench.timed import cpu  # noqa: E402
 from iqals import distort, iqa, iqa_piq  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.io import write_text  # noqa: E402
-from iqals.params import DISTORTIONS, IQA_METRICS, LEVELS, load, test_set_name  # noqa: E402
+from iqals.readme import put_block  # noqa: E402
+from iqals.params import DISTORTIONS, IQA, IQA_METRICS, LEVELS, load, test_set_name  # noqa: E402
 
 DOC = REPO_ROOT / "docs" / "quality_measures.md"
 # measure -> (iqa.transform, iqa.transform_scale) the document recommends (its first table)
@@ -46,9 +48,10 @@ TRANSFORM = {"gmsd": ("exp_decay", 0.1), "fsim": ("identity", 1.0), "vif": ("ide
 GMSD_SCALES = (0.15, 0.1, 0.08, 0.05)
 
 
-def targets(s: np.ndarray, metric: str, clip) -> np.ndarray:
+def targets(s: np.ndarray, metric: str, cfg: IQA) -> np.ndarray:
+    """iqa.target_probability under the transform the document recommends for `metric`."""
     name, scale = TRANSFORM[metric]
-    return np.clip(iqa.TRANSFORMS[name](s, scale), *clip)
+    return iqa.target_probability(s, dataclasses.replace(cfg, transform=name, transform_scale=scale))
 
 
 def vif_enlarged(ref: np.ndarray, dist: np.ndarray, how: str) -> np.ndarray:
@@ -77,27 +80,25 @@ def compute(n: int, float64: bool, say=print) -> dict:
     images = np.ascontiguousarray(images[:n])
     dist = distort.distort_all(images, p.distort, p.base.seed, "test", np.arange(n))  # (types, levels, N, ...)
     grid = dist.reshape((-1,) + images.shape)
-    scores, seconds = {}, {}
-    for m in IQA_METRICS:  # warm-up: imports and first-call set-up stay out of the times
-        iqa.METRICS[m](images[:2], grid[0, :2], p.iqa)
-    for m in IQA_METRICS:
-        t0 = time.perf_counter()
-        scores[m] = np.stack([iqa.METRICS[m](images, d, p.iqa) for d in grid])  # (9, N)
-        seconds[m] = time.perf_counter() - t0
-        say(f"{m}: {seconds[m]:.1f} s")
+
+    def timed(metrics, what=""):  # (9, N) scores and seconds of each; warmed up: imports and set-up untimed
+        scores, seconds = {}, {}
+        for m in metrics:
+            iqa.METRICS[m](images[:2], grid[0, :2], p.iqa)
+        for m in metrics:
+            t0 = time.perf_counter()
+            scores[m] = np.stack([iqa.METRICS[m](images, d, p.iqa) for d in grid])
+            seconds[m] = time.perf_counter() - t0
+            say(f"{m}{what}: {seconds[m]:.1f} s")
+        return scores, seconds
+
+    scores, seconds = timed(IQA_METRICS)
     out = {"n": n, "clip": p.iqa.clip, "scores": scores, "seconds": seconds,
-           "targets": {m: targets(scores[m], m, p.iqa.clip) for m in IQA_METRICS}}
+           "targets": {m: targets(scores[m], m, p.iqa) for m in IQA_METRICS}}
     out["vif_enlarged"] = {how: np.stack([vif_enlarged(images, d, how) for d in grid]) for how in ("bicubic", "reflect")}
     if float64:
         iqa_piq.DTYPE = torch.float64
-        for m in ("gmsd", "fsim", "vif"):
-            iqa.METRICS[m](images[:2], grid[0, :2], p.iqa)
-        out["float64"], out["seconds64"] = {}, {}
-        for m in ("gmsd", "fsim", "vif"):
-            t0 = time.perf_counter()
-            out["float64"][m] = np.stack([iqa.METRICS[m](images, d, p.iqa) for d in grid])
-            out["seconds64"][m] = time.perf_counter() - t0
-            say(f"{m} in float64: {out['seconds64'][m]:.1f} s")
+        out["float64"], out["seconds64"] = timed(("gmsd", "fsim", "vif"), " in float64")
     return out
 
 
@@ -159,11 +160,10 @@ def markdown(r: dict) -> str:
 
 def write_block(text: str, path: Path = DOC) -> None:
     doc = path.read_text()
-    begin, end = "<!-- measures:begin -->\n", "<!-- measures:end -->"
+    begin, end = "<!-- measures:begin -->", "<!-- measures:end -->"
     if doc.count(begin) != 1 or doc.count(end) != 1:
-        raise SystemExit(f"{path}: expected one {begin.strip()} and one {end} marker")
-    head, rest = doc.split(begin)
-    write_text(path, head + begin + text + end + rest.split(end, 1)[1])
+        raise SystemExit(f"{path}: expected one {begin} and one {end} marker")
+    write_text(path, put_block(doc, "measures", text))
 
 
 def main() -> None:

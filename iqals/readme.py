@@ -85,6 +85,13 @@ def fill(root: Path, source) -> str:
     return rebase((root / source).read_text(), str(Path(source).parent))
 
 
+def put_block(text: str, name: str, block: str) -> str:
+    """text with block (stripped) between its `<!-- name:begin -->` and `<!-- name:end -->` lines."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
+
+
 def sync(root: str | Path = ".") -> None:
     """Copy every source of BLOCKS between `<!-- name:begin -->` and `<!-- name:end -->` in
     root/README.md, its relative links rebased to the root; one write, after every block is found."""
@@ -94,9 +101,7 @@ def sync(root: str | Path = ".") -> None:
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         if begin not in text or end not in text:
             raise ExpectedError(f"{readme}: markers {begin} / {end} not found")
-        block = fill(root, source)
-        head, rest = text.split(begin, 1)
-        text = head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
+        text = put_block(text, name, fill(root, source))
     write_text(readme, text)
 
 
