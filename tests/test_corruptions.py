@@ -229,6 +229,46 @@ def test_motion_blur_applies_its_kernel_with_replicated_borders(images):
     np.testing.assert_array_equal(got, np.floor(np.clip(want, 0, 1) * 255 + 0.5))
 
 
+def plasma_by_hand(rng, decay, size=32):
+    """make_cifar_c.py plasma_fractal, point by point, on a torus: per level (step 32, 16, ..., 2; h = step / 2)
+    the square centres, then the diamond points (between two corners along a row, then along a column), each
+    the mean of its 4 neighbours + wibble U(-wibble, wibble), one block of draws per kind in row order; then
+    wibble /= decay. The map before its rescaling to [0, 1]."""
+    m = np.zeros((size, size))
+    at = lambda i, j: m[i % size, j % size]
+    step, wibble = size, 100.0
+    while step >= 2:
+        h, n = step // 2, size // step
+        sq, row, col = (wibble * rng.uniform(-wibble, wibble, (n, n)) for _ in range(3))
+        for a, b in np.ndindex(n, n):
+            i, j = a * step, b * step
+            m[i + h, j + h] = (at(i, j) + at(i + step, j) + at(i, j + step) + at(i + step, j + step)) / 4 + sq[a, b]
+        for a, b in np.ndindex(n, n):  # corners either side, centres above and below (left and right)
+            i, j = a * step, b * step
+            m[i, j + h] = (at(i, j) + at(i, j + step) + at(i - h, j + h) + at(i + h, j + h)) / 4 + row[a, b]
+            m[i + h, j] = (at(i, j) + at(i + step, j) + at(i + h, j - h) + at(i + h, j + h)) / 4 + col[a, b]
+        step, wibble = h, wibble / decay
+    return m
+
+
+def test_fog_by_hand(images):
+    """fog: clip((x + c0 fractal) max(x) / (max(x) + c0), 0, 1) 255, max(x) the image's own (image 1
+    peaks at 198, not 255), the fractal drawn from the image's stream and rescaled to [0, 1]."""
+    x, eps = images[:3] / 255.0, np.finfo(np.float64).eps
+    streams = lambda: [np.random.Generator(np.random.Philox(key=[7, i])) for i in range(3)]
+    for c0, decay in corruptions.FAMILIES["fog"][1]:
+        got = corruptions.fog(x, (c0, decay), streams())
+        for xi, g, rng in zip(x, got, streams()):
+            raw = plasma_by_hand(rng, decay)
+            want = np.clip((xi + c0 * ((raw - raw.min()) / np.ptp(raw))[..., None]) * xi.max() / (xi.max() + c0), 0, 1)
+            # float64 sums in other orders: 5 levels of 4 roundings of values up to max|raw| on each
+            # side, relative to the range the map is divided by; then scaled by 255 (1 + c0)
+            tol = 64 * eps * 255 * (1 + c0) * np.abs(raw).max() / np.ptp(raw)
+            np.testing.assert_allclose(g, want * 255, rtol=0, atol=tol, err_msg=f"fog {c0, decay}")
+        fractal = corruptions._plasma_fractal(streams()[0], decay)
+        assert fractal.shape == (32, 32) and fractal.min() == 0 and fractal.max() == 1
+
+
 def test_bad_input():
     x = natural_images(2, 0)
     with pytest.raises(ValueError, match="uint8"):
