@@ -279,7 +279,8 @@ def write_archive(out: Path, name: str, members: dict[str, bytes], cap: int) -> 
 
 
 def code_sha256(repo: Path) -> str:
-    """Which code ran: sha256 over the path, size and bytes of iqals/*.py and stages/*.py."""
+    """Which code ran: sha256 over iqals/*.py and stages/*.py in path order, each as its path, NUL, its size,
+    NUL and its bytes (run.json keeps it, results compares it with a checkout's: the format must stay)."""
     h = hashlib.sha256()
     for name in sorted(f.relative_to(repo).as_posix() for d in ("iqals", "stages") for f in (repo / d).glob("*.py")):
         data = (repo / name).read_bytes()

@@ -3,6 +3,7 @@ the data in parts, and one rehearsal of the whole round trip on the CPU (dvc and
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -236,6 +237,27 @@ def test_old_run_json_gives_a_run_summary(repo_root):
     assert re.search(r"\| train \| 235\.8 \| 1; 40,800,000 training images", md)
 
 
+def source_sha256(repo: Path) -> str:
+    """study.code_sha256 as its docstring says, written out again: for each iqals/*.py and stages/*.py in
+    path order, its path, NUL, size, NUL and bytes (run.json keeps the hash: the format must not drift)."""
+    h = hashlib.sha256()
+    for f in sorted([*repo.glob("iqals/*.py"), *repo.glob("stages/*.py")]):
+        data = f.read_bytes()
+        h.update(f"{f.relative_to(repo).as_posix()}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
+def test_code_sha256_is_of_the_library_sources(tmp_path, repo_root):
+    copy_repo(tmp_path, repo_root, ["iqals", "stages", "offline"])
+    before = study.code_sha256(tmp_path)
+    assert before == source_sha256(tmp_path)
+    (tmp_path / "offline/study.py").write_text("# not the library\n")
+    assert study.code_sha256(tmp_path) == before
+    with open(tmp_path / "stages/train.py", "a") as f:  # one byte in one file
+        f.write("\n")
+    assert study.code_sha256(tmp_path) != before
+
+
 def test_the_library_never_imports_offline(repo_root):
     for f in [*repo_root.glob("iqals/*.py"), *repo_root.glob("stages/*.py")]:
         for node in ast.walk(ast.parse(f.read_text())):
@@ -297,12 +319,14 @@ def test_rehearsal_on_the_node_returns_the_archive(rehearsal):
     want |= {f"logs/{s}/seed{k}.tsv" for s in ONEHOT + SCORED for k in SEEDS}
     want |= {f"{d}/{s}{x}" for s in ONEHOT + SCORED for d, x in (("metrics", ".json"), ("predictions", ".npz.xz"))}
     assert want <= members and not any(m.endswith(".pt") for m in members)
-    assert info["status"] == "complete" and info["code_sha256"] == study.code_sha256(dest)
+    assert info["status"] == "complete" and info["code_sha256"] == source_sha256(dest)
     assert [s["stage"] for s in info["stages"]] == ["download", "distort", "score", "corrupt", "train", "evaluate",
                                                     "report"]
     assert [c["cmd"].split(" ", 1)[1] for c in info["stages"][4]["calls"]] == [
         "-m stages.train --strategy S1 --strategy S2 --strategy S3 --scores data/scores"]
-    assert all(info["data_sha256"][f] for f in study.DATA_FILES)
+    # each of the files as the run wrote them (its work folder keeps them)
+    assert info["data_sha256"] == {f: hashlib.sha256((tmp / "work/run" / f).read_bytes()).hexdigest()
+                                   for f in study.DATA_FILES}
 
 
 @pytest.mark.slow
@@ -326,7 +350,7 @@ def test_rehearsal_results_metrics_and_regenerated_report(rehearsal, tiny_cifar)
         "--work", str(tmp / "regen")], dest, env)
     assert "### Table 2" in (r1 / "plots/report.md").read_text()
     md = (r1 / "RUN.md").read_text()
-    assert "| status | complete |" in md and "differ" not in md and "| code | sha256 " in md
+    assert "| status | complete |" in md and "differ" not in md and "and stages/*.py: this checkout's |" in md
     assert "| data | regenerated on the CPU: matched: `data/raw/train.npz`, `data/raw/test.npz`" in md
 
 
