@@ -1,5 +1,7 @@
 """Table 2 layout, the comparisons and their statistics, the conclusion lines, regime and figures."""
 import dataclasses
+import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -8,7 +10,7 @@ from scipy import stats as scipy_stats
 
 from iqals import claims, figures, mixture, stats
 from iqals import report as rep
-from iqals.params import TEST_SETS, Strategy
+from iqals.params import DISTORTIONS, LABEL_RULES, TEST_SETS, Strategy
 
 
 @pytest.fixture
@@ -82,6 +84,37 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert stats.bootstrap_test(np.zeros((1, 50)), stats.Bootstrap(50, 1, 200, seed=0))["p"] == 1.0
 
 
+def test_bootstrap_resamples_whole_seeds_and_counts_ties_at_zero_in_both_tails():
+    """Seed 0 gains 1 on every image, seed 1 nothing: only drawing seeds moves the mean, to 0 (seed 1 twice),
+    1/2 or 1 with chances 1/4, 1/2, 1/4. The interval [0, 1] touches 0, so the replicates at 0 count in p."""
+    boot = stats.Bootstrap(100, 2, 4000, seed=0)
+    d = np.stack([np.ones(100), np.zeros(100)])
+    reps = boot.replicates(d)  # image counts sum to 100: every value exact
+    assert set(np.unique(reps)) == {0.0, 0.5, 1.0}
+    for end in (0.0, 1.0):  # 5 binomial sd, sqrt(3/16 / 4000) = 0.007
+        assert np.mean(reps == end) == pytest.approx(0.25, abs=0.035)
+    r = stats.bootstrap_test(d, boot)
+    assert (r["diff"], r["ci_lo"], r["ci_hi"]) == (0.5, 0.0, 1.0)
+    assert r["p"] == 2 * (np.sum(reps == 0) + 1) / (len(reps) + 1)  # two-sided, one added to each count
+    tied = stats.Bootstrap(2, 1, 1000, seed=0)  # d = (+1, -1): half the replicates are 0, so both tails hold 3/4
+    assert stats.bootstrap_test(np.array([[1.0, -1.0]]), tied)["p"] == 1.0  # 2 x 3/4 capped at 1
+    d = np.random.default_rng(1).choice([-1.0, 0.0, 1.0], size=(2, 100))
+    r = stats.bootstrap_test(d, boot)
+    assert [r["ci_lo"], r["ci_hi"]] == list(np.quantile(boot.replicates(d), [0.025, 0.975]))  # the central 95%
+
+
+def test_paired_t_of_per_seed_accuracies_by_hand():
+    # differences 2, 3, 1 (/64, exact): t = mean / (sd / sqrt 3) = 2 sqrt 3 on 2 degrees of freedom, where
+    # p = 1 - t / sqrt(t^2 + 2) = 1 - sqrt(6/7). Unpaired, the seeds' spread (0.625 to 0.875) would swamp it.
+    # A few float64 roundings in t and in the t distribution: far below 1e-12
+    a = np.array([0.75, 0.625, 0.875])
+    assert stats.paired_t(a, a - np.array([2, 3, 1]) / 64) == pytest.approx(1 - math.sqrt(6 / 7), rel=1e-12)
+    # two seeds, differences 1/32 and 1/64: t = 3 on 1 degree of freedom (Cauchy), p = 1 - 2 atan(3) / pi
+    assert stats.paired_t(a[:2], a[:2] - [1 / 32, 1 / 64]) == pytest.approx(1 - 2 * math.atan(3) / math.pi, rel=1e-12)
+    assert math.isnan(stats.paired_t(a[:1], a[:1] - 0.1))  # one seed
+    assert math.isnan(stats.paired_t(a, a - 1 / 64))  # no variation
+
+
 def test_seeds_that_repeat_the_same_images_are_not_counted_as_new_evidence():
     """Three seeds with identical per-image results carry the evidence of one: same p and interval.
     Pooling (seed, image) pairs as independent would make the p-value far smaller."""
@@ -116,6 +149,54 @@ def test_comparisons_cover_every_family_and_holm_runs_within_each(params):
     assert "indistinguishable from one-hot S4" in lines[1]
 
 
+def test_comparison_columns_by_hand(params, paper):
+    """S3 vs S2 on 2 seeds, images in 40 groups of 10: S3 alone right on 4 groups and S2 alone on 2 (seed 0),
+    2 and 1 (seed 1); on blur_3 (not a claim set) S3 is right everywhere."""
+    strategies = {k: params.strategies[k] for k in ("S2", "S3")}
+    g = np.arange(400) % 40
+    right = {("S3", 0): g < 24, ("S2", 0): (g >= 4) & (g < 26), ("S3", 1): g < 22, ("S2", 1): (g >= 2) & (g < 23)}
+    preds = fake_preds(strategies, lambda n, s, j: np.ones(400, bool) if (n, j) == ("S3", 3) else right[n, s],
+                       seeds=(0, 1))
+    comps = claims.comparisons(strategies, preds, (1, 2), stats.Bootstrap(400, 2, 2000, seed=0), 0.05)
+    rows = comps.set_index("test_set")
+    same = rows.drop(index=["blur_3", claims.CLAIM])
+    # discordant pairs 40 - 20 and 20 - 10: CMH chi2 = 30^2 / 90 = 10 on 1 df, p = erfc(sqrt(10 / 2))
+    np.testing.assert_allclose(same["p_cmh"], math.erfc(math.sqrt(5)), rtol=1e-12)
+    assert math.isnan(rows.loc[claims.CLAIM, "p_cmh"])  # per-image means are not right/wrong pairs
+    # per-seed differences 0.05, 0.025: paired t = 3 on 1 df (Cauchy); the claim sets agree, so the claim too
+    np.testing.assert_allclose(same["p_t_seeds"], 1 - 2 * math.atan(3) / math.pi, rtol=1e-12)
+    assert rows.loc[claims.CLAIM, "p_t_seeds"] == pytest.approx(1 - 2 * math.atan(3) / math.pi, rel=1e-12)
+    # the claim is the mean over pristine, blur_1, blur_2 only: blur_3's +46 points stay out (float32 d)
+    assert rows.loc[claims.CLAIM, "diff"] == pytest.approx(0.0375, rel=1e-6)
+    # a raw p under alpha that Holm lifts over it (blur_3 first, then 9 equal ps: 9 p) is not significant
+    assert (same["p"] < 0.05).all() and (same["p_holm"] >= 0.05).all()
+    assert comps["significant"].tolist() == (comps["p_holm"] < 0.05).tolist()
+    line, = claims.claim_lines(strategies, comps, paper, (1, 2))
+    assert line.startswith("- S3 vs S2: pristine +")
+    shown = [float(x) for x in re.findall(r"\(paper ([-+][0-9.]+)\)", line)]
+    want = [100 * (paper["S3"][t] - paper["S2"][t]) for t in ("pristine", "blur_1", "blur_2")]
+    np.testing.assert_allclose(shown, want, atol=0.05 + 1e-9)  # printed to 0.1 point
+
+
+def test_conclusions_and_counts_follow_holm_and_the_sign():
+    def row(b, test_set, diff, p, p_holm):
+        fam = {"S2": "IQA-LS vs one-hot", "U3": "IQA-LS vs uniform", "R3": "IQA-LS vs shuffled"}[b]
+        return {"family": fam, "train_set": "mix_blur", "a": "S3", "b": b, "test_set": test_set, "diff": diff,
+                "ci_lo": diff - 0.01, "ci_hi": diff + 0.01, "p": p, "p_holm": p_holm, "significant": p_holm < 0.05}
+
+    comps = pd.DataFrame([row("S2", "claim", -0.02, 0.001, 0.004), row("U3", "claim", 0.02, 0.01, 0.06),
+                          row("R3", "claim", 0.03, 0.001, 0.002), row("S2", "pristine", -0.02, 0.001, 0.003),
+                          row("S2", "blur_1", 0.01, 0.001, 0.003), row("S2", "blur_2", 0.01, 0.001, 0.003)])
+    assert claims.conclusion_lines(comps, 0.05) == [
+        "- **mix_blur** (S3): IQA-LS worse than one-hot S2 (-2.0 points, 95% CI [-3.0, -1.0], Holm p = 0.004); "
+        "indistinguishable from uniform U3 (+2.0 points, 95% CI [+1.0, +3.0], Holm p = 0.06); "  # raw p 0.01
+        "better than shuffled R3 (+3.0 points, 95% CI [+2.0, +4.0], Holm p = 0.002)."]
+    counts = claims.family_counts(comps).set_index("family")
+    assert counts.loc["IQA-LS vs one-hot"].to_dict() == {"cells": 3, "significant": 3, "a_better": 2, "a_worse": 1,
+                                                         "claim_cells": 1, "claim_significant": 1}
+    assert counts.loc["IQA-LS vs uniform", "claim_significant"] == 0
+
+
 def test_comparisons_refuse_strategies_evaluated_on_other_seeds(params):
     strategies = {k: params.strategies[k] for k in ("S2", "S3")}
     preds = fake_preds(strategies, lambda n, s, j: np.ones(400, bool))
@@ -141,6 +222,45 @@ def test_one_seed_std_is_na_not_zero(params):
     assert rows and all(r[header.index("pristine_std")] == "n/a" for r in rows)
 
 
+def test_controls_rows_and_means_by_hand(params):
+    # acc, ece = 0.5 + j/64, j/64 and nll = j on test set j: every mean below is exact in float64
+    metrics = {n: {t: {"acc": 0.5 + j / 64, "acc_std": None, "ece": j / 64, "nll": float(j)}
+                   for j, t in enumerate(TEST_SETS)} for n in params.strategies}
+    ctrl = rep.controls(params.strategies, metrics, {m: 0.1 for m in claims.mixes(params.strategies)}, (1, 2))
+    assert len(ctrl) == 16 and "S1" not in set(ctrl.strategy)  # the mixes' strategies only
+    for mix, g in ctrl.groupby("train_set", sort=False):  # each mix together, label rules in params order
+        assert list(g.index) == list(range(g.index[0], g.index[0] + 4)) and list(g.labels) == list(LABEL_RULES)
+    by = ctrl.set_index("strategy")
+    assert by.loc["S3", "claim_levels"] == 0.5 + 1.5 / 64  # blur_1, blur_2
+    assert by.loc["R9", "claim_levels"] == 0.5 + 4.5 / 64  # levels 1, 2 of all three types
+    assert (ctrl.all_distorted == 0.5 + 5 / 64).all() and (ctrl.pristine == 0.5).all()
+    assert (ctrl.ece_mean == 4.5 / 64).all() and (ctrl.nll_mean == 4.5).all()  # over all ten test sets
+
+
+def test_cell_kinds_of_every_table2_cell(params, paper):
+    dev = rep.deviations(rep.table2(fake_metrics(params.strategies, lambda n, t: 0.5), paper), 1000, 1, 10000)
+    assert dev.kind.value_counts().to_dict() == {"mix, own type": 36, "mix, other type": 36, "pristine-trained": 10,
+                                                 "mix, pristine": 8}
+    assert [rep.cell_kind("mix_all3", t) for t in TEST_SETS] == ["mix, pristine"] + ["mix, own type"] * 9
+    assert [rep.cell_kind("mix_jpeg", t) for t in TEST_SETS[1:]] == ["mix, other type"] * 6 + ["mix, own type"] * 3
+
+
+def test_deviation_summary_and_grid_by_hand():
+    # binary fractions: every mean is exact; a cell on the paper (0) is not above it
+    dev = pd.DataFrame({"strategy": ["S1"] * 3 + ["S2"], "train_set": ["pristine"] * 3 + ["mix_blur"],
+                        "kind": ["pristine-trained"] * 3 + ["mix, other type"],
+                        "diff_points": [0.0, -1.0, 4.0, -2.5], "z": [0.0, -0.5, 2.5, -2.0]})
+    got = rep.deviation_summary(dev, 0.02).to_dict(orient="records")
+    assert got == [{"kind": "pristine-trained", "cells": 3, "within": 2, "mean_diff_points": 1.0, "mean_abs_z": 1.0,
+                    "above_paper": 1},
+                   {"kind": "mix, other type", "cells": 1, "within": 0, "mean_diff_points": -2.5, "mean_abs_z": 2.0,
+                    "above_paper": 0},
+                   {"kind": "all", "cells": 4, "within": 2, "mean_diff_points": 0.125, "mean_abs_z": 1.25,
+                    "above_paper": 1}]
+    assert rep.deviation_grid(dev).splitlines()[2:] == ["| S1 | pristine | +0.0 (+0.0) | -1.0 (-0.5) | +4.0 (+2.5) |",
+                                                        "| S2 | mix_blur | -2.5 (-2.0) |"]
+
+
 def test_mix_epsilon_is_the_uniform_controls_epsilon(params):
     rng = np.random.default_rng(1)
     scores = rng.uniform(0.3, 1.0, size=(3, 3, 50))
@@ -160,6 +280,20 @@ def test_calibration_spearman_is_per_distortion_type(params):
     probs[0, 4:7, :, 0] = 1 - scores[1]          # ... reversed on noise
     cal = rep.calibration(fake_metrics(strategies, lambda n, t: 0.5), {"S1": {"probs": probs, "labels": labels}}, scores)
     assert cal.loc[0, "rho_blur"] == pytest.approx(1) and cal.loc[0, "rho_noise"] == pytest.approx(-1)
+
+
+def test_calibration_rho_is_spearmans_of_the_seed_mean_confidence(params):
+    rng = np.random.default_rng(2)
+    n, scores, labels = 30, rng.uniform(0, 1, size=(3, 3, 30)), rng.integers(0, 10, 30)
+    conf = rng.uniform(0, 1, size=(2, len(TEST_SETS), n)).astype(np.float32)  # two seeds that disagree
+    probs = np.zeros((2, len(TEST_SETS), n, 10), np.float32)
+    probs[:, :, np.arange(n), labels] = conf
+    cal = rep.calibration(fake_metrics({"S1": params.strategies["S1"]}, lambda n, t: 0.5),
+                          {"S1": {"probs": probs, "labels": labels}}, scores)
+    mean = conf.astype(np.float64).mean(0)[1:].reshape(3, -1)  # per type: its 3 levels x n images
+    for t, d in enumerate(DISTORTIONS):  # Pearson of the ranks; 90 values, float64: within 1e-12
+        want = np.corrcoef(scipy_stats.rankdata(mean[t]), scipy_stats.rankdata(scores[t].ravel()))[0, 1]
+        assert cal.loc[0, f"rho_{d}"] == pytest.approx(want, abs=1e-12)
 
 
 def test_markdown():
