@@ -5,6 +5,7 @@ import torch
 
 from iqals import mixture
 from iqals.params import Strategy
+from iqals.seeds import derive_seed
 
 SHARES = (0.60, 0.15, 0.15, 0.10)
 
@@ -49,6 +50,16 @@ def test_epoch_draw_is_reproducible_and_changes_between_epochs():
         assert not torch.equal(a[1], other[1])  # order
 
 
+def test_mixes_on_one_seed_see_the_same_images_in_the_same_order_at_the_same_levels():
+    """Paired comparisons: the draw depends on (seed, epoch) alone, not on the strategy's name,
+    labels or distortion type (mixes only: a pristine draw takes no slots)."""
+    level = lambda c: torch.where(c == 0, 0, (c - 1) % 3 + 1)  # noqa: E731
+    base = mixture.epoch_draw(300, strat("mix_blur", name="S2"), SHARES, seed=2, epoch=1)
+    for s in (strat("mix_blur", "iqa_ls", "S3"), strat("mix_noise", name="S4"), strat("mix_all3", "shuffled_ls", "R9")):
+        copy, image = mixture.epoch_draw(300, s, SHARES, seed=2, epoch=1)
+        assert torch.equal(image, base[1]) and torch.equal(level(copy), level(base[0])), s.name
+
+
 def test_pristine_draws_only_pristine():
     copy, _ = mixture.epoch_draw(300, strat("pristine"), SHARES, seed=0, epoch=0)
     assert torch.all(copy == 0)
@@ -81,6 +92,10 @@ def test_iqa_ls_uses_clipped_scores_of_its_own_copies(params, scores):
     for lv in range(3):
         np.testing.assert_array_equal(q[mixture.copy_index(1, lv)], np.clip(scores[1, lv], 0.1, 1.0))
         assert np.all(q[mixture.copy_index(0, lv)] == 1)  # blur copies: not drawn by mix_noise
+    q = mixture.true_class_probability(strat("mix_all3", "iqa_ls"), 40, scores, params.iqa, SHARES, 0)
+    for t in range(3):  # mix_all3: each type's copies its own scores
+        for lv in range(3):
+            np.testing.assert_array_equal(q[mixture.copy_index(t, lv)], np.clip(scores[t, lv], 0.1, 1.0))
 
 
 def test_shuffled_keeps_distribution_breaks_link(params, scores):
@@ -90,6 +105,28 @@ def test_shuffled_keeps_distribution_breaks_link(params, scores):
     np.testing.assert_array_equal(np.sort(q[1:].ravel()), np.sort(iq[1:].ravel()))
     assert np.mean(q[1:] == iq[1:]) < 0.1
     assert np.all(q[0] == 1)
+
+
+def test_shuffled_mixes_types_in_mix_all3_and_each_seed_has_its_own_permutation(params):
+    """mix_all3's shuffle runs across types within a level: with type-separated scores a blur copy
+    gets noise and JPEG scores too. Seeds are replicates: each permutes anew, the same seed alike."""
+    scores = np.stack([np.full((3, 200), v) for v in (0.9, 0.6, 0.3)])  # (types, levels, n)
+    s = strat("mix_all3", "shuffled_ls", "R9")
+
+    def shuffled(seed):
+        return mixture.true_class_probability(s, 200, scores, params.iqa, SHARES, seed)
+    q = shuffled(0)
+    for lv in range(3):
+        assert set(q[mixture.copy_index(0, lv)]) == {0.9, 0.6, 0.3}, lv
+    assert np.array_equal(shuffled(1), shuffled(1)) and not np.array_equal(shuffled(1), q)
+
+
+def test_derived_seeds_are_63_bit_and_differ_by_root_purpose_and_its_order():
+    purposes = (("draw", 0), ("draw", 1), (0, "draw"), ("init",), ("shuffle", "R3"))
+    keys = [(r, *p) for r in (0, 1, 2**31) for p in purposes]
+    seeds = [derive_seed(*k) for k in keys]
+    assert len(set(seeds)) == len(keys) and all(0 <= s < 2**63 for s in seeds)
+    assert seeds == [derive_seed(*k) for k in keys]  # the same purpose, the same seed
 
 
 def test_uniform_epsilon_matches_mean_iqa_epsilon(params, scores):

@@ -5,7 +5,11 @@ import torch
 import yaml
 
 from iqals import distort, params as params_lib, train as train_lib
+from iqals.mixture import epoch_draw
 from iqals.params import DISTORTIONS
+
+CPU = torch.device("cpu")
+EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +89,10 @@ def test_nan_loss_stops_with_strategy_and_epoch(tmp_path, tiny, raw_params):
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_lr_schedule_is_staircase(params):
-    lrs = [train_lib.lr_at(e, params.train) for e in range(params.train.epochs)]
-    k = params.train.lr_decay_epochs
-    assert lrs == [params.train.lr * params.train.lr_decay ** (e // k) for e in range(params.train.epochs)]
+def test_lr_schedule_is_staircase(raw_params):
+    """A decay at every multiple of lr_decay_epochs, not once (factor 0.5: exact in binary)."""
+    p = small_params(raw_params, epochs=7, lr_decay_epochs=3, lr_decay=0.5)
+    assert [train_lib.lr_at(e, p.train) for e in range(7)] == [0.1] * 3 + [0.05] * 3 + [0.025]
 
 
 def test_losses():
@@ -164,3 +168,70 @@ def test_every_training_source_is_in_the_fingerprint_and_in_dvc_yaml(tiny, raw_p
     for stage in ("train_onehot", "train_scored", "deviation_converged", "deviation_probe"):
         missing = {f"iqals/{n}" for n in train_lib.SOURCES} - set(stages[stage]["deps"])
         assert not missing, (stage, missing)
+
+
+def test_loop_gives_each_epoch_its_draw_and_lr_and_logs_what_the_step_returned(tmp_path, tiny, raw_params, monkeypatch):
+    """The loop around the step (a stub here, recording its inputs): epoch e gets epoch_draw(seed, e)
+    and lr 0.1 x 0.5 ** (e // 2), resumed or not; a log row per epoch, numbered from 1, with the
+    lr used and the step's sums over n (one fp32 division); the last epoch is checkpointed though
+    checkpoint_every = 2 does not divide 5, so a finished run trains nothing when called again."""
+    p = small_params(raw_params, epochs=5, lr_decay_epochs=2, lr_decay=0.5, checkpoint_every=2)
+    seen = []
+
+    def stub(self, copy, image, lr):
+        seen.append((copy, image, lr))
+        return image[:, 0].float(), image[:, 1]  # "loss sum" and "correct" that tell the draws apart
+    monkeypatch.setattr(train_lib.Step, "epoch", stub)
+    assert run(tmp_path, tiny, p, stop_after=3) is None  # epochs 1-3 trained, checkpoint after 2
+    hist = run(tmp_path, tiny, p)  # resumes after epoch 2: trains epochs 3-5
+    assert run(tmp_path, tiny, p) == hist and len(seen) == 6
+    n, lrs = len(tiny[1]), [0.1, 0.1, 0.05, 0.05, 0.025]
+    for e, (copy, image, lr) in zip([0, 1, 2, 2, 3, 4], seen):
+        want = epoch_draw(n, p.strategies["S3"], p.mixture.shares, 0, e)
+        assert torch.equal(copy[0], want[0]) and torch.equal(image[0], want[1]) and lr == lrs[e], e
+    for e, row in enumerate(hist):
+        i0, i1 = epoch_draw(n, p.strategies["S3"], p.mixture.shares, 0, e)[1][:2].tolist()
+        assert (row["epoch"], row["lr"], row["train_acc"]) == (e + 1, lrs[e], i1 / n)
+        assert row["loss"] == pytest.approx(i0 / n, rel=EPS32, abs=0)  # fp32 division vs float64
+    log_rows = [line.split("\t") for line in (tmp_path / "a" / "log.tsv").read_text().splitlines()[1:]]
+    assert [(r[0], r[3]) for r in log_rows] == [("1", "0.1"), ("2", "0.1"), ("3", "0.05"), ("4", "0.05"),
+                                                 ("5", "0.025")]
+
+
+def test_each_step_is_plain_sgd_at_the_epochs_lr_with_l2_on_the_hidden_fc_weights(raw_params):
+    """Epochs of one step (batch = n): every weight moves by -lr (grad + wd w), wd on fc1 and fc2's
+    weights only (paper 4.3), at the epoch's lr in every layer, no momentum (the second step keeps no
+    trace of the first). .grad holds the step's gradient. Bound: fp32 rounding of g + wd w, of its
+    product with lr (lr itself rounded to fp32) and of the sum with w, a few eps of |w| + lr |g + wd w|."""
+    p = small_params(raw_params, batch_size=8)
+    data, copy, image = train_lib.synthetic(1, 8, CPU)
+    net = train_lib.stacked(p, [0], CPU)
+    step = train_lib.Step(net, data, p.train, CPU)
+    for lr in (0.1, 0.01):
+        before = {k: w.detach().double() for k, w in net.named_parameters()}
+        step.epoch(copy, image, lr)
+        for k, w in net.named_parameters():
+            d = w.grad.double() + (p.train.weight_decay * before[k] if k in ("fc1.weight", "fc2.weight") else 0)
+            err = (w.detach().double() - (before[k] - lr * d)).abs()
+            assert torch.all(err <= 4 * EPS32 * (before[k].abs() + lr * d.abs())), (k, lr)
+
+
+def test_an_epoch_takes_every_image_once_in_draw_order_short_last_batch_included(raw_params):
+    """n = 40, batch 16: batches of 16, 16 and 8 cut from the draws in order (none dropped), each
+    one's images, labels and targets those of its draws; the epoch's loss sums each batch's mean
+    loss times its size (exact products, two fp32 additions of positive terms: within one eps of
+    the float64 sum), and correct counts all 40 images."""
+    p = small_params(raw_params, batch_size=16)
+    data, copy, image = train_lib.synthetic(1, 40, CPU)
+    step = train_lib.Step(train_lib.stacked(p, [0], CPU), data, p.train, CPU)
+    batches, real = [], step.forward
+    step.forward = lambda x, y, q: batches.append((x, y, q, real(x, y, q))) or batches[-1][3]
+    loss_sum, correct = step.epoch(copy, image, 0.1)
+    assert [y.shape[1] for _, y, _, _ in batches] == [16, 16, 8]
+    x, y, q = (torch.cat([b[i] for b in batches], 1) for i in range(3))
+    d = data[0]
+    assert torch.equal(x, d.pool[copy, image]) and torch.equal(y, d.labels[image])
+    assert torch.equal(q, d.q_true[copy, image])
+    want = sum(out[1].double() * y.shape[1] for _, y, _, out in batches)
+    assert loss_sum.item() == pytest.approx(want.item(), rel=EPS32, abs=0)
+    assert correct.tolist() == [sum(int((out[3].argmax(-1) == y).sum()) for _, y, _, out in batches)]
