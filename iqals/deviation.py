@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import distort, evaluate, iqa
 from .params import DISTORTIONS, LEVELS, TEST_SETS, Distort, Params, test_set_name
-from .report import md_table
+from .report import md_table, within_points
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def type_gaps(conv: pd.DataFrame, s1_paper: pd.Series, within: float) -> pd.Data
             gaps = [100 * (acc[f"{d}_{lv + 1}"] - float(s1_paper[f"{d}_{lv + 1}"])) for lv in range(LEVELS)]
             rows.append({"convention": name, "type": d, "changes": g["changes"].iloc[0],
                          "mean_gap_points": float(np.mean(gaps)), "max_abs_gap_points": float(np.max(np.abs(gaps))),
-                         "closes": bool(np.max(np.abs(gaps)) <= 100 * within)})
+                         "closes": bool(within_points(gaps, within).all())})
     return pd.DataFrame(rows)
 
 

@@ -24,8 +24,9 @@ def epoch_draw(n: int, strategy: Strategy, shares, seed: int, epoch: int):
     """(copy, image) pairs of one epoch in batch order, as int64 tensors of length n.
 
     Seeded by (seed, epoch) alone, so an epoch's draw never depends on earlier epochs: a resumed
-    run sees exactly the draws an uninterrupted one would, and strategies trained with
-    the same seed see the same images in the same order (paired comparisons).
+    run sees exactly the draws an uninterrupted one would, and mixes trained with the same seed
+    see the same images in the same order at the same levels (paired comparisons). A pristine
+    draw takes no slots, so its order is not the mixes'.
     """
     g = torch.Generator().manual_seed(derive_seed(seed, "draw", epoch))
     copy = torch.zeros(n, dtype=torch.int64)

@@ -255,3 +255,16 @@ def test_a_reference_without_metrics_stops_before_any_work(tmp_path, repo_root):
         r = subprocess.run([sys.executable, "-m", "stages.deviation", "--reference", str(ref)], cwd=repo_root,
                            env=dict(os.environ, PYTHONPATH=str(repo_root)), capture_output=True, text=True)
         assert r.returncode == 1 and f"--reference {ref}: expected a run folder with metrics/" in r.stderr, r.stderr
+
+
+def test_type_gaps_by_hand():
+    """Per convention and type: mean and largest |gap| in points; a type closes when every level lies within
+    the bound, one exactly on it included (100 (ours - paper) rounds to -2.0000000000000018 there)."""
+    paper = pd.Series({t: 0.794 for t in TEST_SETS})
+    acc = {"blur": (0.774, 0.814, 0.794), "noise": (0.773, 0.794, 0.794), "jpeg": (0.794, 0.794, 0.7945)}
+    conv = pd.DataFrame([{"convention": "default", "changes": "", "test_set": f"{d}_{lv + 1}", "acc": a}
+                         for d, levels in acc.items() for lv, a in enumerate(levels)])
+    got = deviation.type_gaps(conv, paper, 0.02).set_index("type")
+    assert got.closes.to_dict() == {"blur": True, "noise": False, "jpeg": True}
+    np.testing.assert_allclose(got.mean_gap_points, [0.0, -0.7, 0.05 / 3], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.max_abs_gap_points, [2.0, 2.1, 0.05], rtol=0, atol=1e-12)

@@ -212,6 +212,11 @@ def test_regime_says_when_the_run_cannot_speak_to_the_paper(params):
     assert "cannot confirm or refute" in text and "one seed" in text and "41.0%" in text
     full = dataclasses.replace(params, train=dataclasses.replace(params.train, seeds=(0, 1, 2)))
     assert "cannot confirm" not in rep.regime(full, 50000, 50000, 1000, 0.79, 0.794)
+    assert params.report.s1_tolerance == 0.03
+    for s1 in (0.764, 0.824):  # on the bound either side (100 (ours - paper) rounds either way): the regime
+        assert "cannot confirm" not in rep.regime(full, 50000, 50000, 1000, s1, 0.794), s1
+    text = rep.regime(full, 50000, 50000, 1000, 0.834, 0.794)  # far above the paper is another regime too
+    assert "cannot confirm" in text and "S1 reaches 83.4% where the paper reports 79.4%" in text
 
 
 def test_one_seed_std_is_na_not_zero(params):
@@ -257,6 +262,13 @@ def test_deviation_summary_and_grid_by_hand():
                     "above_paper": 0},
                    {"kind": "all", "cells": 4, "within": 2, "mean_diff_points": 0.125, "mean_abs_z": 1.25,
                     "above_paper": 1}]
+    # exactly 2 points either side of the paper, though 100 (ours - paper) rounds to -2.0000000000000018 below
+    on_bound = rep.deviations(rep.table2({"S1": {"labels": "one-hot", "train_set": "pristine",
+                                                 **{t: {"acc": 0.774 + 0.04 * (j % 2), "acc_std": None}
+                                                    for j, t in enumerate(TEST_SETS)}}},
+                                         {"S1": pd.Series({t: 0.794 for t in TEST_SETS})}), 10000, 1, 10000)
+    assert rep.deviation_summary(on_bound, 0.02).within.tolist() == [10, 10]
+    assert rep.deviation_summary(on_bound, 0.0199).within.tolist() == [0, 0]
     assert rep.deviation_grid(dev).splitlines()[2:] == ["| S1 | pristine | +0.0 (+0.0) | -1.0 (-0.5) | +4.0 (+2.5) |",
                                                         "| S2 | mix_blur | -2.5 (-2.0) |"]
 
