@@ -38,8 +38,8 @@ from bench.timed import cpu  # noqa: E402
 from iqals import distort, iqa, iqa_piq  # noqa: E402
 from iqals.data import LOCAL_COPY_ENV, load_npz  # noqa: E402
 from iqals.io import write_text  # noqa: E402
-from iqals.readme import put_block  # noqa: E402
 from iqals.params import DISTORTIONS, IQA, IQA_METRICS, LEVELS, load, test_set_name  # noqa: E402
+from iqals.readme import put_block  # noqa: E402
 
 DOC = REPO_ROOT / "docs" / "quality_measures.md"
 # measure -> (iqa.transform, iqa.transform_scale) the document recommends (its first table)
