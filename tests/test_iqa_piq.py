@@ -138,10 +138,12 @@ def test_quality_falls_with_distortion_level(scores, name, kind):
 BATCH_TOL = 64 * 64 * torch.finfo(torch.float64).eps
 
 
-@pytest.fixture
-def scores64(stacks, monkeypatch) -> dict[str, np.ndarray]:
-    monkeypatch.setattr(iqa_piq, "DTYPE", torch.float64)
-    return {n: getattr(iqa_piq, n)(*stacks, None) for n in MEASURES}
+@pytest.fixture(scope="module")
+def scores64(stacks) -> dict[str, np.ndarray]:
+    """Each measure on all pairs in float64, flat."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(iqa_piq, "DTYPE", torch.float64)
+        return {n: getattr(iqa_piq, n)(*stacks, None) for n in MEASURES}
 
 
 def test_wrapper_equals_piq_on_a_single_pair(stacks, scores64):
@@ -164,16 +166,15 @@ def test_batch_boundaries_do_not_change_scores(stacks, scores64, name, monkeypat
     np.testing.assert_allclose(getattr(iqa_piq, name)(ref, dist, None), scores64[name][-12:], rtol=0, atol=BATCH_TOL)
 
 
-def test_gmsd_matches_numpy_reimplementation(stacks, scores, monkeypatch):
+def test_gmsd_matches_numpy_reimplementation(stacks, scores, scores64):
     expected = [gmsd_reference(a, b) for a, b in zip(*stacks)]
-    monkeypatch.setattr(iqa_piq, "DTYPE", torch.float64)
-    for dtype, got in ((torch.float32, scores["gmsd"].ravel()), (torch.float64, iqa_piq.gmsd(*stacks))):
+    for dtype, got in ((torch.float32, scores["gmsd"].ravel()), (torch.float64, scores64["gmsd"])):
         # Y, its 2x2 mean and Prewitt gradients round to ~10 eps (values <= 1); the GMS map amplifies a
         # gradient's error at most 1/sqrt(T) ~ 20x and its std moves by at most the largest change: 2 x 10 x 20
         np.testing.assert_allclose(got, expected, rtol=0, atol=400 * torch.finfo(dtype).eps, err_msg=str(dtype))
 
 
-def test_vif_needs_upsampling_at_32_and_matches_numpy_reimplementation(stacks, scores, monkeypatch):
+def test_vif_needs_upsampling_at_32_and_matches_numpy_reimplementation(stacks, scores, scores64):
     x = torch.rand(1, 3, 32, 32)
     with pytest.raises(ValueError, match="41x41"):
         piq.vif_p(x, x)
@@ -184,8 +185,7 @@ def test_vif_needs_upsampling_at_32_and_matches_numpy_reimplementation(stacks, s
     # piq's EPS (vifp_mscale.m's 1e-10 moves these scores by 1.3e-9), so that only rounding differs
     num, den, terms = np.array([vif_reference(a, b, eps=1e-8) for a, b in zip(ref, dist)]).T
     expected = (num + 1e-8) / (den + 1e-8)
-    monkeypatch.setattr(iqa_piq, "DTYPE", torch.float64)
-    for dtype, got in ((torch.float32, scores["vif"].ravel()), (torch.float64, iqa_piq.vif(*stacks))):
+    for dtype, got in ((torch.float32, scores["vif"].ravel()), (torch.float64, scores64["vif"])):
         # a local variance E[x^2] - E[x]^2 (up to 17x17 products at the 0-255 scale) rounds to ~8 eps 255^2 17,
         # which log10(1 + s / sigma_nsq) reads at slope <= 1 / (2 ln 10); 2 x terms of random sign, over den
         tol = 8 * torch.finfo(dtype).eps * 255**2 * 17 / (2 * np.log(10)) * np.sqrt(2 * terms) / den
