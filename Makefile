@@ -21,6 +21,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 WORKERS ?= 2
 SCHEDULER ?=
+# The suite's test files side by side, one per core (pytest-xdist, at most 4 workers): each file on
+# one worker, so a module's fixture (a whole tiny DVC pipeline) is built once.
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 .PHONY: setup study paper test test-fast test-avx2 bench readme parallel clean
 setup: $(VENV)/.installed
@@ -39,13 +42,13 @@ paper: setup
 	$(PY) -m stages.preset presets/paper.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PYTEST)
 
 bench: setup
 	$(PY) -m bench.run

@@ -13,7 +13,9 @@ def test_readme_opens_with_study_and_test_commands(repo_root):
     assert commands == ["make study", "make test"]
     make = (repo_root / "Makefile").read_text()
     assert re.search(r"^study: setup\n\tdvc repro$", make, re.M)
-    assert re.search(r"^test: setup\n\t\$\(PY\) -m pytest", make, re.M)
+    assert re.search(r"^test: setup\n\t\$\(PYTEST\)$", make, re.M)
+    # the suite's files side by side, each on one worker, so that a module's fixture is built once
+    assert re.search(r"^PYTEST := \$\(PY\) -m pytest -q -n auto .*--dist loadfile$", make, re.M)
     assert "make test" in (repo_root / ".ci" / "run").read_text()
 
 
@@ -79,4 +81,4 @@ def test_make_clean_keeps_committed_results_and_test_fast_skips_slow(repo_root):
     removed = {str(p.relative_to(repo_root)) for t in targets for p in repo_root.glob(t.strip("/"))}
     hit = [f for f in tracked.splitlines() for r in removed if f == r or f.startswith(r.rstrip("/") + "/")]
     assert targets and not hit, hit  # committed results (logs/, metrics/, plots/, results/ ...) stay
-    assert re.search(r"^test-fast: setup\n\t\$\(PY\) -m pytest -q -m \"not slow\"$", make, re.M)
+    assert re.search(r"^test-fast: setup\n\t\$\(PYTEST\) -m \"not slow\"$", make, re.M)
