@@ -1,6 +1,7 @@
 """iqals.data: loading a local copy, rejecting bad sources, subsets, and acquire()."""
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import urllib.error
@@ -137,6 +138,11 @@ def _(path):
     _rewrite(path, labels=None)
 
 
+@_spoil("missing images array")
+def _(path):
+    _rewrite(path, images=None)
+
+
 @_spoil("wrong class names")
 def _(path):
     names = list(CLASSES)
@@ -166,6 +172,7 @@ PROBLEM = {
     "float labels": r"labels must be integers",
     "label length mismatch": r"labels must have shape \(\d+,\), got \(\d+,\)",
     "missing labels array": r"lacks arrays \['labels'\]",
+    "missing images array": r"lacks arrays \['images'\]",
     "wrong class names": r"class names/order .*'automobile', 'airplane'",
     "too many test images": r"expected 1\.\.10000 test images",
 }
@@ -187,6 +194,7 @@ def test_bad_local_copy_is_rejected(tmp_path, tiny_cifar, spoiler, split):
     msg = str(err.value)
     assert str(bad) in msg, msg  # names the file ...
     assert re.search(PROBLEM[spoiler], msg), msg  # ... and the problem
+    assert ("unreadable" in msg) == ("unreadable" in PROBLEM[spoiler]), msg  # ... and no other
 
 
 def test_missing_directory_is_rejected(tmp_path):
@@ -303,21 +311,68 @@ def test_acquire_offline_names_the_env_var(monkeypatch, tmp_path):
     assert calls == [(str(tmp_path / "cache"), True, True)]
 
 
-def test_official_archive_of_the_wrong_size_is_rejected(monkeypatch, tmp_path, tiny_arrays):
-    """A torchvision dataset that validates but is not the official 50,000/10,000 split."""
+def fake_archive(monkeypatch, train_split, test_split, classes=CLASSES):
+    """Stand in for torchvision's CIFAR10 (data uint8 (N, 32, 32, 3), targets a list of ints, classes)."""
     import torchvision.datasets
 
     class Fake:
-        classes = list(CLASSES)
-
         def __init__(self, root, train, download, **kw):
-            (self.data, targets) = tiny_arrays[0] if train else tiny_arrays[1]
-            self.targets = targets.tolist()
+            (self.data, targets) = train_split if train else test_split
+            self.targets, self.classes = targets.tolist(), list(classes)
 
     monkeypatch.delenv(LOCAL_COPY_ENV, raising=False)
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Fake)
+
+
+def official_sized(n):
+    """n images whose every value is the image's position mod 251, and labels position mod 10: cheap views
+    that make a swapped, reversed or misplaced array visible."""
+    pos = np.arange(n)
+    images = np.broadcast_to((pos % 251).astype(np.uint8)[:, None, None, None], (n, 32, 32, 3))
+    return images, pos % 10
+
+
+def test_official_archive_is_loaded_validated_and_named(monkeypatch, tmp_path):
+    """The official 50,000/10,000 split comes back as given, labels int64, the source named."""
+    train, test = official_sized(50_000), official_sized(10_000)
+    fake_archive(monkeypatch, train, test)
+    loaded, meta = data.acquire(tmp_path / "cache")
+    assert meta == {"source": "official archive"}
+    for split, (x0, y0) in (("train", train), ("test", test)):
+        x, y = loaded[split]
+        assert x.shape == x0.shape and x.dtype == np.uint8 and y.dtype == np.int64
+        np.testing.assert_array_equal(x[:, 31, 31, 2], x0[:, 0, 0, 0])
+        np.testing.assert_array_equal(y, y0)
+    names = list(CLASSES)
+    names[8], names[9] = names[9], names[8]  # ..., truck, ship
+    fake_archive(monkeypatch, train, test, classes=names)
+    with pytest.raises(DataError, match=r"torchvision CIFAR10\(train\): class names/order .*'truck', 'ship'"):
+        data.acquire(tmp_path / "cache")
+
+
+def test_official_archive_of_the_wrong_size_is_rejected(monkeypatch, tmp_path, tiny_arrays):
+    """A torchvision dataset that validates but is not the official 50,000/10,000 split."""
+    fake_archive(monkeypatch, *tiny_arrays)
     with pytest.raises(DataError, match=r"official train set has 200 images, expected 50000"):
         data.acquire(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("split, n, ok", [("train", 50_000, True), ("train", 50_001, False)])
+def test_split_sizes_are_bounded_by_the_official_ones(split, n, ok):
+    """A training file may hold up to the official 50,000 images, no more (the test split: see below)."""
+    images, labels = official_sized(n)
+    if ok:
+        data.validate(images, labels, "here", split)
+    else:
+        with pytest.raises(DataError, match=rf"here: expected 1\.\.{n - 1} {split} images, got {n}"):
+            data.validate(images, labels, "here", split)
+
+
+def test_sha256_hashes_every_chunk(tmp_path):
+    """The file's SHA-256 as hashlib gives it for the whole content at once (3.5 MiB: four reads)."""
+    raw = np.random.default_rng(0).integers(0, 256, (7 << 19), dtype=np.uint8).tobytes()
+    (tmp_path / "f.bin").write_bytes(raw)
+    assert data.sha256(tmp_path / "f.bin") == hashlib.sha256(raw).hexdigest()
 
 
 @pytest.mark.parametrize("n", [0, 1, 10_000])

@@ -37,3 +37,46 @@ def test_a_block_that_writes_nothing_is_an_error(tmp_path):
         with io.atomic_path(tmp_path / "out.txt"):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def test_two_writers_of_one_path_get_their_own_hidden_temporaries(tmp_path):
+    """Overlapping writers never share a temporary; the last to finish wins; temporaries are dot files."""
+    path = tmp_path / "out.txt"
+    with io.atomic_path(path) as a, io.atomic_path(path) as b:
+        assert a != b and a.name.startswith(".") and b.name.startswith(".")
+        a.write_text("outer\n")
+        b.write_text("inner\n")
+    assert path.read_text() == "outer\n"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_data_reach_the_disk_before_the_file_appears(tmp_path, monkeypatch):
+    """The temporary is fsynced whole while `path` does not exist yet; only then renamed."""
+    path, synced, fsync = tmp_path / "out.txt", [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.fstat(fd).st_size, path.exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    io.write_text(path, "0123456789")
+    assert synced == [(10, False)]
+
+
+def test_json_text_and_round_trip(tmp_path):
+    """Keys in the caller's order, two-space indent, a final newline (diff-friendly metrics files)."""
+    obj = {"b": 1, "a": [1.5, "x"], "c": {"z": None}}
+    io.write_json(tmp_path / "m.json", obj)
+    text = '{\n  "b": 1,\n  "a": [\n    1.5,\n    "x"\n  ],\n  "c": {\n    "z": null\n  }\n}\n'
+    assert (tmp_path / "m.json").read_text() == text
+    assert io.read_json(tmp_path / "m.json") == obj
+
+
+def test_save_npz_keeps_the_array_names(tmp_path):
+    """Readers (load_npz, official_index, the report) look the arrays up by the names they were saved under."""
+    probs, labels = np.array([[0.25, 0.75]], np.float32), np.array([1], np.int64)
+    io.save_npz(tmp_path / "p.npz", probs=probs, labels=labels)
+    with np.load(tmp_path / "p.npz") as z:
+        assert sorted(z.files) == ["labels", "probs"]
+        np.testing.assert_array_equal(z["probs"], probs)
+        np.testing.assert_array_equal(z["labels"], labels)
