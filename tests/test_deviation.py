@@ -73,7 +73,7 @@ def test_shared_field_adds_the_same_noise_to_every_channel(images):
 
 # ------------------------------------------------------------------ JPEG conventions
 
-@pytest.mark.parametrize("sub", ["420", "444"])
+@pytest.mark.parametrize("sub", ["420", "422", "444"])
 def test_pillow_encoder_agrees_with_opencv(images, sub):
     """Both wrap libjpeg(-turbo) with the IJG quality tables: the round trips agree."""
     for q in (12, 4):

@@ -1,11 +1,14 @@
 """iqals.distort against independent computations written here (docs/protocol.md, the distortions)."""
 from __future__ import annotations
 
+import io
 import math
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 from iqals import distort
 from iqals.params import DISTORTIONS
@@ -65,26 +68,33 @@ def test_blur_matches_opencv(images, sigma, dtype, max_tie_fraction):
 
 
 def _numpy_separable_blur(images: np.ndarray, sigma: float, mode: str) -> np.ndarray:
-    """Separable Gaussian in plain numpy: np.pad, then a weighted sum of shifted slices."""
+    """Separable Gaussian in plain numpy, float64 and unrounded: np.pad, then a weighted sum of shifted slices."""
     r = math.ceil(2 * sigma)
     taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2.0 * sigma * sigma))
     taps /= taps.sum()
     h, w = images.shape[1:3]
     x = np.pad(images.astype(np.float64), ((0, 0), (r, r), (r, r), (0, 0)), mode=mode)
     rows = sum(t * x[:, :, j:j + w] for j, t in enumerate(taps))
-    both = sum(t * rows[:, j:j + h] for j, t in enumerate(taps))
-    return round_half_up(both)
+    return sum(t * rows[:, j:j + h] for j, t in enumerate(taps))
+
+
+def assert_rounds_like(got: np.ndarray, exact: np.ndarray, taps: int, what: str = "") -> None:
+    """got is the float64 blur `exact` rounded half up: only a value within float64 rounding of a .5 tie may round
+    the other way. Each side sums 2 x taps products of at most 255 (weights sum to 1): error at most
+    2 * taps * eps * 255 per side; a float32 blur (error ~1e-5) would flip near-ties far outside that."""
+    near_tie = np.abs(exact - np.floor(exact) - 0.5) <= 2 * (2 * taps * np.finfo(np.float64).eps * 255)
+    diff = np.abs(got.astype(np.int16) - round_half_up(exact).astype(np.int16))
+    assert diff.max() <= 1, what
+    np.testing.assert_array_equal(diff[~near_tie], 0, err_msg=what)
 
 
 @pytest.mark.parametrize("border, np_mode", [("replicate", "edge"), ("reflect", "reflect"),
                                              ("constant", "constant")])
 @pytest.mark.parametrize("sigma", SIGMAS)
 def test_blur_matches_numpy_separable(images, sigma, border, np_mode):
+    """The blur is computed in float64, then rounded half up."""
     got = distort.blur(images, sigma, RULE, border)
-    want = _numpy_separable_blur(images, sigma, np_mode)
-    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
-    assert diff.max() <= 1
-    assert np.count_nonzero(diff) <= 1e-4 * diff.size
+    assert_rounds_like(got, _numpy_separable_blur(images, sigma, np_mode), 2 * math.ceil(2 * sigma) + 1)
 
 
 def test_blur_border_modes_differ_only_at_the_border(images):
@@ -329,6 +339,74 @@ def test_distort_all_shape_order_and_levels(images, params):
     np.testing.assert_array_equal(other[[0, 2]], out[[0, 2]])
     assert np.mean(other[1] != out[1]) > 0.9
     assert np.mean(distort.distort_all(x, cfg, seed=6, split="train")[1] != out[1]) > 0.9
+
+
+# The documented conventions (params.yaml, distort) written out with scipy, numpy, OpenCV and Pillow.
+KERNEL_RADIUS = {"matlab": lambda s: math.ceil(2 * s), "scipy": lambda s: int(4 * s + 0.5),
+                 "opencv": lambda s: (round(6 * s + 1) | 1) // 2, "fixed3": lambda s: 1}
+SCIPY_MODE = {"replicate": "nearest", "reflect": "mirror", "constant": "constant"}
+
+
+def reference_set(x: np.ndarray, kind: str, lv: int, cfg, seed: int, split: str, index: np.ndarray) -> np.ndarray:
+    """One distorted set as params.yaml's distort section describes it, unrounded where the blur is concerned."""
+    if kind == "blur":
+        s, r = cfg.blur_sigma[lv], KERNEL_RADIUS[cfg.blur_kernel](cfg.blur_sigma[lv])
+        return ndimage.gaussian_filter(x.astype(np.float64), (0, s, s, 0), mode=SCIPY_MODE[cfg.blur_border],
+                                       radius=(0, r, r, 0))
+    if kind == "noise":
+        key = derive_seed(seed, "noise", split, lv)
+        shape = x.shape[1:] if cfg.noise_field == "per_channel" else x.shape[1:-1] + (1,)
+        z = np.stack([np.random.Generator(np.random.Philox(key=[key, j])).standard_normal(shape) for j in index])
+        y = x / 255.0 + math.sqrt(cfg.noise_var[lv]) / (255.0 if cfg.noise_scale == "byte" else 1.0) * z
+        y = (y if cfg.noise_output == "float" else np.clip(y, 0.0, 1.0)) * 255.0
+        return {"round": np.floor(y + 0.5), "floor": np.floor(y)}.get(cfg.noise_output, y)
+    q, sub = cfg.jpeg_quality[lv], cfg.jpeg_subsampling
+    if cfg.jpeg_encoder == "opencv":
+        return np.stack([cv2_jpeg(im, q, SAMPLING[sub])[0] for im in x])
+    out = []
+    for im in x:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=q, subsampling={"444": 0, "422": 1, "420": 2}[sub])
+        out.append(np.asarray(Image.open(buf)))
+    return np.stack(out)
+
+
+def test_distort_all_follows_every_convention(images, params):
+    """The deviation study's sets: each convention reaches the distortion it names, and the noise is keyed by the
+    images' official positions (a subset gets the noise its images get in the full split)."""
+    x, index = images[:6], np.array([4, 17, 2, 40, 41, 9])
+    for name, cfg in {"default": params.distort, **params.deviation.conventions}.items():
+        out = distort.distort_all(x, cfg, seed=11, split="test", index=index)
+        uint8 = cfg.noise_output in ("round", "floor")
+        assert out.dtype == (np.uint8 if uint8 else np.float32), name
+        for t, kind in enumerate(DISTORTIONS):
+            for lv in range(3):
+                want, got = reference_set(x, kind, lv, cfg, 11, "test", index), out[t, lv].astype(np.float64)
+                what = f"{name}: {kind} level {lv + 1}"
+                if kind == "blur":
+                    r = KERNEL_RADIUS[cfg.blur_kernel](cfg.blur_sigma[lv])
+                    assert_rounds_like(out[t, lv], want, 2 * r + 1, what)
+                elif kind == "noise" and not uint8:  # float32 rounds each value to 2**-24 relative
+                    np.testing.assert_allclose(got, want, rtol=2.0**-23, atol=0, err_msg=what)
+                else:  # the same float64 operations, or the same encoder's round trip
+                    np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def test_jpeg_encoder_convention_picks_the_library(images, params, monkeypatch):
+    """OpenCV and Pillow may bundle the same libjpeg-turbo and give identical round trips, so the sets alone cannot
+    tell which encoder ran: with the other library's encoder unavailable, each convention must still work."""
+    x, conv = images[:2], params.deviation.conventions
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("the other encoder was called")
+
+    with monkeypatch.context() as m:
+        m.setattr(cv2, "imencode", unavailable)
+        for name in ("jpeg_pillow", "jpeg_pillow_444"):
+            distort.distort_all(x, conv[name], seed=1, split="test")
+    monkeypatch.setattr(Image.Image, "save", unavailable)
+    for cfg in (params.distort, conv["jpeg_444"]):
+        distort.distort_all(x, cfg, seed=1, split="test")
 
 
 def test_bench_blur_and_jpeg_baselines_agree(monkeypatch):

@@ -94,10 +94,23 @@ def test_brightness_shift_and_inversion_match_skimage(images, cfg):
 
 
 def test_other_window_and_constants_match_skimage(images, versions):
+    """iqa.ssim the single-pair API and score_all, the score stage's, both read cfg.ssim."""
     p = SSIM(win_size=7, sigma=0.8, k1=0.02, k2=0.05, data_range=255.0)
     cfg = IQA(metric="ssim", transform="identity", transform_scale=1.0, clip=(0.1, 1.0), ssim=p)
-    assert np.abs(iqa.METRICS["ssim"](images[:40], versions[5, :40], cfg)
-                  - skimage_ssim(images[:40], versions[5, :40], p)).max() < TOL
+    want = skimage_ssim(images[:40], versions[5, :40], p)
+    assert np.abs(iqa.METRICS["ssim"](images[:40], versions[5, :40], cfg) - want).max() < TOL
+    assert np.abs(iqa.score_all(images[:40], versions[5:6, :40], cfg)[0] - want).max() < TOL
+
+
+def test_non_square_images_and_a_side_the_window_size_match_skimage(images, versions, cfg):
+    """Rows and columns filtered by their own window matrices; a side exactly win_size long leaves one valid row
+    (skimage accepts it), one shorter is refused."""
+    win = cfg.ssim.win_size
+    for h, w in ((20, 32), (32, win), (win, 27)):
+        ref, dist = images[:10, :h, :w], versions[8, :10, :h, :w]
+        assert np.abs(iqa.METRICS["ssim"](ref, dist, cfg) - skimage_ssim(ref, dist, cfg.ssim)).max() < TOL, (h, w)
+    with pytest.raises(ValueError, match="larger than"):
+        iqa.METRICS["ssim"](images[:2, :win - 1], images[:2, :win - 1], cfg)
 
 
 def test_identical_images_score_exactly_one(images, cfg):
@@ -150,6 +163,9 @@ def test_shape_errors(images, versions, cfg):
     small = np.zeros((2, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="larger than"):
         iqa.METRICS["ssim"](small, small, cfg)
+    rgba = np.zeros((2, 32, 32, 4), np.uint8)  # RGB only: no luminance of four channels
+    with pytest.raises(ValueError, match="do not match"):
+        iqa.METRICS["ssim"](rgba, rgba, cfg)
 
 
 # ------------------------------------------------------------------------------ PSNR, score_all
@@ -217,3 +233,7 @@ def test_summary_of_a_level_counts_the_targets_the_clip_changed(params):
     assert out["clipped"] == 1 and out["target_mean"] == round((1 + 0.1 + np.exp(-1)) / 3, 5)
     cfg = dataclasses.replace(cfg, transform="linear", transform_scale=50.0)  # PSNR above 50 dB is capped at 1
     assert iqa.summary(np.array([60.0, 25.0]), cfg)["clipped"] == 1
+    # a ceiling below 1 (iqa.clip [0.1, 0.9]) lowers the targets above it: 0.95 and 1.0 -> 0.9
+    cfg = dataclasses.replace(cfg, transform="identity", clip=(0.1, 0.9))
+    out = iqa.summary(np.array([0.95, 0.5, 1.0, 0.05]), cfg)
+    assert out["clipped"] == 3 and out["target_mean"] == round((0.9 + 0.5 + 0.9 + 0.1) / 4, 5)
