@@ -101,3 +101,27 @@ def test_per_image_standardisation():
     close(got.reshape(4, -1), want, 3072)  # float32 against float64: sums over 3,072 values
     assert np.all(got[1] == 0)
     assert a[2].std() < 1 / np.sqrt(3072) and got[2].max() == pytest.approx((1 - 1 / 3072) * np.sqrt(3072), rel=1e-6)
+
+
+def test_stack_keeps_the_lrn_constants():
+    """Net.stack of one-group networks whose LRN is not the default one: each run's logits are its own network's
+    (float64, conv2's 5 x 5 x 64-term sums); default constants in the stack would change them at O(1)."""
+    torch.manual_seed(0)
+    singles = [model.Net(1, 5, 0.5, 0.6, 2.0).double() for _ in range(2)]
+    x = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    y = model.Net.stack(singles)(x)
+    for g, net in enumerate(singles):
+        close(y[g], net(x[g]), 5 * 5 * 64, f"run {g}")
+
+
+def test_pick_device(monkeypatch):
+    """train.device: 'auto' is the GPU where there is one, else the CPU; 'cuda' without one is a params error."""
+    from iqals.params import ParamError
+
+    assert model.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ParamError, match="train.device = 'cuda' but no CUDA device"):
+        model.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model.pick_device("auto") == torch.device("cuda") == model.pick_device("cuda")

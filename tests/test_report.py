@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 
 from iqals import claims, figures, mixture, stats
 from iqals import report as rep
+from iqals.data import CLASSES
 from iqals.params import DISTORTIONS, LABEL_RULES, TEST_SETS, Strategy
 
 
@@ -290,7 +291,8 @@ def test_calibration_spearman_is_per_distortion_type(params):
     labels = np.zeros(40, dtype=int)
     probs[0, 1:, :, 0] = scores.reshape(9, 40)  # confidence = quality on blur ...
     probs[0, 4:7, :, 0] = 1 - scores[1]          # ... reversed on noise
-    cal = rep.calibration(fake_metrics(strategies, lambda n, t: 0.5), {"S1": {"probs": probs, "labels": labels}}, scores)
+    cal = rep.calibration(fake_metrics(strategies, lambda n, t: 0.5), {"S1": {"probs": probs, "labels": labels}},
+                          scores)
     assert cal.loc[0, "rho_blur"] == pytest.approx(1) and cal.loc[0, "rho_noise"] == pytest.approx(-1)
 
 
@@ -314,14 +316,61 @@ def test_markdown():
 
 
 def test_fig3_draws_the_papers_values_beside_ours(params, paper):
-    metrics = fake_metrics(params.strategies, lambda n, t: 0.5)
+    """Each panel: pristine then levels 1-3 of its type (all3: of each type in turn), ours with the std over seeds
+    as error bars, the paper's row faint in the same colour, S1 dotted; every cell its own value, so a mix-up shows."""
+    metrics = fake_metrics(params.strategies, lambda n, t: 0.5 + int(n[1:]) / 100 + TEST_SETS.index(t) / 1000)
+    for n, m in metrics.items():
+        for t in TEST_SETS:
+            m[t]["acc_std"] = 0.001 + TEST_SETS.index(t) / 10000
     fig = figures.fig3(metrics, paper, params.report.fig3_panels, 3)
-    ax = fig.axes[0]  # blur: S1, S2, S3
-    faint = [ln for ln in ax.lines if ln.get_alpha() == figures.PAPER_STYLE["alpha"] and len(ln.get_xdata())]
-    assert len(faint) == 3
-    np.testing.assert_allclose(faint[0].get_ydata(), [0.794, 0.676, 0.524, 0.436])  # S1, paper
-    assert len(ax.containers) == 3  # error bars: several seeds
-    assert not figures.fig3(metrics, paper, params.report.fig3_panels, 1).axes[0].containers[0].has_yerr
+    for ax, (panel, names) in zip(fig.axes, params.report.fig3_panels.items()):
+        curves = [(n, panel) for n in names] if panel in DISTORTIONS else [(n, k) for n in names for k in DISTORTIONS]
+        faint = [ln for ln in ax.lines if ln.get_alpha() == figures.PAPER_STYLE["alpha"] and len(ln.get_xdata())]
+        assert len(ax.containers) == len(faint) == len(curves), panel
+        for (name, kind), bars, theirs in zip(curves, ax.containers, faint):
+            sets = ["pristine", f"{kind}_1", f"{kind}_2", f"{kind}_3"]
+            ours = bars.lines[0]
+            np.testing.assert_array_equal(ours.get_xdata(), [0, 1, 2, 3])
+            want = [metrics[name][t]["acc"] for t in sets]
+            np.testing.assert_allclose(ours.get_ydata(orig=False), want, err_msg=name)
+            ends = np.array(bars.lines[2][0].get_segments())[:, :, 1]  # (points, [y - err, y + err])
+            np.testing.assert_allclose((ends[:, 1] - ends[:, 0]) / 2, [metrics[name][t]["acc_std"] for t in sets],
+                                       atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(theirs.get_ydata(), [paper[name][t] for t in sets], err_msg=name)
+            assert theirs.get_color() == ours.get_color(), name
+            if panel in DISTORTIONS:
+                assert ours.get_linestyle() == (":" if name == "S1" else "-"), name
+            if (panel, name) == ("blur", "S1"):
+                np.testing.assert_allclose(theirs.get_ydata(), [0.794, 0.676, 0.524, 0.436])  # the paper's table
+    blur = {"blur": params.report.fig3_panels["blur"]}  # S1, S2, S3
+    assert not figures.fig3(metrics, paper, blur, 1).axes[0].containers[0].has_yerr  # one seed: no spread
+    # a strategy left out of the run is left out of its panel
+    ax = figures.fig3({n: m for n, m in metrics.items() if n != "S2"}, paper, blur, 3).axes[0]
+    assert len(ax.containers) == 2 and ax.get_title() == "blur: S1, S3"
+
+
+def test_fig4_shows_each_example_at_each_blur_level_with_the_seed_mean_confidence():
+    """Row per example, column per level (pristine, blur 1-3): the image shown and each strategy's true-class
+    probability on that test set, mean over seeds (seeds apart, so a single seed's shows)."""
+    rng = np.random.default_rng(4)
+    n = 6
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    blurred = rng.integers(0, 256, size=(3, n, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5, 9])
+    probs = {s: rng.uniform(0, 1, size=(2, len(TEST_SETS), n, 10)).astype(np.float32) for s in ("S1", "S3")}
+    examples = [4, 1]
+    fig = figures.fig4(images, blurred, labels, examples, probs, CLASSES)
+    axes = np.array(fig.axes).reshape(len(examples), 4)
+    for r, i in enumerate(examples):
+        assert axes[r, 0].get_ylabel() == f"#{i} {CLASSES[labels[i]]}"
+        for c in range(4):  # test set c: pristine, then blur_1..blur_3 (Table 2's order)
+            shown = images[i] if c == 0 else blurred[c - 1, i]
+            np.testing.assert_array_equal(axes[r, c].images[0].get_array(), shown)
+            means = {s: (float(p[0, c, i, labels[i]]) + float(p[1, c, i, labels[i]])) / 2 for s, p in probs.items()}
+            assert all(abs(v * 1000 % 1 - 0.5) > 1e-3 for v in means.values())  # the premise: off a rounding tie
+            want = ", ".join(f"{s} {v:.3f}" for s, v in means.items())
+            assert axes[r, c].get_xlabel() == want, (r, c)
+    assert [ax.get_title() for ax in axes[0]] == ["pristine", "blur level 1", "blur level 2", "blur level 3"]
 
 
 def test_confidence_quality_bins_follow_the_score(params):
@@ -334,11 +383,47 @@ def test_confidence_quality_bins_follow_the_score(params):
     assert [ln.get_label() for ln in fig.axes[1].lines] == ["S1"]  # S2 (mix_blur) not on the noise panel
 
 
+def test_confidence_quality_by_hand(params):
+    """Type t's scores are 10 t + 0..8 over its 3 levels x 3 images: 4 quantile bins have edges 10 t + 0, 2, 4, 6,
+    8, a score on an edge in the bin above it (the last closed): {0, 1}, {2, 3}, {4, 5}, {6, 7, 8}."""
+    order = np.random.default_rng(1).permutation(9)
+    scores = np.stack([10.0 * t + order.reshape(3, 3) for t in range(3)])
+    conf = {"S1": (scores % 10) ** 2 / 64 + np.arange(3)[:, None, None] / 10}  # (types, levels, N)
+    fig = figures.confidence_quality(conf, {"S1": params.strategies["S1"]}, scores, 4)  # S1: pristine, every panel
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7, 8]]
+    for t, ax in enumerate(fig.axes):
+        (line,) = ax.lines
+        np.testing.assert_allclose(line.get_xdata(), [10 * t + np.mean(g) for g in groups], err_msg=DISTORTIONS[t])
+        np.testing.assert_allclose(line.get_ydata(), [np.mean([v * v / 64 + t / 10 for v in g]) for g in groups],
+                                   err_msg=DISTORTIONS[t])
+
+
 def test_training_curves_average_over_seeds():
-    logs = {"S1": pd.DataFrame({"epoch": [1, 2, 1, 2], "loss": [1.0, 0.5, 3.0, 1.5], "train_acc": [0.1, 0.2, 0.3, 0.4]})}
+    logs = {"S1": pd.DataFrame({"epoch": [1, 2, 1, 2], "loss": [1.0, 0.5, 3.0, 1.5],
+                                "train_acc": [0.1, 0.2, 0.3, 0.4]})}
     fig = figures.training_curves(logs)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [2.0, 1.0])
     np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [0.2, 0.3])
+
+
+def test_probe_curves_draw_each_test_set_beside_the_papers_s1():
+    """A panel per distortion type: training and pristine accuracy, that type's three levels, and the paper's S1
+    on each as a horizontal line in the level's colour (pristine's in black)."""
+    sets = list(TEST_SETS)
+    rows = pd.DataFrame({"epoch": [10, 20, 30], "train_acc": [0.3, 0.6, 0.9],
+                         **{t: [0.1 + j / 100, 0.2 + j / 100, 0.25 + j / 100] for j, t in enumerate(sets)}})
+    paper_s1 = pd.Series({t: 0.8 - j / 50 for j, t in enumerate(sets)})
+    fig = figures.probe_curves(rows, paper_s1)
+    for ax, kind in zip(fig.axes, DISTORTIONS):
+        drawn = [ln for ln in ax.lines if len(ln.get_xdata()) == 3 and ln.get_alpha() is None]
+        flat = {ln.get_color(): ln.get_ydata() for ln in ax.lines if ln.get_alpha() == figures.PAPER_STYLE["alpha"]}
+        levels = [f"{kind}_{k}" for k in (1, 2, 3)]
+        assert [ln.get_label() for ln in drawn] == ["train (eval mode)", "pristine", *levels]
+        for ln, col in zip(drawn, ["train_acc", "pristine", *levels]):
+            np.testing.assert_array_equal(ln.get_xdata(), [10, 20, 30])
+            np.testing.assert_allclose(ln.get_ydata(), rows[col], err_msg=col)
+            if col != "train_acc":
+                np.testing.assert_allclose(flat[ln.get_color()], [paper_s1[col]] * 2, err_msg=col)
 
 
 def test_accuracy_along_training_is_a_section_only_when_runs_kept_snapshots():
