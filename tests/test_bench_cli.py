@@ -82,7 +82,8 @@ def test_the_gpu_probe_report_runs_through_on_canned_results(tmp_path, monkeypat
                    "3.0x (180,000 images/s) |")
 
     def speed(result: dict) -> str:
-        (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": {"train_gpu": {**entry, "result": result}}}))
+        benchmarks = {"train_gpu": {**entry, "result": result}}
+        (tmp_path / "bench/results.json").write_text(json.dumps({"benchmarks": benchmarks}))
         return readme.gpu_speed(tmp_path)
 
     # the baseline's timing lost to the budget: the chosen step still reported, its ratio said missing

@@ -144,7 +144,8 @@ def test_linear_in_the_weights_layout_gives_model_linears_values_and_no_transpos
         y = f(xi)
         with _Ops() as ops:
             y.backward(g)
-        copies[name] = [op for op, shape in ops.ops if op.startswith(("clone", "copy")) and shape == (runs, n_out, n_in)]
+        copies[name] = [op for op, shape in ops.ops
+                        if op.startswith(("clone", "copy")) and shape == (runs, n_out, n_in)]
         if name == "model":
             want, want_dx, want_dw, want_db = y.detach(), xi.grad, lin.weight.grad, lin.bias.grad
     eps = torch.finfo(torch.float32).eps  # the same dot products of n_in (or b) terms, maybe in another order
@@ -152,7 +153,8 @@ def test_linear_in_the_weights_layout_gives_model_linears_values_and_no_transpos
     torch.testing.assert_close(xi.grad, want_dx, rtol=0, atol=4 * n_out * eps * want_dx.abs().max().item())
     torch.testing.assert_close(lin.weight.grad, want_dw, rtol=0, atol=4 * b * eps * want_dw.abs().max().item())
     torch.testing.assert_close(lin.bias.grad, want_db, rtol=0, atol=4 * b * eps * want_db.abs().max().item())
-    assert copies == {"model": ["clone.default"], "fused": []}  # model.Linear copies its (G, in, out) gradient transposed
+    # model.Linear copies its (G, in, out) gradient transposed
+    assert copies == {"model": ["clone.default"], "fused": []}
 
 
 def test_batch_stacked_net_gives_the_grouped_nets_logits_and_gradients(fused, params):

@@ -193,7 +193,8 @@ def test_group_resume_is_exact_and_mixed_epochs_train_in_subgroups(tmp_path, tin
     train_lib.train_group(mixed[:1], p, CPU, stop_after=2)  # S3 seed 0 two epochs ahead
     calls = []
     real = train_lib._train_together
-    monkeypatch.setattr(train_lib, "_train_together", lambda runs, *a: calls.append([r.name for r in runs]) or real(runs, *a))
+    monkeypatch.setattr(train_lib, "_train_together",
+                        lambda runs, *a: calls.append([r.name for r in runs]) or real(runs, *a))
     hist = train_lib.train_group(mixed, p, CPU)
     assert calls == [["S1 seed 1", "S5 seed 0"], ["S3 seed 0"]]
     for a, b in zip(hist, full):

@@ -16,7 +16,8 @@ def strat(train_set, labels="original", name="X"):
 
 @pytest.mark.parametrize("n, want", [(50_000, [30_000, 7_500, 7_500, 5_000]), (2_000, [1_200, 300, 300, 200]),
                                      (200, [120, 30, 30, 20]),
-                                     # not whole: 0.15 x 333 = 49.95 and 0.10 x 333 = 33.3, floored; pristine takes the rest
+                                     # not whole: 0.15 x 333 = 49.95 and 0.10 x 333 = 33.3, floored;
+                                     # pristine takes the rest
                                      (333, [333 - 49 - 49 - 33, 49, 49, 33]), (7, [7 - 1 - 1 - 0, 1, 1, 0])])
 def test_level_counts_are_exact(n, want):
     assert mixture.level_counts(n, SHARES) == want

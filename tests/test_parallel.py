@@ -59,7 +59,8 @@ def without_timings(stages: dict) -> dict:
     """dvc.lock entries with the hashes of the training outputs (and of deps on them, such as the
     report's on logs/) dropped."""
     def entry(e):
-        return {k: v for k, v in e.items() if k not in ("md5", "size", "nfiles")} if e["path"].split("/")[0] in TIMINGS else e
+        timed = e["path"].split("/")[0] in TIMINGS
+        return {k: v for k, v in e.items() if k not in ("md5", "size", "nfiles")} if timed else e
     return {name: {k: ([entry(e) for e in v] if k in ("deps", "outs") else v) for k, v in s.items()}
             for name, s in stages.items()}
 
@@ -140,7 +141,8 @@ def test_failure_stops_only_its_dependants(scenario, reference):
     assert list(got) == list(want)  # what dvc repro --keep-going records, in its order
     assert without_timings(got) == without_timings(want)
     # progress: one line per start and finish with the worker, and the live count
-    assert re.search(r"start  train_onehot@S1 on tcp://\S+ \(1 threads\)  \[done \d+ / running \d+ / waiting \d+\]", out)
+    assert re.search(r"start  train_onehot@S1 on tcp://\S+ \(1 threads\)  "
+                     r"\[done \d+ / running \d+ / waiting \d+\]", out)
     assert re.search(r"done   evaluate@S3 on tcp://\S+ in [\d.]+s  \[done \d+ / running \d+ / waiting \d+\]", out)
 
 

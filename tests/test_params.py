@@ -1,7 +1,9 @@
 """iqals.params: the committed params.yaml, and bad values failing with the key and the problem."""
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 
 import pytest
 
@@ -62,10 +64,13 @@ BAD = {
                            "one of ['original', 'iqa_ls'"),
     "iqa_ls on pristine": (_set("strategies.S1.labels", "iqa_ls"), "strategies.S1.labels",
                            "original for the pristine set"),
-    "shares sum 0.9": (_set("mixture.shares", [0.6, 0.15, 0.05, 0.1]), "mixture.shares", "summing to 1"),
+    "shares sum 0.9": (_set("mixture.shares", [0.6, 0.15, 0.05, 0.1]), "mixture.shares",  # the value as written
+                       "= [0.6, 0.15, 0.05, 0.1]: expected 4 shares (pristine, then levels 1..3) summing to 1"),
+    "shares sum 1.0001": (_set("mixture.shares", [0.6, 0.15, 0.15, 0.1001]), "mixture.shares", "summing to 1"),
     "shares length 3": (_set("mixture.shares", [0.6, 0.2, 0.2]), "mixture.shares", "a list of 4 values"),
     "blur sigma 0": (_blur_level(0, 0), "distort.blur_sigma[0]", "a number in (0, inf]"),
     "blur sigma negative": (_blur_level(2, -1.2), "distort.blur_sigma[2]", "a number in (0, inf]"),
+    "blur sigma inf": (_blur_level(1, float("inf")), "distort.blur_sigma[1]", "a number in (0, inf]"),
     "blur 2 levels": (_set("distort.blur_sigma", [0.7, 1.0]), "distort.blur_sigma", "a list of 3 values"),
     "noise var 0": (_noise_level(1, 0.0), "distort.noise_var[1]", "a number in (0, inf]"),
     "noise var negative": (_noise_level(0, -0.005), "distort.noise_var[0]", "a number in (0, inf]"),
@@ -77,12 +82,31 @@ BAD = {
     "unknown transform": (_set("iqa.transform", "sigmoid"), "iqa.transform", "one of ['identity'"),
     "epochs 0": (_set("train.epochs", 0), "train.epochs", "an integer in [1, inf]"),
     "epochs bool": (_set("train.epochs", True), "train.epochs", "an integer"),
+    "epochs null": (_set("train.epochs", None), "train.epochs", "= None: expected an integer in [1, inf]"),
+    "lr_decay 1.5": (_set("train.lr_decay", 1.5), "train.lr_decay", "a number in (0, 1]"),
+    "cudnn_benchmark 1": (_set("train.cudnn_benchmark", 1), "train.cudnn_benchmark", "true or false"),
     "batch_size 0": (_set("train.batch_size", 0), "train.batch_size", "an integer in [1, inf]"),
     "lr_decay_epochs > epochs": (lambda raw: raw["train"].update(epochs=6, lr_decay_epochs=7),
                                  "train.lr_decay_epochs", "at most train.epochs (6)"),
+    "snapshot_every > epochs": (_set("train.snapshot_every", 11), "train.snapshot_every", "at most train.epochs (10)"),
     "seeds empty": (_set("train.seeds", []), "train.seeds", "a non-empty list"),
     "seeds duplicate": (_set("train.seeds", [0, 1, 0]), "train.seeds", "distinct seeds"),
-    "train_size 2005": (_set("base.train_size", 2005), "base.train_size", "a multiple of 10"),
+    "seed negative": (_set("train.seeds", [0, -1]), "train.seeds[1]", "an integer in [0, inf]"),
+    "train_size 2004": (_set("base.train_size", 2004), "base.train_size", "a multiple of 10"),  # even, not of 5
+    "ssim even window": (_set("iqa.ssim.win_size", 10), "iqa.ssim.win_size", "an odd integer"),
+    "clip low > high": (_set("iqa.clip", [0.6, 0.5]), "iqa.clip",
+                        "= [0.6, 0.5]: expected [low, high] with low <= high"),
+    "uniform_ls on pristine": (_set("strategies.S1.labels", "uniform_ls"), "strategies.S1.labels",
+                               "original for the pristine set"),
+    "shuffled_ls on pristine": (_set("strategies.S1.labels", "shuffled_ls"), "strategies.S1.labels",
+                                "original for the pristine set"),
+    "table2 duplicate": (_set("report.table2", ["S1", "S2", "S1"]), "report.table2",
+                         "distinct names (report.table2[2] repeats report.table2[0])"),
+    "fig3 unknown panel": (_set("report.fig3_panels.rain", ["S1"]), "report.fig3_panels",
+                           "panels named from ['blur', 'noise', 'jpeg', 'all3']"),
+    "fig4 no strategies": (_set("report.fig4_strategies", []), "report.fig4_strategies",
+                           "a non-empty list of strategy names"),
+    "claim level 4": (_set("report.claim_levels", [1, 4]), "report.claim_levels[1]", "an integer in [1, 3]"),
     "fig4 unknown strategy": (_set("report.fig4_strategies", ["S1", "S2", "S42"]), "report.fig4_strategies",
                               "strategy names from"),
     "blur kernel rule": (_set("distort.blur_kernel", "gauss5"), "distort.blur_kernel",
@@ -104,6 +128,9 @@ BAD = {
                                  "null or at most epochs (16)"),
     "deviation train eval": (_set("deviation.train_eval_size", 60000), "deviation.train_eval_size",
                              "at most train_size (50000)"),
+    "deviation train_size": (_set("deviation.train_size", 49995), "deviation.train_size", "a multiple of 10"),
+    "convention empty": (_set("deviation.conventions.noise_floor", {}), "deviation.conventions.noise_floor",
+                         "a non-empty mapping of distort keys"),
 }
 
 
@@ -119,18 +146,45 @@ def test_bad_params_name_key_and_problem(raw_params, case):
 
 
 def test_the_mutators_alone_do_not_break_good_params(raw_params):
-    """Each case must fail because of its value: the same mutation with a good value parses."""
-    _set("train.lr_decay_epochs", 6)(raw_params)
+    """Each case must fail because of its value: the same mutation with a good value parses, bounds included."""
+    raw_params["train"].update(epochs=6, lr_decay_epochs=6, snapshot_every=6, lr_decay=1)  # "at most", (0, 1]
+    raw_params["train"].update(precision="bf16", step="graph")  # device auto: iqals.train checks, not params
     _set("train.seeds", [0, 1, 2])(raw_params)
     _set("base.train_size", 2010)(raw_params)
     _jpeg_level(0, 100)(raw_params)
     _jpeg_level(2, 1)(raw_params)
     _set("mixture.shares", [0.7, 0.1, 0.1, 0.1])(raw_params)
     _set("strategies.S1.labels", "original")(raw_params)
+    _set("iqa.clip", [0.5, 0.5])(raw_params)  # low <= high
+    _set("report.claim_levels", [3])(raw_params)
+    _set("deviation.train_eval_size", 50000)(raw_params)  # at most train_size
+    _set("deviation.converged.lr_decay_epochs", None)(raw_params)  # null: constant lr
     p = params_lib.parse(raw_params)
-    assert p.train.lr_decay_epochs == 6 and p.train.seeds == (0, 1, 2)
+    assert (p.train.epochs, p.train.lr_decay_epochs, p.train.snapshot_every, p.train.lr_decay) == (6, 6, 6, 1.0)
+    assert p.train.seeds == (0, 1, 2) and (p.train.precision, p.train.step) == ("bf16", "graph")
     assert p.base.train_size == 2010 and p.distort.jpeg_quality == (100, 8, 1)
-    assert p.mixture.shares == (0.7, 0.1, 0.1, 0.1)
+    assert p.mixture.shares == (0.7, 0.1, 0.1, 0.1) and p.iqa.clip == (0.5, 0.5) and p.report.claim_levels == (3,)
+    assert p.deviation.train_eval_size == 50000 and p.deviation.converged.lr_decay_epochs is None
+
+
+def test_values_take_the_declared_type(raw_params):
+    """Float keys hold floats and choices strings, as written in YAML or not (an unquoted 444, as `-S key=444`
+    writes it, is the string "444"); derived fields follow the documented tables."""
+    raw_params["iqa"]["ssim"]["data_range"] = 255
+    raw_params["distort"]["jpeg_subsampling"] = 444
+    raw_params["deviation"]["conventions"]["jpeg_444"] = {"jpeg_subsampling": 422}
+    p = params_lib.parse(raw_params)
+    assert type(p.iqa.ssim.data_range) is float and p.iqa.ssim.data_range == 255.0
+    assert type(p.model.conv1_bias) is float and type(p.train.epochs) is int
+    assert p.distort.jpeg_subsampling == "444" and p.deviation.conventions["jpeg_444"].jpeg_subsampling == "422"
+    for name, s in p.strategies.items():  # an entry's name is its key; iqa_ls and both controls read scores
+        assert s.name == name and s.needs_scores == (s.labels in ("iqa_ls", "uniform_ls", "shuffled_ls")), name
+    mixes = {"pristine": (), "mix_blur": ("blur",), "mix_noise": ("noise",), "mix_jpeg": ("jpeg",),
+             "mix_all3": ("blur", "noise", "jpeg")}
+    assert {s.train_set: s.distortions for s in p.strategies.values()} == mixes
+    conv = p.deviation.conventions  # round and floor give uint8 images, the float outputs do not
+    assert [conv[n].uint8 for n in ("noise_floor", "noise_float_clipped", "noise_float")] == [True, False, False]
+    assert p.distort.uint8 and conv["blur_zero"] == dataclasses.replace(p.distort, blur_border="constant")
 
 
 def test_a_mapping_of_strategy_lists_is_one_check():
@@ -165,7 +219,8 @@ def test_committed_params_load_with_the_protocol_values(params):
     assert d.blur_sigma == (0.7, 1.0, 1.2)
     assert d.noise_var == (0.005, 0.01, 0.02)
     assert d.jpeg_quality == (12, 8, 4)
-    assert (d.blur_kernel, d.blur_border, d.jpeg_encoder, d.jpeg_subsampling) == ("matlab", "replicate", "opencv", "420")
+    assert (d.blur_kernel, d.blur_border, d.jpeg_encoder, d.jpeg_subsampling) == ("matlab", "replicate", "opencv",
+                                                                                   "420")
     assert (d.noise_scale, d.noise_output, d.noise_field) == ("unit", "round", "per_channel")
     assert params.mixture.shares == (0.60, 0.15, 0.15, 0.10)
     assert (params.iqa.metric, params.iqa.transform) == ("ssim", "identity")
@@ -205,7 +260,6 @@ def test_reference_copies_match_the_shared_paper_files(repo_root):
 
 
 def test_parse_does_not_mutate_its_input(raw_params):
-    import copy
     before = copy.deepcopy(raw_params)
     params_lib.parse(raw_params)
     assert raw_params == before
@@ -223,11 +277,32 @@ def test_copy_layout_names_each_test_set_once():
 
 def test_off_reference_names_the_keys_that_need_a_gpu(params):
     """One comparison with the reference step, for a Train and for a probe's mapping of values."""
-    import dataclasses
-
     from iqals.params import REFERENCE_STEP, off_reference
 
     assert off_reference(params.train) == () and off_reference(dict(REFERENCE_STEP)) == ()
     bf16_batch = dataclasses.replace(params.train, precision="bf16", layout="batch")
     assert off_reference(bf16_batch) == ("precision", "layout")
     assert off_reference({**REFERENCE_STEP, "step": "graph"}) == ("step",)
+
+
+def test_overrides_copy_params_and_name_what_it_lacks(raw_params, tmp_path):
+    """with_overrides sets dotted keys in a deep copy; a path through a value or a missing key is an error."""
+    before = copy.deepcopy(raw_params)
+    out = params_lib.with_overrides(raw_params, {"train.epochs": 3, "deviation.converged.epochs": 20})
+    assert raw_params == before
+    assert out["train"]["epochs"] == 3 and out["deviation"]["converged"] == {"epochs": 20, "lr_decay_epochs": 12}
+    with pytest.raises(ParamError, match=r"^preset: train\.epochs\.x\.y: params\.yaml has no 'x' here$"):
+        params_lib.with_overrides(raw_params, {"train.epochs.x.y": 1})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    with pytest.raises(ParamError, match="expected a mapping of dotted params keys"):
+        params_lib.load_preset(empty)
+
+
+def test_yaml_value_is_what_dvc_reads_back():
+    """The `-S key=value` text, written by hand: flow style on one line, a numeric string kept a string."""
+    cases = {None: "null", 16: "16", 0.1: "0.1", True: "true", "cuda": "cuda", "420": "'420'"}
+    for value, text in cases.items():
+        assert params_lib.yaml_value(value) == text, value
+    assert params_lib.yaml_value([0, 1, 2]) == "[0, 1, 2]"
+    assert params_lib.yaml_value(list(range(40))) == "[" + ", ".join(str(i) for i in range(40)) + "]"

@@ -45,7 +45,8 @@ def test_dry_prints_the_dvc_command_whose_values_parse_back(tmp_path, repo_root)
     lines = r.stdout.strip().splitlines()  # the stale stages on Dask, then the workspace as the experiment
     assert lines[0].split(": ", 1)[1].split() == [" ".join(cmd[6::2])][0].split()
     assert lines[1].endswith("-m stages.parallel --workers 4") and lines[2] == "dvc exp save -f -n p2"
-
+    r = preset(tmp_path, repo_root, "--dry", "--workers", "3")
+    assert r.stdout.strip().splitlines()[1].endswith("-m stages.parallel --workers 3"), r.stdout
 
 
 def test_set_on_the_command_line_changes_and_adds_keys_before_validation(tmp_path, repo_root):
@@ -61,6 +62,9 @@ def test_set_on_the_command_line_changes_and_adds_keys_before_validation(tmp_pat
     assert bad.returncode == 1 and "train.lr_decay_epochs = 20: expected at most train.epochs (16)" in bad.stderr
     bad = preset(tmp_path, repo_root, "--dry", "-S", "train.epochs")
     assert bad.returncode == 1 and "-S 'train.epochs': expected KEY=VALUE" in bad.stderr
+    bad = preset(tmp_path, repo_root, "--dry", "-S", "=16")
+    assert bad.returncode == 1 and "-S '=16': expected KEY=VALUE" in bad.stderr
+
 
 @pytest.mark.slow
 def test_the_dask_runner_makes_one_dvc_experiment(tmp_path, repo_root, tiny_cifar):
@@ -88,7 +92,7 @@ def test_a_cuda_preset_without_cuda_stops_before_dvc_runs(tmp_path, repo_root):
     fake.mkdir()
     (fake / "dvc").write_text(f"#!/bin/sh\ntouch {tmp_path}/dvc_ran\n")
     (fake / "dvc").chmod(0o755)
-    r = preset(tmp_path, repo_root, path_dvc=fake)
+    r = preset(tmp_path, repo_root, "--runner", "dvc", path_dvc=fake)  # a failed check runs only the fake dvc
     assert r.returncode == 1
     assert "train.device = 'cuda', but this machine has no CUDA device" in r.stderr
     assert not (tmp_path / "dvc_ran").exists()
@@ -108,3 +112,16 @@ def test_a_bad_preset_is_named_before_anything_runs(tmp_path, repo_root, values,
     r = preset(tmp_path, repo_root, values=values, path_dvc=fake)
     assert r.returncode == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "dvc_ran").exists()
+
+
+def test_the_dvc_runner_runs_the_printed_command_and_passes_its_failure_on(tmp_path, repo_root):
+    """The command run is the one --dry prints, and a failing `dvc exp run` fails the preset with its code."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dvc").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/dvc_args\nexit 3\n')
+    (fake / "dvc").chmod(0o755)
+    values = {"train.epochs": 3, "train.lr_decay_epochs": 2}
+    r = preset(tmp_path, repo_root, "--runner", "dvc", values=values, path_dvc=fake)
+    assert r.returncode == 3, r.stderr
+    want = ["exp", "run", "-n", "mine", "-S", "train.epochs=3", "-S", "train.lr_decay_epochs=2"]
+    assert (tmp_path / "dvc_args").read_text().splitlines() == want
