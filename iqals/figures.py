@@ -14,6 +14,7 @@ from .params import DISTORTIONS, LEVELS, TEST_SETS, Params, test_set_name
 from .report import true_confidence
 
 PAPER_STYLE = {"alpha": 0.35, "linestyle": "--", "marker": "x"}  # the paper's values: same colour, faint
+ALL3_STYLES, ALL3_MARKERS = ("--", "-", "-.", ":"), "os^D"  # the all3 panel's strategies: style, then marker
 
 
 def _curve(values: dict, kind: str, key: str = "acc") -> list:
@@ -30,10 +31,10 @@ def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list
     x = np.arange(LEVELS + 1)
     paper = {n: {t: {"acc": float(r[t])} for t in TEST_SETS} for n, r in paper_rows.items()}
 
-    def line(ax, name, kind, color, style, label):
+    def line(ax, name, kind, color, style, label, marker="o"):
         m = metrics[name]
         yerr = _curve(m, kind, "acc_std") if n_seeds > 1 else None
-        ax.errorbar(x, _curve(m, kind), yerr=yerr, color=color, linestyle=style, marker="o", capsize=3, label=label)
+        ax.errorbar(x, _curve(m, kind), yerr=yerr, color=color, linestyle=style, marker=marker, capsize=3, label=label)
         if name in paper:
             ax.plot(x, _curve(paper[name], kind), color=color, **PAPER_STYLE)
 
@@ -42,10 +43,11 @@ def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list
         if panel in DISTORTIONS:
             for i, name in enumerate(names):
                 line(ax, name, panel, f"C{i}", ":" if name == "S1" else "-", name)
-        else:  # every type, one colour each, one line style per strategy
-            for name, style in zip(names, ("--", "-", "-.", ":")):
+        else:  # every type, one colour each; per strategy a line style, and past four strategies a marker too
+            for i, name in enumerate(names):
+                style, marker = ALL3_STYLES[i % 4], ALL3_MARKERS[i // 4 % 4]
                 for kind, color in zip(DISTORTIONS, ("C0", "C1", "C2")):
-                    line(ax, name, kind, color, style, f"{name} {kind}")
+                    line(ax, name, kind, color, style, f"{name} {kind}", marker)
         ax.plot([], [], color="grey", **PAPER_STYLE, label="paper")
         ax.set(title=f"{panel}: {', '.join(names)}", xlabel="distortion level", ylabel="top-1 accuracy")
         ax.set_xticks(x, ["pristine"] + [str(lv + 1) for lv in range(LEVELS)])

@@ -347,6 +347,12 @@ def test_fig3_draws_the_papers_values_beside_ours(params, paper):
     # a strategy left out of the run is left out of its panel
     ax = figures.fig3({n: m for n, m in metrics.items() if n != "S2"}, paper, blur, 3).axes[0]
     assert len(ax.containers) == 2 and ax.get_title() == "blur: S1, S3"
+    # all3 with more strategies than line styles: every strategy drawn, each in a look of its own
+    five = ["S2", "S3", "S4", "S8", "S9"]
+    ax = figures.fig3(metrics, paper, {"all3": five}, 3).axes[0]
+    looks = [(bars.lines[0].get_linestyle(), bars.lines[0].get_marker()) for bars in ax.containers]
+    assert [bars.get_label() for bars in ax.containers] == [f"{n} {k}" for n in five for k in DISTORTIONS]
+    assert len(set(looks)) == len(five) and all(len(set(looks[i:i + 3])) == 1 for i in range(0, 15, 3))
 
 
 def test_fig4_shows_each_example_at_each_blur_level_with_the_seed_mean_confidence():
