@@ -45,7 +45,8 @@ def fig3(metrics: dict, paper_rows: dict[str, pd.Series], panels: dict[str, list
                 line(ax, name, panel, f"C{i}", ":" if name == "S1" else "-", name)
         else:  # every type, one colour each; per strategy a line style, and past four strategies a marker too
             for i, name in enumerate(names):
-                style, marker = ALL3_STYLES[i % 4], ALL3_MARKERS[i // 4 % 4]
+                k = len(ALL3_STYLES)
+                style, marker = ALL3_STYLES[i % k], ALL3_MARKERS[i // k % len(ALL3_MARKERS)]
                 for kind, color in zip(DISTORTIONS, ("C0", "C1", "C2")):
                     line(ax, name, kind, color, style, f"{name} {kind}", marker)
         ax.plot([], [], color="grey", **PAPER_STYLE, label="paper")

@@ -197,8 +197,8 @@ def regime(p: Params, n_train: int, n_full: int, n_test: int, s1_acc: float | No
     reasons = ["it has one seed, so the variance between training runs is unknown"] if len(seeds) == 1 else []
     if n_train < n_full:
         reasons.append(f"it trains on {n_train} of the {n_full} training images")
-    if s1_acc is not None and s1_paper is not None \
-            and not within_points(100 * (s1_acc - s1_paper), p.report.s1_tolerance):
+    if (s1_acc is not None and s1_paper is not None
+            and not within_points(100 * (s1_acc - s1_paper), p.report.s1_tolerance)):
         reasons.append(f"S1 reaches {100 * s1_acc:.1f}% where the paper reports {100 * s1_paper:.1f}%: "
                        "the network is not in the paper's regime")
     if reasons:

@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 from scipy import ndimage
-from skimage.metrics import structural_similarity
 
 from iqals import deviation, distort, evaluate, longrun
 from iqals import report as rep
@@ -26,6 +25,7 @@ from iqals import train as train_lib
 from iqals.errors import UsageError
 from iqals.params import TEST_SETS
 from iqals.seeds import image_streams
+from tests.test_iqa import skimage_ssim
 
 SIGMAS = (0.7, 1.0, 1.2)
 VAR = 0.02  # noise level 3: clipping matters
@@ -167,11 +167,6 @@ def test_distort_stage_refuses_float_noise(raw_params, tmp_path, monkeypatch, re
     assert "distort.noise_output = 'float': expected round or floor" in r.stderr
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """Float64 luminance Y = 0.299 R + 0.587 G + 0.114 B, the plane the study's SSIM compares."""
-    return np.asarray(rgb, np.float64) @ np.array([0.299, 0.587, 0.114])
-
-
 def _linear_net() -> torch.nn.Module:
     """A fixed random linear classifier: unlike an untrained CNN, its predictions follow each image's content."""
     torch.manual_seed(0)
@@ -197,9 +192,7 @@ def test_evaluate_conventions_scores_one_model_on_every_variant(images, params):
         for t, test_set in enumerate(TEST_SETS[1:]):
             x = sets[t // 3, t % 3]
             assert by.loc[(name, test_set), "acc"] == np.mean(evaluate.predict(net, x, cpu, 100).argmax(1) == labels)
-            want = np.mean([structural_similarity(a, b, gaussian_weights=True, sigma=s.sigma, win_size=s.win_size,
-                                                  K1=s.k1, K2=s.k2, use_sample_covariance=False,
-                                                  data_range=s.data_range) for a, b in zip(_luma(images), _luma(x))])
+            want = skimage_ssim(images, x, s).mean()  # skimage on float64 luminance
             assert abs(by.loc[(name, test_set), "ssim"] - want) < 1e-10, (name, test_set)  # both float64
     assert by.loc[("blur_zero", "blur_1"), "ssim"] < by.loc[("default", "blur_1"), "ssim"]  # zero border: worse
 
