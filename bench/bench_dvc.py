@@ -83,7 +83,8 @@ def main(repeats: int = 3, keep: str | Path | None = None) -> dict:
     }
     print(f"dvc {result['dvc']}: full repro of the tiny pipeline ({stages} stages) {t_full:.1f} s; "
           f"no-op repro {result['noop_repro_s']:.2f} s (median of {repeats}: {result['noop_repro_s_all']}), "
-          f"stages rerun: {len(reran)}; dvc status {t_status:.2f} s ({'up to date' if result['status_up_to_date'] else 'CHANGED'})")
+          f"stages rerun: {len(reran)}; dvc status {t_status:.2f} s "
+          f"({'up to date' if result['status_up_to_date'] else 'CHANGED'})")
     assert not reran, f"a no-op dvc repro ran stages: {reran}"
     assert result["status_up_to_date"], status
     return result

@@ -160,7 +160,8 @@ def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, .
         print(result.get("profile", ""))
     else:
         for k, v in result["images_per_s"].items():
-            print(f"fp32 eager {k:8} {v:8.0f} images/s (summed over runs), {result['ratio_vs_old_net'][k]:.3f}x the old Net")
+            print(f"fp32 eager {k:8} {v:8.0f} images/s (summed over runs), "
+                  f"{result['ratio_vs_old_net'][k]:.3f}x the old Net")
     return result
 
 

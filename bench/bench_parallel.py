@@ -63,7 +63,8 @@ def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, devi
         if unknown:
             raise ValueError(f"--strategies: {sorted(unknown)} not in params.yaml strategies")
         raw["strategies"] = {k: v for k, v in raw["strategies"].items() if k in strategies}
-        raw["report"]["fig4_strategies"] = [s for s in raw["report"]["fig4_strategies"] if s in strategies] or strategies[:1]
+        raw["report"]["fig4_strategies"] = ([s for s in raw["report"]["fig4_strategies"] if s in strategies]
+                                            or strategies[:1])
         dvc_yaml = yaml.safe_load((dest / "dvc.yaml").read_text())
         dvc_yaml["vars"] = [{k: [s for s in v if s in strategies]} for d in dvc_yaml["vars"] for k, v in d.items()]
         (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
@@ -72,7 +73,8 @@ def make_copy(dest: Path, epochs: int | None, strategies: list[str] | None, devi
 
 
 def main(workers: int = 2, threads: int = 1, epochs: int | None = None, strategies: list[str] | None = None,
-         device: str = "cpu", stages_per_gpu: int = 1, keep: str | Path | None = None, train_size: int | None = None) -> dict:
+         device: str = "cpu", stages_per_gpu: int = 1, keep: str | Path | None = None,
+         train_size: int | None = None) -> dict:
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_parallel_"))

@@ -95,7 +95,8 @@ def compute(n: int, float64: bool, say=print) -> dict:
     scores, seconds = timed(IQA_METRICS)
     out = {"n": n, "clip": p.iqa.clip, "scores": scores, "seconds": seconds,
            "targets": {m: targets(scores[m], m, p.iqa) for m in IQA_METRICS}}
-    out["vif_enlarged"] = {how: np.stack([vif_enlarged(images, d, how) for d in grid]) for how in ("bicubic", "reflect")}
+    out["vif_enlarged"] = {how: np.stack([vif_enlarged(images, d, how) for d in grid])
+                           for how in ("bicubic", "reflect")}
     if float64:
         iqa_piq.DTYPE = torch.float64
         out["float64"], out["seconds64"] = timed(("gmsd", "fsim", "vif"), " in float64")
@@ -135,7 +136,8 @@ def markdown(r: dict) -> str:
         f"{m} {s[m].min():.{1 if m == 'psnr' else 3}f} to {s[m].max():.{1 if m == 'psnr' else 3}f}"
         for m in ("gmsd", "fsim", "vif", "ssim", "psnr")) + ".")
     lines.append("- Spearman correlation with SSIM over all pairs: " + ", ".join(
-        f"{m} {stats.spearmanr(s[m].ravel(), s['ssim'].ravel())[0]:.2f}" for m in ("vif", "fsim", "gmsd", "psnr")) + ".")
+        f"{m} {stats.spearmanr(s[m].ravel(), s['ssim'].ravel())[0]:.2f}"
+        for m in ("vif", "fsim", "gmsd", "psnr")) + ".")
     p99 = np.percentile(s["gmsd"], 99)
     match = gmsd_scale_matching(s["gmsd"], t["ssim"].mean(), r["clip"])
     lines.append(f"- GMSD: 99th percentile {p99:.3f} (/ ln 10 = {p99 / math.log(10):.3f}); targets at the {floor:g} "

@@ -1,6 +1,7 @@
 """All speed benchmarks, each against a reference implementation timed in the same process.
 
-    PYTHONPATH=. python -m bench.run [--quick] [--only ssim,distort,train_cpu,train_cuda,train_group,train_gpu,dvc,parallel]
+    PYTHONPATH=. python -m bench.run [--quick]
+        [--only ssim,distort,train_cpu,train_cuda,train_group,train_gpu,dvc,parallel]
 
 - ssim:       iqa.score_all (the score stage) vs skimage's SSIM in a per-image loop (bench_ssim)
 - distort:    our distortions vs a plain per-image loop with the same libraries (bench_distort)
@@ -132,17 +133,21 @@ def rows(name: str, r: dict) -> list[tuple]:
         return [(f"SSIM, score_all ({r['n']} images x 9)", f"{us['score_all']:.2f} µs/pair",
                  f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['score_all']}x", f"{md['score_all']:.1e}"),
                 ("SSIM, one call per version", f"{us['single_pair']:.2f} µs/pair",
-                 f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['single_pair']}x", f"{md['single_pair']:.1e}")]
+                 f"{us['skimage_loop']:.1f} µs/pair (skimage loop)", f"{sp['single_pair']}x",
+                 f"{md['single_pair']:.1e}")]
     if name == "distort":
-        return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['ours_s']:.3f} s", f"{t['loop_s']:.3f} s (per-image loop)",
+        return [(f"distort {k}, 3 levels ({r['n']} images)", f"{t['ours_s']:.3f} s",
+                 f"{t['loop_s']:.3f} s (per-image loop)",
                  f"{t['speedup']}x", str(t.get("max_abs_diff", "n/a (other random stream)")))
                 for k, t in r["types"].items()]
     if name == "train_group":
-        ips, one, where = r["images_per_s"], r["images_per_s"]["group1"], f"fp32 eager ({r['device']}, {r['device_name']})"
+        ips, one = r["images_per_s"], r["images_per_s"]["group1"]
+        where = f"fp32 eager ({r['device']}, {r['device_name']})"
         net = [] if "old_net" not in ips else [  # the point of one network class: no slower at one group
             (f"model.Net(1) in a plain loop, {where}", f"{ips['net1']:.0f} img/s", f"{ips['old_net']:.0f} img/s "
              "(the old one-run Net)", f"{r['ratio_vs_old_net']['net1']}x", "")]
-        return net + [(f"{g[5:]} runs stepped together, {where}", f"{v:.0f} img/s (summed)", f"{one:.0f} img/s (one run)",
+        return net + [(f"{g[5:]} runs stepped together, {where}", f"{v:.0f} img/s (summed)",
+                       f"{one:.0f} img/s (one run)",
                        f"{r['ratio_vs_group1'][g]}x", f"grads {r['checks'][g]['gradients_rel']:.1e} rel")
                       for g, v in ips.items() if g.startswith("group") and g != "group1"]
     if name == "train_gpu":
@@ -163,7 +168,8 @@ def rows(name: str, r: dict) -> list[tuple]:
         where = f"{r['device']}, {r['device_name']}"
         diff = f"logits {d['logits']:.1e}, grads {d['gradients']:.1e}"
         ref = f"{ips['reference']:.0f} img/s (DataLoader, stock layers)"
-        return [(f"training step ({where}), {r['n']} img/epoch", f"{ips['ours']:.0f} img/s", ref, f"{r['ratio']}x", diff),
+        return [(f"training step ({where}), {r['n']} img/epoch", f"{ips['ours']:.0f} img/s", ref, f"{r['ratio']}x",
+                 diff),
                 (f"training, whole train() call ({r['device']})", f"{ips['ours_whole_call']:.0f} img/s", ref,
                  f"{r['ratio_whole_call']}x", ""),
                 (f"paper schedule, 9 x 2000 epochs x 50k ({r['device']})", f"{r['paper_schedule_hours']['ours']:,} h "
@@ -189,7 +195,8 @@ def write_md(results: dict) -> str:
              "| benchmark | ours | reference | ratio | max abs diff |", "|---|---|---|---|---|"]
     for name in ALL:
         if name in results:
-            lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows(name, results[name]["result"])]
+            lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+                      for row in rows(name, results[name]["result"])]
     lines += ["", "Machines:", ""]
     seen = {}
     for name in ALL:
@@ -199,7 +206,8 @@ def write_md(results: dict) -> str:
             quick = ", --quick" if results[name].get("quick") else ""
             seen.setdefault(key, (m, []))[1].append(f"{name} ({m['date']}, {results[name]['seconds']:.0f} s{quick})")
     for m, names in seen.values():
-        lines.append(f"- {', '.join(names)}: CPU {m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
+        lines.append(f"- {', '.join(names)}: CPU {m['cpu']}, {m['cpu_count']} cores "
+                     f"({m['torch_threads']} torch threads)"
                      f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; {m['os']}; Python {m['python']}, "
                      f"torch {m['torch']}, numpy {m['numpy']}, OpenCV {m['opencv']}, dvc {m['dvc']}"
                      f"{', scikit-image ' + m['scikit-image'] if m.get('scikit-image') else ''}; commit {m['commit']}")
