@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from iqals.data import DataError
 from iqals.errors import ExpectedError, UsageError
 from iqals.params import ParamError
 
 
-def run_stage(repo_root, body: str) -> subprocess.CompletedProcess:
-    """A stage whose main() runs `body`, as `python -c`, through stages.common.run."""
-    code = ("import logging\nfrom stages.common import run\n"
-            f"def main():\n    logging.basicConfig(level=logging.INFO)\n    {body}\nrun(main)\n")
+def run_stage(repo_root, body: str, cwd=None,
+              first: str = "logging.basicConfig(level=logging.INFO)") -> subprocess.CompletedProcess:
+    """A stage whose main() runs `first`, then `body`, as `python -c` in cwd, through stages.common.run."""
+    code = ("import logging\nfrom stages.common import run, setup\n"
+            f"def main():\n    {first}\n    {body}\nrun(main)\n")
     env = dict(os.environ, PYTHONPATH=str(repo_root))
-    return subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd or repo_root, env=env, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -58,3 +61,18 @@ def test_cli_defaults_repeats_and_dashes(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["stage", "--stop_after", "2"])
     with pytest.raises(SystemExit):  # the option is spelt with a dash
         cli("doc", **opts)
+
+
+def test_setup_names_the_stage_in_each_line_and_validates_params_first(repo_root, tmp_path, raw_params):
+    """setup(name): log lines `HH:MM:SS name LEVEL message` from INFO on, and params.yaml parsed (attributes, not
+    the raw mapping) before the stage's work; a bad value stops the stage there with one line."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    r = run_stage(repo_root, "logging.getLogger('x').info('epochs %d', p.train.epochs)", tmp_path, "p = setup('train')")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(rf"\d\d:\d\d:\d\d train INFO epochs {raw_params['train']['epochs']}\n", r.stderr), r.stderr
+    raw_params["train"]["epochs"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    r = run_stage(repo_root, "open('started', 'w')", tmp_path, "setup('train')")
+    assert r.returncode == 1 and not (tmp_path / "started").exists()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d train ERROR params\.yaml: train\.epochs = 0: expected an integer in "
+                        r"\[1, inf\]\n", r.stderr), r.stderr

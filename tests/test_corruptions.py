@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -60,9 +61,14 @@ def test_shape_dtype_and_all_stack(images, every):
     for f, out in every.items():
         assert out.dtype == np.uint8 and out.shape == (5,) + images.shape, f
         assert all(mad(o, images) > 0 for o in out), f
-    stack = corruptions.corrupt_all(images[:3], ["fog", "contrast"], [2, 5], seed=0)
-    assert stack.shape == (2, 2, 3, 32, 32, 3)
+    ticks = []
+    stack = corruptions.corrupt_all(images[:3], ["fog", "contrast"], [2, 5], seed=0,
+                                    progress=SimpleNamespace(update=ticks.append))
+    assert stack.shape == (2, 2, 3, 32, 32, 3) and ticks == [1] * 4  # one tick per family x severity
     np.testing.assert_array_equal(stack[0, 1], every["fog"][4, :3])  # prefix of the stack: same images
+    part = corruptions.corrupt_all(images[5:9], ["shot_noise", "fog"], [3], seed=0, index=np.arange(5, 9))
+    for f, family in enumerate(["shot_noise", "fog"]):  # a slice at its official positions: same images
+        np.testing.assert_array_equal(part[f, 0], every[family][2, 5:9], err_msg=family)
 
 
 def test_deterministic_and_seeded(images, every):
@@ -83,6 +89,20 @@ def test_index_keys_the_stream(images):
     part = corruptions.corrupt(images[5:9], "shot_noise", 3, seed=7, index=np.arange(5, 9))
     np.testing.assert_array_equal(part, full[5:9])
     assert not np.array_equal(corruptions.corrupt(images[5:9], "shot_noise", 3, seed=7), part)
+
+
+def test_shot_noise_by_hand_from_its_stream(images):
+    """round(255 min(K / c, 1)), K ~ Poisson(c x) drawn from Philox keyed by (derive_seed(seed, "corrupt", family,
+    severity), official position): the documented key, so another family, severity or position draws otherwise."""
+    from iqals.seeds import derive_seed
+    index = np.arange(100, 104)
+    for s in (1, 5):
+        c = corruptions.FAMILIES["shot_noise"][1][s - 1]
+        key = derive_seed(7, "corrupt", "shot_noise", s)
+        want = [np.floor(np.clip(np.random.Generator(np.random.Philox(key=[key, int(j)])).poisson(img / 255.0 * c) / c,
+                                 0, 1) * 255 + 0.5) for img, j in zip(images[:4], index)]
+        np.testing.assert_array_equal(corruptions.corrupt(images[:4], "shot_noise", s, seed=7, index=index),
+                                      np.array(want, np.uint8), err_msg=str(s))
 
 
 def test_distortion_grows_with_severity(images, every):
@@ -122,6 +142,39 @@ def test_elastic_local_warp_grows_affine_part_shrinks():
     assert local[0] < 0.1  # severity 1 is a pure affine map (residual: 8-bit rounding)
     assert local[1] < local[0] + 0.05 < local[2] < local[3] < local[4], local
     assert affine[0] > affine[1] > affine[2] > affine[3] > affine[4], affine
+
+
+def test_elastic_as_the_original(images):
+    """make_cifar_c.py elastic_transform, written as the original writes it (float32 image, corner shifts, then dx
+    and dy smoothed by skimage's gaussian, indices of a 3-d meshgrid), each image drawing from its own stream in the
+    original's order: the same calls on the same values, so equal."""
+    from scipy.ndimage import map_coordinates
+    from skimage.filters import gaussian
+    x = images[:3]
+    streams = lambda: [np.random.Generator(np.random.Philox(key=[7, i])) for i in range(len(x))]  # noqa: E731
+    for s, c in enumerate(corruptions.FAMILIES["elastic_transform"][1], 1):
+        got = corruptions.elastic_transform(x / 255.0, c, streams())
+        for img, g, rng in zip(x, got, streams()):
+            image = np.array(img, dtype=np.float32) / 255.
+            shape = image.shape
+            shape_size = shape[:2]
+            center_square = np.float32(shape_size) // 2
+            square_size = min(shape_size) // 3
+            pts1 = np.float32([center_square + square_size,
+                               [center_square[0] + square_size, center_square[1] - square_size],
+                               center_square - square_size])
+            pts2 = pts1 + rng.uniform(-c[2], c[2], size=pts1.shape).astype(np.float32)
+            image = cv2.warpAffine(image, cv2.getAffineTransform(pts1, pts2), shape_size[::-1],
+                                   borderMode=cv2.BORDER_REFLECT_101)
+            dx = (gaussian(rng.uniform(-1, 1, size=shape[:2]), c[1], mode="reflect", truncate=3) * c[0]).astype(
+                np.float32)
+            dy = (gaussian(rng.uniform(-1, 1, size=shape[:2]), c[1], mode="reflect", truncate=3) * c[0]).astype(
+                np.float32)
+            dx, dy = dx[..., np.newaxis], dy[..., np.newaxis]
+            xx, yy, zz = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]), np.arange(shape[2]))
+            indices = np.reshape(yy + dy, (-1, 1)), np.reshape(xx + dx, (-1, 1)), np.reshape(zz, (-1, 1))
+            want = np.clip(map_coordinates(image, indices, order=1, mode="reflect").reshape(shape), 0, 1) * 255
+            np.testing.assert_array_equal(g, want, err_msg=f"severity {s}")
 
 
 def test_contrast_by_hand(images):
@@ -193,6 +246,10 @@ def test_impulse_fraction(images):
         assert abs(changed.mean() - amount) < 4 * math.sqrt(amount / changed.size) + 1e-3
         assert set(np.unique(got[changed])) <= {0, 255}
         assert abs((got[changed] == 255).mean() - 0.5) < 0.05
+        # each value flips on its own: a pixel has exactly one of its three values changed w.p. 3 a (1 - a)^2
+        one = changed.sum(-1) == 1
+        p = 3 * amount * (1 - amount) ** 2
+        assert abs(one.mean() - p) < 4 * math.sqrt(p / one.size) + 1e-3, (s, one.mean(), p)
 
 
 def test_shot_noise_is_rounded_poisson():
@@ -273,12 +330,14 @@ def test_bad_input():
     x = natural_images(2, 0)
     with pytest.raises(ValueError, match="uint8"):
         corruptions.corrupt(x.astype(np.float32), "fog", 1, 0)
-    with pytest.raises(ValueError, match="shape"):
-        corruptions.corrupt(x[:, :16], "fog", 1, 0)
+    for bad in (x[:, :16], x[..., :1], np.concatenate([x, x[..., :1]], -1), x[..., 0]):
+        with pytest.raises(ValueError, match="shape"):
+            corruptions.corrupt(bad, "fog", 1, 0)
     with pytest.raises(ValueError, match="frost"):
         corruptions.corrupt(x, "frost", 1, 0)
-    with pytest.raises(ValueError, match="severity"):
-        corruptions.corrupt(x, "fog", 6, 0)
+    for severity in (0, 6):  # 0 is not the last level
+        with pytest.raises(ValueError, match="severity"):
+            corruptions.corrupt(x, "fog", severity, 0)
 
 
 GOOD = {"families": ["fog", "contrast"], "severities": [1, 2, 3, 4, 5], "seed": 0}

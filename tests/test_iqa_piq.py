@@ -181,6 +181,7 @@ def test_vif_needs_upsampling_at_32_and_matches_numpy_reimplementation(stacks, s
     assert iqa_piq.vif_upsample_factor(32, 32) == 2
     assert iqa_piq.vif_upsample_factor(41, 64) == 1
     assert iqa_piq.vif_upsample_factor(20, 20) == 3
+    assert iqa_piq.vif_upsample_factor(20, 64) == iqa_piq.vif_upsample_factor(64, 20) == 3  # the shorter side: 60
     ref, dist = _nearest_up(stacks[0], 2), _nearest_up(stacks[1], 2)
     # piq's EPS (vifp_mscale.m's 1e-10 moves these scores by 1.3e-9), so that only rounding differs
     num, den, terms = np.array([vif_reference(a, b, eps=1e-8) for a, b in zip(ref, dist)]).T
@@ -204,3 +205,6 @@ def test_rejects_mismatched_or_non_uint8_stacks(images):
         iqa_piq.gmsd(images, images[:-1], None)
     with pytest.raises(ValueError, match="uint8"):
         iqa_piq.fsim(images.astype(np.float32), images.astype(np.float32), None)
+    for bad in (images[..., 0], images[..., :1], np.concatenate([images, images[..., :1]], -1)):  # RGB only
+        with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W, 3\) RGB stacks"):
+            iqa_piq.vif(bad, bad, None)

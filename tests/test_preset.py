@@ -125,3 +125,36 @@ def test_the_dvc_runner_runs_the_printed_command_and_passes_its_failure_on(tmp_p
     assert r.returncode == 3, r.stderr
     want = ["exp", "run", "-n", "mine", "-S", "train.epochs=3", "-S", "train.lr_decay_epochs=2"]
     assert (tmp_path / "dvc_args").read_text().splitlines() == want
+
+
+def test_the_dask_runner_sets_params_then_runs_parallel_then_saves(tmp_path, repo_root, monkeypatch):
+    """--runner dask: the preset's values written into params.yaml (the rest of it unchanged), then
+    stages.parallel, then `dvc exp save`; a failing stages.parallel saves nothing and passes its code on;
+    --dry changes and runs nothing."""
+    from types import SimpleNamespace
+
+    from stages import preset as stage
+    params, pristine = tmp_path / "params.yaml", (repo_root / "params.yaml").read_text()
+    (tmp_path / "mine.yaml").write_text("train.epochs: 3\ntrain.lr_decay_epochs: 2\ntrain.seeds: [4, 5]\n")
+    want = yaml.safe_load(pristine)
+    want["train"].update(epochs=3, lr_decay_epochs=2, seeds=[4, 5])  # the three keys changed by hand
+    monkeypatch.setattr(stage.logging, "basicConfig", lambda **kw: None)  # leave the test run's logging alone
+
+    def main(*extra, codes=()):
+        """main() on a fresh params.yaml, the commands' exit codes taken in turn: (commands run, exit code)."""
+        params.write_text(pristine)
+        ran, rcs = [], iter(codes)
+        monkeypatch.setattr(stage, "subprocess", SimpleNamespace(
+            run=lambda cmd: ran.append(cmd) or SimpleNamespace(returncode=next(rcs))))
+        monkeypatch.setattr(sys, "argv", ["preset", str(tmp_path / "mine.yaml"), "--params", str(params),
+                                          "--workers", "2", *extra])
+        try:
+            stage.main()
+        except SystemExit as e:
+            return ran, e.code
+        return ran, 0
+
+    cmds = [[sys.executable, "-m", "stages.parallel", "--workers", "2"], ["dvc", "exp", "save", "-f", "-n", "mine"]]
+    assert main(codes=(0, 0)) == (cmds, 0) and yaml.safe_load(params.read_text()) == want
+    assert main(codes=(5,)) == (cmds[:1], 5) and yaml.safe_load(params.read_text()) == want
+    assert main("--dry") == ([], 0) and params.read_text() == pristine

@@ -1,7 +1,9 @@
 """The README's promises: its first commands, and results copied verbatim from the pipeline."""
+import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -53,12 +55,15 @@ def test_make_readme_fills_every_block_from_its_source(tmp_path, repo_root, monk
     text = "# T\n" + "".join(f"<!-- {n}:begin -->\nold\n<!-- {n}:end -->\nkept {n}\n" for n in sources)
     (tmp_path / "README.md").write_text(text)
     (tmp_path / "x").mkdir()
-    (tmp_path / "x/a.md").write_text("| a | 1 |\n\n")
+    (tmp_path / "x/a.md").write_text("| a | [1](n.md) |\n\n")
     monkeypatch.setattr(readme, "BLOCKS", sources)
     readme.sync(tmp_path)
-    new = (tmp_path / "README.md").read_text()
-    for name in sources:
-        assert block(new, name) == f"| {name} | 1 |" and f"kept {name}\n" in new
+    # written out by hand: each block stripped on lines of its own, x/a.md's link made relative to the root
+    new = ("# T\n<!-- a:begin -->\n| a | [1](x/n.md) |\n<!-- a:end -->\nkept a\n"
+           "<!-- b:begin -->\n| b | 1 |\n<!-- b:end -->\nkept b\n")
+    assert (tmp_path / "README.md").read_text() == new
+    readme.sync(tmp_path)  # a second `make readme` changes nothing
+    assert (tmp_path / "README.md").read_text() == new
     (tmp_path / "README.md").write_text("# no markers\n")
     with pytest.raises(ExpectedError, match="markers"):
         readme.sync(tmp_path)
@@ -69,6 +74,15 @@ def test_make_readme_fills_every_block_from_its_source(tmp_path, repo_root, monk
     with pytest.raises(ExpectedError, match=f"{last}:end"):
         readme.sync(tmp_path)
     assert (tmp_path / "README.md").read_text() == partial
+
+
+def test_make_readme_names_a_missing_source_in_one_line(tmp_path, repo_root):
+    """`make readme` without its sources (here no README.md at all): one line and exit 1, no traceback."""
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    r = subprocess.run([sys.executable, "-m", "iqals.readme"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "make readme: [Errno 2] No such file or directory: 'README.md'"], r.stderr
 
 
 def test_make_clean_keeps_committed_results_and_test_fast_skips_slow(repo_root):
