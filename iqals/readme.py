@@ -99,8 +99,8 @@ def sync(root: str | Path = ".") -> None:
     text = readme.read_text()
     for name, source in BLOCKS.items():
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        if begin not in text or end not in text:
-            raise ExpectedError(f"{readme}: markers {begin} / {end} not found")
+        if begin not in text or end not in text.split(begin, 1)[1]:
+            raise ExpectedError(f"{readme}: markers {begin} / {end} not found in that order")
         text = put_block(text, name, fill(root, source))
     write_text(readme, text)
 

@@ -74,6 +74,11 @@ def test_make_readme_fills_every_block_from_its_source(tmp_path, repo_root, monk
     with pytest.raises(ExpectedError, match=f"{last}:end"):
         readme.sync(tmp_path)
     assert (tmp_path / "README.md").read_text() == partial
+    swapped = "<!-- a:end -->\nx\n<!-- a:begin -->\n<!-- b:begin -->\n<!-- b:end -->\n"  # end before begin
+    (tmp_path / "README.md").write_text(swapped)
+    with pytest.raises(ExpectedError, match="a:end -->.*in that order"):
+        readme.sync(tmp_path)
+    assert (tmp_path / "README.md").read_text() == swapped
 
 
 def test_make_readme_names_a_missing_source_in_one_line(tmp_path, repo_root):
