@@ -56,6 +56,23 @@ def test_fused_lrn_gradcheck_float64(fused):
     assert torch.autograd.gradcheck(lambda t: fused.lrn(t, 5, 0.5, 0.75, 1.0), (x,), eps=1e-6, atol=1e-8)
 
 
+def test_fused_lrn_even_window_matches_torchs_local_response_norm_per_group(fused):
+    """An even size has an asymmetric window [i - size//2, i + (size-1)//2] and a band matrix that is
+    not symmetric (the backward needs its transpose); a strong alpha makes the window's terms count,
+    beta and k other than the network's. Reference: torch.nn.LocalResponseNorm on each group alone."""
+    torch.manual_seed(7)
+    size, alpha, beta, k = 4, 0.5, 0.6, 2.0
+    x = (4 * torch.rand(2, 2 * 16, 3, 5, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(2, 2 * 16, 3, 5, dtype=torch.float64)
+    ref = torch.nn.LocalResponseNorm(size, alpha, beta, k)
+    want = torch.cat([ref(half) for half in x.split(16, dim=1)], dim=1)
+    (want_dx,) = torch.autograd.grad(want, x, g)
+    got = fused.lrn(x, size, alpha, beta, k, groups=2)
+    (got_dx,) = torch.autograd.grad(got, x, g)
+    close(got, want, size)  # float64 both: a window sum of `size` squares and one power
+    close(got_dx, want_dx, 2 * size)  # and the backward's sum over the windows holding each channel
+
+
 def test_fused_lrn_keeps_bf16_in_and_out(fused):
     x = torch.randn(1, 64, 2, 2).relu().bfloat16().requires_grad_()
     y = fused.lrn(x, **LRN)
@@ -73,6 +90,10 @@ def test_fused_lrn_keeps_bf16_in_and_out(fused):
 def test_fused_lrn_rejects_channel_counts_it_cannot_tile(fused):
     with pytest.raises(ValueError, match="power of two >= 16 channels per group, got 24"):
         fused.lrn(torch.rand(1, 48, 2, 2), **LRN, groups=2)
+    with pytest.raises(ValueError, match="power of two >= 16 channels per group, got 8"):  # tl.dot's 16 rows
+        fused.lrn(torch.rand(1, 16, 2, 2), **LRN, groups=2)
+    with pytest.raises(ValueError, match="48 channels do not split into 5 groups"):
+        fused.lrn(torch.rand(1, 48, 2, 2), **LRN, groups=5)
 
 
 def close_sums(got, want):
@@ -110,12 +131,15 @@ def test_batch_stacked_convolution_equals_grouped_conv2d(fused):
     torch.manual_seed(4)
     runs, b = 3, 4
     x = torch.randn(runs, b, 8, 6, 6)  # each run's own batch
-    w, bias = torch.randn(runs * 5, 8, 5, 5), torch.randn(runs * 5)
-    channels = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(b, runs * 8, 6, 6), w, bias, padding=2, groups=runs)
-    got = fused.batch_stacked_conv(x.reshape(runs * b, 8, 6, 6), w, bias, runs, padding=2)
-    want = channels.view(b, runs, 5, 6, 6).transpose(0, 1).reshape(runs * b, 5, 6, 6)
-    # the same dot products, in whatever order each kernel sums 8 x 25 terms
-    torch.testing.assert_close(got, want, rtol=0, atol=200 * torch.finfo(torch.float32).eps * want.abs().max().item())
+    w = torch.randn(runs * 5, 8, 5, 5)
+    for bias, pad in ((torch.randn(runs * 5), 2), (None, 1)):  # the network's convolutions; no bias, other padding
+        size = 6 + 2 * pad - 4
+        channels = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(b, runs * 8, 6, 6), w, bias, padding=pad, groups=runs)
+        got = fused.batch_stacked_conv(x.reshape(runs * b, 8, 6, 6), w, bias, runs, padding=pad)
+        want = channels.view(b, runs, 5, size, size).transpose(0, 1).reshape(runs * b, 5, size, size)
+        # the same dot products, in whatever order each kernel sums 8 x 25 terms
+        eps = torch.finfo(torch.float32).eps
+        torch.testing.assert_close(got, want, rtol=0, atol=200 * eps * want.abs().max().item())
 
 
 class _Ops(TorchDispatchMode):
@@ -188,5 +212,5 @@ def test_check_of_the_batch_layout_passes_against_the_cpu_reference(fused, raw_p
     raw_params["train"].update(batch_size=10)  # the interpreter runs each Triton program in Python
     p = params_lib.parse(raw_params)
     r = probe.check(p, torch.device("cpu"), {"precision": "fp32", "step": "eager", "group": 2, "layout": "batch"})
-    assert r["ok"] and r["group"] == 2, r
+    assert r["ok"] and r["group"] == 2 and r["layout"] == "batch", r  # the variant's layout was the one checked
     assert r["logits_rel"] < 1e-5 and r["loss_rel"] < 1e-5

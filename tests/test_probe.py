@@ -1,6 +1,8 @@
 """The probe of training-step variants (iqals/probe.py): on the CPU what runs there, on a GPU every
 variant's check (skipped without one)."""
 import dataclasses
+import re
+import types
 
 import pytest
 import torch
@@ -28,8 +30,11 @@ def test_variants_are_valid_and_include_the_reference():
     gpu = [v for v in probe.VARIANTS if probe.needs_gpu(v)]
     kinds = {tuple(sorted((k, x) for k, x in v.items() if k != "group")) for v in gpu}
     kind_group = [(tuple(sorted((k, x) for k, x in v.items() if k != "group")), v["group"]) for v in gpu]
-    assert sorted(kind_group) == sorted((kind, g) for kind in kinds for g in probe.GROUPS)
+    assert sorted(kind_group) == sorted((kind, g) for kind in kinds for g in (1, 3, 17, 51))  # 51: 17 x 3
     assert any(v.get("layout") == "batch" for v in gpu)
+    # off CUDA the reference step alone, for one run and for one strategy's three seeds
+    reference = {"precision": "fp32", "step": "eager", "layout": "channels"}
+    assert [v for v in probe.VARIANTS if not probe.needs_gpu(v)] == [{**reference, "group": g} for g in (1, 3)]
 
 
 def test_choose_takes_the_fastest_that_passed_in_any_layout():
@@ -60,10 +65,24 @@ def test_an_unknown_layout_stops_naming_the_allowed_ones(p):
 
 
 def test_profile_lists_the_steps_top_operators(p, monkeypatch):
-    monkeypatch.setitem(probe.IMAGES, "cpu", 40)
-    text = probe.profile(p, CPU, {"precision": "fp32", "step": "eager", "group": 2}, epochs=1, rows=8)
-    assert text.startswith("fp32 eager x2: 1 epochs of 40 images per run")
+    monkeypatch.setitem(probe.IMAGES, "cpu", 50)  # whole batches of 20: 40 images
+    real, profiled = probe._warm_step, []
+
+    def counted(*args, **kwargs):  # the real step, its epochs after the warm-up counted
+        n, epoch = real(*args, **kwargs)
+        return n, lambda: profiled.append(n) or epoch()
+
+    monkeypatch.setattr(probe, "_warm_step", counted)
+    text = probe.profile(p, CPU, {"precision": "fp32", "step": "eager", "group": 2}, epochs=2, rows=8)
+    assert text.startswith("fp32 eager x2: 2 epochs of 40 images per run") and profiled == [40, 40]
     assert "convolution" in text and "Self CPU" in text
+    # the table: `rows` operators, largest CPU time with their callees first
+    lines = text.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("---")]
+    header = re.split(r"\s{2,}", lines[rules[0] + 1].strip())
+    body = [re.split(r"\s{2,}", line.strip()) for line in lines[rules[1] + 1:rules[2]]]
+    total = [float(row[header.index("CPU total %")].rstrip("%")) for row in body]
+    assert len(body) == 8 and total == sorted(total, reverse=True), text
 
 
 def test_probe_checks_and_times_what_the_cpu_runs(p, monkeypatch):
@@ -81,6 +100,47 @@ def test_probe_checks_and_times_what_the_cpu_runs(p, monkeypatch):
     assert not failed["ok"] and "ZeroDivisionError" in failed["error"]
     assert not skipped["ok"] and "needs a GPU" in skipped["skipped"]
     assert probe.choose(results) is ok
+
+
+def test_timing_counts_every_runs_images_over_whole_epochs(p, monkeypatch):
+    """time_variant's arithmetic on a clock moved by hand: a 5 s warm-up, 1 s an epoch and 2.5 s to
+    time give 3 whole epochs in 3 s; 3 runs of 40 images, 2 batches of 20 an epoch; the variant's step."""
+    clock, timed = [0.0], []
+
+    def epoch():
+        clock[0] += 1.0
+        return torch.zeros(3), torch.zeros(3)  # each run's summed loss and number right
+
+    def warm_step(p, device, v, cfg, seed):
+        clock[0] += 5.0
+        timed.append((cfg.precision, cfg.step, cfg.layout, cfg.cudnn_benchmark))
+        return 40, epoch
+
+    monkeypatch.setattr(probe, "_warm_step", warm_step)
+    monkeypatch.setattr(probe, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    v = {"precision": "bf16", "step": "graph", "group": 3, "layout": "batch", "cudnn_benchmark": True}
+    r = probe.time_variant(p, CPU, v, 2.5)
+    assert r == {"images_per_s": 3 * 40 * 3 / 3.0, "step_ms": 1000 * 3.0 / (3 * 2), "epochs_timed": 3,
+                 "images_per_epoch": 40, "warm_up_s": 5.0}
+    assert timed == [("bf16", "graph", "batch", True)]  # not params' fp32 eager step
+
+
+def test_probe_shares_its_time_among_what_the_device_runs_and_takes_ok_from_the_check(p, monkeypatch):
+    """The probe's bookkeeping with the check and the timing stubbed: half of each runnable
+    variant's share of the seconds goes to timing; one that runs but fails its check is not chosen."""
+    vs = ({"precision": "fp32", "step": "eager", "group": 1}, {"precision": "fp32", "step": "eager", "group": 3},
+          {"precision": "bf16", "step": "graph", "group": 17})
+    monkeypatch.setattr(probe, "check", lambda p, d, v: {"ok": v["group"] != 3, "gradients_rel": 0.0})
+    shares = []
+    monkeypatch.setattr(probe, "time_variant",
+                        lambda p, d, v, seconds: shares.append(seconds) or {"images_per_s": float(v["group"])})
+    on_cpu = probe.probe(p, CPU, 3600, vs)  # the GPU variant skipped: 2 share the time
+    assert shares == [900.0, 900.0] and [r["ok"] for r in on_cpu] == [True, False, False]
+    assert probe.choose(on_cpu)["group"] == 1  # 3 runs are faster, but failed the check
+    shares.clear()
+    on_gpu = probe.probe(p, "cuda", 3600, vs)  # stubbed: no GPU touched; there every variant runs
+    assert shares == [600.0] * 3 and [r["ok"] for r in on_gpu] == [True, False, True]
+    assert not any("skipped" in r for r in on_gpu) and probe.choose(on_gpu)["group"] == 17
 
 
 def test_variants_after_the_probes_time_are_skipped_not_run(p, monkeypatch):
