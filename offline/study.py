@@ -178,9 +178,9 @@ def plan(dvc: dict, raw: dict, cfg: dict) -> list[tuple[str, str, str]]:
     """`expand` in the order `dvc repro` runs the stages (stage_order, then dvc.yaml's order),
     without the stages of strategies the params leave out and without the cpu_only stages."""
     order = cfg["stage_order"]
-    stages = [s for s in expand(dvc, raw) if s[1] not in cfg["cpu_only"]
-              and _strategy_of(s[2]) in (None, *raw["strategies"])]
-    names = list(dict.fromkeys(s for _, s, _ in stages))
+    stages = [s for s in expand(dvc, raw) if s[1] not in cfg["cpu_only"]]
+    names = list(dict.fromkeys(s for _, s, _ in stages))  # before the strategies: one may leave a stage empty
+    stages = [s for s in stages if _strategy_of(s[2]) in (None, *raw["strategies"])]
     if sorted(names) != sorted(order):
         raise StudyError(f"offline/config.yaml: stage_order {order} does not list exactly dvc.yaml's stages "
                          f"{names} (less cpu_only): update it from `dvc repro --dry --force`")
@@ -250,8 +250,9 @@ def pack_predictions(path: Path) -> bytes:
 
 
 def tar_bytes(sizes: list[int]) -> int:
-    """Upper bound of a tar's size: 2 header blocks a member, its data, 2 end blocks, in 10240-byte records."""
-    body = sum(1024 + -(-n // 512) * 512 for n in sizes) + 1024
+    """Upper bound of a tar's size: 3 header blocks a member (its header, and the pax header and record that a name
+    over 100 characters or not ASCII takes), its data, 2 end blocks, in 10240-byte records."""
+    body = sum(1536 + -(-n // 512) * 512 for n in sizes) + 1024
     return -(-body // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import os
 import re
@@ -54,6 +55,28 @@ def test_commands_and_order_are_what_dvc_repro_runs(tmp_path, repo_root, cfg):
                    {**cfg, "stage_order": cfg["stage_order"][:-1]})
 
 
+def test_expand_and_plan_follow_dvc_on_the_forms_it_takes():
+    """Hand-written from DVC's rules (matrix: product in key order, named name@v1-v2; foreach over a mapping:
+    name@key; a string that is one reference takes the value), run in stage_order, not dvc.yaml's order."""
+    dvc = {"vars": [{"sets": ["a", "b"]}], "stages": {
+        "grid": {"matrix": {"s": "${sets}", "k": [1, 2]}, "cmd": "run ${item.s} ${item.k}"},
+        "each": {"foreach": "${strategies}", "do": {"cmd": "eval ${key} ${item.labels}"}},
+        "one": {"cmd": "python -m stages.x --lr ${ train.lr }"}}}
+    raw = {"train": {"lr": 0.1}, "strategies": {"S1": {"labels": "original"}, "S3": {"labels": "iqa_ls"}}}
+    want = [("grid@a-1", "grid", "run a 1"), ("grid@a-2", "grid", "run a 2"), ("grid@b-1", "grid", "run b 1"),
+            ("grid@b-2", "grid", "run b 2"), ("each@S1", "each", "eval S1 original"),
+            ("each@S3", "each", "eval S3 iqa_ls"), ("one", "one", "python -m stages.x --lr 0.1")]
+    assert study.expand(dvc, raw) == want
+    assert study.plan(dvc, raw, {"stage_order": ["one", "each", "grid"], "cpu_only": ["nothing"]}) == \
+        [want[6], want[4], want[5], *want[:4]]
+    for change, message in [({"vars": ["params2.yaml"]}, "only inline mappings"),
+                            ({"stages": {"x": {"cmd": "run ${train.nope}"}}}, "\\$\\{train.nope\\} is not defined"),
+                            ({"stages": {"x": {"foreach": "${sets}", "do": {"cmd": "run"}}}}, "foreach over a mapping"),
+                            ({"stages": {"x": {"cmd": "${sets}"}}}, "x: cmd must be one command string")]:
+        with pytest.raises(study.StudyError, match=message):
+            study.expand({**dvc, **change}, raw)
+
+
 def test_a_subset_of_strategies_leaves_out_their_stages(repo_root, dvc_yaml, cfg):
     raw = study.run_params(repo_root, sets=["train.epochs=30"], strategies=["R3", "S3", "S1", "S2"])
     assert list(raw["strategies"]) == ["S1", "S2", "S3", "R3"]  # params.yaml's order, also after a --set
@@ -66,6 +89,13 @@ def test_a_subset_of_strategies_leaves_out_their_stages(repo_root, dvc_yaml, cfg
                                                                   "evaluate@R3"]
     with pytest.raises(study.StudyError, match="--strategies S1,S10: S10: expected some of .*S1, S2"):
         study.run_params(repo_root, strategies=["S1", "S10"])
+    with pytest.raises(study.StudyError, match="--strategies : none given"):
+        study.run_params(repo_root, strategies=[])
+    # one-hot strategies alone: train_scored has no instance left, and stage_order still holds
+    raw = study.run_params(repo_root, sets=["report.fig4_strategies=[S1, S2]"], strategies=["S1", "S2"])
+    assert [n for n, _, _ in study.plan(dvc_yaml, raw, cfg)] == [
+        "download", "distort", "score", "corrupt", "train_onehot@S1", "train_onehot@S2", "evaluate@S1", "evaluate@S2",
+        "report"]
 
 
 @pytest.mark.parametrize("group", [3, 6, 51])
@@ -85,6 +115,9 @@ def test_training_is_grouped_with_merge_training_and_evaluation_is_one_call(repo
     assert todo[5].argvs == [evaluate]
     with pytest.raises(study.StudyError, match="--group 2: expected at least 3 runs"):
         study.steps(planned, raw, 2)
+    odd = [(n, s, c + " --fast" if n == "evaluate@S2" else c) for n, s, c in planned]  # not mergeable
+    with pytest.raises(study.StudyError, match="evaluate commands .* expected --strategy S only"):
+        study.steps(odd, raw, group)
 
 
 def test_bad_sets_and_presets_are_named(repo_root, tmp_path):
@@ -103,13 +136,16 @@ def test_bad_sets_and_presets_are_named(repo_root, tmp_path):
     assert raw["train"]["epochs"] == 400 and raw["train"]["seeds"] == [0] and raw["base"]["train_size"] is None
 
 
-def test_bad_input_stops_before_any_work_and_dry_prints_the_commands(repo_root, tmp_path):
+def test_bad_input_stops_before_any_work_and_dry_prints_the_commands(repo_root, tmp_path, monkeypatch):
     def study_cmd(*args):
         return subprocess.run([sys.executable, "-m", "offline.study", "--out", str(tmp_path / "OUT"),
                                "--work", str(tmp_path / "work"), *args], cwd=repo_root, capture_output=True, text=True)
     r = study_cmd("--set", "train.epochs=400", "train.lr_decay_epochs=0")
     assert r.returncode == 1 and "train.lr_decay_epochs = 0" in r.stderr, r.stderr
     assert not (tmp_path / "OUT").exists() and not (tmp_path / "work").exists()
+    monkeypatch.setattr(sys, "argv", ["offline.study", "--out", str(tmp_path / "OUT"), "--name", "../x", "--dry"])
+    with pytest.raises(study.StudyError, match="--name ../x: expected letters, digits"):  # a path, not a name
+        study.main()
     r = study_cmd("--dry", "--preset", "presets/paper.yaml", "--strategies", "S1,S2,S3", "--group", "6")
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0] == "python -m stages.download" and lines[-2] == "python -m stages.report"
@@ -122,10 +158,13 @@ def test_config_errors_name_the_key(tmp_path, repo_root):
     good = yaml.safe_load((repo_root / "offline/config.yaml").read_text())
     for change, message in [({"group": 0}, "group = 0: expected a positive integer"),
                             ({"stage_order": []}, "stage_order = \\[\\]: expected a non-empty list"),
-                            ({"margin": 3}, "margin: no such key"), ({"archive_cap_mib": None}, "archive_cap_mib")]:
+                            ({"margin": 3}, "margin: no such key"), ({"archive_cap_mib": None}, "archive_cap_mib"),
+                            ({"archive_cap_mib": 0}, "archive_cap_mib = 0: expected a positive number")]:
         (tmp_path / "c.yaml").write_text(yaml.safe_dump({**good, **change}))
         with pytest.raises(study.StudyError, match=message):
             study.load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**good, "cpu_only": None}))  # `cpu_only:` left empty: none
+    assert study.load_config(tmp_path / "c.yaml") == {**good, "cpu_only": []}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "cpu_only"}))
     with pytest.raises(study.StudyError, match="cpu_only: missing"):
         study.load_config(tmp_path / "c.yaml")
@@ -148,6 +187,44 @@ def test_a_failing_or_overlong_command_stops_the_run(tmp_path, repo_root, cfg):
     assert json.load(tarfile.open(tmp_path / "t.tar").extractfile("run.json"))["status"].startswith("failed")
 
 
+def test_the_archive_holds_the_results_so_far_and_no_models(tmp_path, repo_root, cfg):
+    """A run folder as the stages leave it mid-evaluation; the archive read back is what a researcher gets."""
+    run, out, cifar = tmp_path / "run", tmp_path / "out", tmp_path / "cifar"
+    files = {"params.yaml": b"train:\n  epochs: 1\n", "logs/S1/seed0.tsv": b"epoch\tloss\n0\t2.3\n",
+             "metrics/S1.json": b'{"test_images": 20}\n', "metrics/distort.json": b"{}\n", "plots/report.md": b"# R\n",
+             "data/raw/source.json": b'{"source": "local"}\n', "models/S1/seed0.pt": b"weights",
+             "data/raw/train.npz": b"train", "data/scores/test.npy": b"scores"}
+    for f, data in files.items():
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_bytes(data)
+    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=20).astype(np.float32)
+    (run / "data/predictions").mkdir()
+    for s in ("S1", "S2"):  # S2's evaluation has not written its metrics yet: its predictions may be partial
+        np.savez(run / f"data/predictions/{s}.npz", probs=probs, labels=np.arange(20) % 10)
+    out.mkdir()
+    (out / "stages.log").write_bytes(bytes(range(256)) * 160)  # longer than half an archive file
+    cap = int(0.05 * 2**20)
+    s = study.Study(repo_root, out, run, "t", {**cfg, "archive_cap_mib": 0.05}, cifar, deadline=None)
+    s.run([study.Step("probe", [["python", "-c", "import os, sys, iqals; print(sys.executable, "
+                                 "os.path.dirname(iqals.__file__), os.getcwd(), os.environ['CIFAR10_LOCAL'])"]])])
+    dest = results.unpack_all(out, tmp_path / "results")["t"]
+    got = {f.relative_to(dest).as_posix() for f in dest.rglob("*") if f.is_file()}
+    assert got == {"params.yaml", "run.json", "stages.log", "logs/S1/seed0.tsv", "metrics/S1.json",
+                   "metrics/distort.json", "plots/report.md", "data/source.json", "predictions/S1.npz"}
+    assert all((dest / f).read_bytes() == files[f] for f in got & set(files))
+    assert (dest / "data/source.json").read_bytes() == files["data/raw/source.json"]
+    assert (dest / "stages.log").read_bytes() == (out / "stages.log").read_bytes()[-(cap // 2):]  # its end
+    # the dvc.yaml command's `python` is this interpreter, with this checkout first on its path, in the run folder
+    printed = f"{sys.executable} {repo_root.resolve() / 'iqals'} {run.resolve()} {cifar}"
+    assert printed in (dest / "stages.log").read_text(errors="replace")
+    info = json.loads((dest / "run.json").read_text())
+    assert info["status"] == "complete" and info["stages"][0]["calls"][0]["cmd"].startswith(shlex.quote(sys.executable))
+    assert info["data_sha256"] == {"data/raw/train.npz": hashlib.sha256(b"train").hexdigest(),
+                                   "data/scores/test.npy": hashlib.sha256(b"scores").hexdigest()}
+    with np.load(dest / "predictions/S1.npz") as z:
+        assert np.array_equal(z["pred"], probs.argmax(-1)) and np.array_equal(z["labels"], np.arange(20) % 10)
+
+
 def test_archive_rolls_over_under_the_cap_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     members = {"params.yaml": b"train:\n  epochs: 16\n", "run.json": b'{"status": "complete"}\n'}
@@ -166,15 +243,59 @@ def test_archive_rolls_over_under_the_cap_and_round_trips(tmp_path):
         results.archives(tmp_path / "out")
     with pytest.raises(study.StudyError, match="alone .* exceeds archive_cap_mib"):
         study.write_archive(tmp_path / "out", "big", {"x": bytes(50_000)}, cap=50_000)
+    (tmp_path / "out/gpu_e1.tar").write_bytes(b"another run's")  # only this name's earlier volumes go
+    (tmp_path / "out/gpu_e160.2.tar").write_bytes(b"another run's")
+    study.write_archive(tmp_path / "out", "gpu_e16", {"params.yaml": b"x: 1\n"}, cap=50_000)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_e1.tar", "gpu_e16.tar", "gpu_e160.2.tar"]
 
 
-def test_a_member_outside_the_run_is_refused(tmp_path):
+@pytest.mark.parametrize("sizes", [[0], [1], [512, 513], [7000, 2000], [10_240 - 2048], [15_000] * 3 + [20],
+                                   [512] * 20])
+@pytest.mark.parametrize("folder", ["logs/S", "plots/" + "a_long_plot_name_" * 6])  # over 100 characters: pax
+def test_tar_bytes_bounds_the_tar_that_tarfile_writes(tmp_path, sizes, folder):
+    """The bound against the file itself; at most a record and a pax header (3 blocks) a member above it, so
+    that a volume is not cut much before the cap."""
+    members = {f"{folder}{i}/seed0.tsv": bytes(n) for i, n in enumerate(sizes)}
+    (path,) = study.write_archive(tmp_path, "t", members, cap=2**20)
+    assert path.stat().st_size <= study.tar_bytes(sizes) < path.stat().st_size + tarfile.RECORDSIZE + 1536 * len(sizes)
+
+
+@pytest.mark.parametrize("where", ["../escape.txt", "/absolute"])
+def test_a_member_outside_the_run_is_refused(tmp_path, where):
+    escape = tmp_path / "escape.txt"
+    name = where if where.startswith("..") else str(escape)
     with tarfile.open(tmp_path / "bad.tar", "w") as tar:
-        for name in ("params.yaml", "../escape.txt"):
-            tar.addfile(tarfile.TarInfo(name))
-    with pytest.raises(study.StudyError, match="'../escape.txt' would land outside"):
+        for member in ("params.yaml", name):
+            tar.addfile(tarfile.TarInfo(member))
+    with pytest.raises(study.StudyError, match=f"'{re.escape(name)}' would land outside"):
         results.unpack_archive([tmp_path / "bad.tar"], tmp_path / "results" / "bad")
-    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "results" / "bad").exists()
+    assert not escape.exists() and not (tmp_path / "results" / "bad").exists()
+
+
+def test_unpacking_replaces_the_run_as_a_whole(tmp_path):
+    """A second unpack of a run leaves exactly the new archive's files; links and folders in it are not
+    followed; an archive without params.yaml is refused and the run stays as it was."""
+    def archive(name, files, extra=()):
+        with tarfile.open(tmp_path / name, "w") as tar:
+            for f, data in files.items():
+                info = tarfile.TarInfo(f)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            for info in extra:
+                tar.addfile(info)
+        return [tmp_path / name]
+    dest = tmp_path / "results/r"
+    old = {"params.yaml": b"x: 1\n", "metrics/S2.json": b"{}\n"}
+    results.unpack_archive(archive("old.tar", old), dest)
+    link, folder = tarfile.TarInfo("plots/link"), tarfile.TarInfo("plots")
+    link.type, link.linkname, folder.type = tarfile.SYMTYPE, "/etc/passwd", tarfile.DIRTYPE
+    new = {"params.yaml": b"x: 2\n", "metrics/S1.json": b"{}\n"}
+    results.unpack_archive(archive("new.tar", new, [folder, link]), dest)
+    assert {f.relative_to(dest).as_posix(): f.read_bytes() for f in dest.rglob("*") if f.is_file()} == new
+    assert not (dest / "plots/link").is_symlink()
+    with pytest.raises(study.StudyError, match="no params.yaml in the archive"):
+        results.unpack_archive(archive("none.tar", {"metrics/S3.json": b"{}\n"}), dest)
+    assert sorted(f.name for f in dest.parent.iterdir()) == ["r"] and (dest / "params.yaml").read_bytes() == b"x: 2\n"
 
 
 def test_compact_predictions_keep_the_argmax_through_the_archive(tmp_path):
@@ -184,6 +305,13 @@ def test_compact_predictions_keep_the_argmax_through_the_archive(tmp_path):
     pred, p16 = study.compact_predictions(probs)
     assert p16.dtype == np.float16 and pred.dtype == np.uint8
     assert np.array_equal(pred, probs.argmax(-1)) and np.array_equal(p16.argmax(-1), pred)
+    # only a top class that rounding lost changes, and to the float16 just above the row's other classes
+    rounded, top = probs.astype(np.float16), np.eye(10, dtype=bool)[pred]
+    fixed = rounded.argmax(-1) != pred
+    assert np.array_equal(p16[~top | ~fixed[..., None]], rounded[~top | ~fixed[..., None]])
+    others = np.where(top, -np.inf, p16).max(-1)[fixed]
+    assert np.all(p16[top & fixed[..., None]] > others)
+    assert np.all(np.nextafter(p16[top & fixed[..., None]], np.float16(-np.inf)) <= others)
     np.savez(tmp_path / "S1.npz", probs=probs, labels=np.arange(500) % 10)
     members = {"params.yaml": b"x: 1\n", "predictions/S1.npz.xz": study.pack_predictions(tmp_path / "S1.npz")}
     study.write_archive(tmp_path, "p", members, 2**20)
@@ -198,13 +326,33 @@ def packed(tmp_path, tiny_cifar, monkeypatch):
     return tmp_path / "parts", pack.pack(tiny_cifar, tmp_path / "parts", max_part_bytes=200_000)
 
 
+def planar_row_deltas(x: np.ndarray) -> bytes:
+    """The image codec by hand: channel by channel, image, row, each value minus its left neighbour mod 256."""
+    out = bytearray()
+    for c in range(x.shape[3]):
+        for img in x[..., c].astype(int):
+            for row in img:
+                out += bytes((v - left) % 256 for v, left in zip(row, [0, *row[:-1]]))
+    return bytes(out)
+
+
 def test_pack_round_trip_is_exact_in_several_parts(packed, tiny_cifar, tmp_path):
     x = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
     x[0], x[1, :, ::2] = 0, 255  # the largest jumps between neighbours, both ways
+    assert pack.encode_images(x) == planar_row_deltas(x)  # the format of parts packed by any version
     assert np.array_equal(pack.decode_images(pack.encode_images(x), x.shape), x)
+    a = np.arange(6, dtype=np.uint8).reshape(2, 3)  # dtype and shape are hashed with the bytes
+    assert pack.array_sha256(a) == hashlib.sha256(b"|u1(2, 3)" + bytes(range(6))).hexdigest()
+    assert pack.array_sha256(a.T) == hashlib.sha256(b"|u1(3, 2)" + bytes([0, 3, 1, 4, 2, 5])).hexdigest()
     parts, m = packed
-    assert len(m["parts"]) >= 2 and all(p["length"] <= 200_000 for p in m["parts"])
-    assert sum(p["length"] for p in m["parts"]) == m["stream_bytes"] < m["raw_bytes"]
+    n = -(-m["stream_bytes"] // 200_000)  # the fewest parts within the limit, all of one size but the last
+    size = -(-m["stream_bytes"] // n)
+    assert n >= 2 and [p["length"] for p in m["parts"]] == [size] * (n - 1) + [m["stream_bytes"] - (n - 1) * size]
+    assert m["stream_bytes"] < m["raw_bytes"]
+    for p in m["parts"]:  # each folder travels alone: each holds the whole manifest
+        assert json.loads((parts / f"part{p['k']}" / pack.MANIFEST).read_text()) == m
+    with pytest.raises(pack.PackError, match="max part size 0 bytes: expected a positive size"):
+        pack.pack(tiny_cifar, tmp_path / "zero", max_part_bytes=0)
     written = pack.unpack(parts, tmp_path / "copy")
     for split in ("train", "test"):
         for a, b in zip(load_npz(tiny_cifar / f"{split}.npz", split), load_npz(written[split], split)):
@@ -230,11 +378,84 @@ def test_a_damaged_part_is_named(packed, tmp_path, damage, message):
         pack.unpack(tmp_path / "copy", tmp_path / "copy2")
 
 
+def test_a_manifest_that_disagrees_with_the_data_is_refused(packed, tmp_path):
+    """Intact parts, but a manifest of another format, stream or array: the checks after the parts' own."""
+    parts, m = packed
+    images = next(i for i, r in enumerate(m["arrays"]) if (r["split"], r["key"]) == ("train", "images"))
+    for change, message in [(lambda d: d.update(format=2), "format 2, expected 1"),
+                            (lambda d: d.update(stream_sha256="0" * 64), "joined parts differ from the packed stream"),
+                            (lambda d: d["arrays"][images].update(sha256="0" * 64),
+                             "train/images differs from the packed array")]:
+        bad = json.loads(json.dumps(m))
+        change(bad)
+        for p in m["parts"]:
+            (parts / f"part{p['k']}" / pack.MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(pack.PackError, match=message):
+            pack.unpack(parts, tmp_path / "copy")
+        assert not (tmp_path / "copy").exists()
+
+
+def test_pack_command_takes_the_part_size_in_mib(tiny_cifar, tmp_path, monkeypatch):
+    def command(*args):
+        monkeypatch.setattr(sys, "argv", ["offline.pack", *args])
+        pack.main()
+    command("pack", "--src", str(tiny_cifar), "--out", str(tmp_path / "parts"), "--max-part-mib", "0.15")
+    m = json.loads((tmp_path / "parts/part1" / pack.MANIFEST).read_text())
+    limit = int(0.15 * 2**20)  # 157,286 bytes
+    assert len(m["parts"]) == -(-m["stream_bytes"] // limit) >= 2 and max(p["length"] for p in m["parts"]) <= limit
+    shutil.rmtree(tmp_path / "parts/part1")
+    command("check", "--parts", str(tmp_path / "parts"), "--part", "2")  # the parts that came so far
+    with pytest.raises(pack.PackError, match="part 1 of .* is missing"):
+        command("check", "--parts", str(tmp_path / "parts"))
+
+
 def test_old_run_json_gives_a_run_summary(repo_root):
     md = results.run_markdown(repo_root / "results/gpu_e16", {"data/raw/test.npz": True, "data/scores/test.npy": False})
     assert "| status | complete |" in md and "| code | not recorded |" in md
     assert "| data | regenerated on the CPU: matched: `data/raw/test.npz`; differ: `data/scores/test.npy` |" in md
     assert re.search(r"\| train \| 235\.8 \| 1; 40,800,000 training images", md)
+
+
+def test_run_summary_counts_what_the_run_left(tmp_path, raw_params, repo_root):
+    """A run stopped during evaluation, its table written out by hand: 2 seeds x 3 strategies x 2 epochs x
+    100 images = 1,200 training images in 10 s; a strategy is trained when every seed's log is there."""
+    raw_params["base"]["train_size"] = 100
+    raw_params["strategies"] = {k: raw_params["strategies"][k] for k in ("S1", "S2", "S3")}
+    t = raw_params["train"]
+    t.update(epochs=2, lr=0.1, lr_decay=0.1, lr_decay_epochs=1, batch_size=50, seeds=[0, 1], precision="bf16",
+             step="graph")
+    del t["layout"]  # params of an older run: params.yaml's default
+    run = tmp_path / "gpu_e2"
+    for f in ("logs/S1/seed0.tsv", "logs/S1/seed1.tsv", "logs/S2/seed0.tsv"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("epoch\n")
+    (run / "metrics").mkdir()
+    (run / "metrics/S1.json").write_text('{"test_images": 12345}')
+    (run / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    info = {"device": "Device A", "cpus": 16, "python": "3.12.3", "torch": None, "status": "stopped: at --budget-s",
+            "code_sha256": "ab" * 32,
+            "stages": [{"stage": "train", "seconds": 10.0, "calls": [{"rc": 0}]},
+                       {"stage": "evaluate", "seconds": 5.5, "calls": [{"rc": 0}, {"rc": study.STOPPED}]},
+                       {"stage": "train", "seconds": 3.0, "calls": [{"rc": 1}]}]}
+    (run / "run.json").write_text(json.dumps(info))
+    md = results.run_markdown(run).splitlines()
+    assert [line for line in md if line.startswith("| ") and not line.startswith("| |")] == [
+        "| device | Device A, 16 CPU cores, Python 3.12.3, torch not recorded |",
+        "| schedule | 2 epochs, lr 0.1 x0.1 every 1 epochs, batch 50, 100 training images; step asked: bf16, graph, "
+        "channels layout (stages.log: which ran) |",
+        "| seeds | [0, 1] |",
+        "| strategies | 1 of 3 trained, 1 evaluated; not evaluated: S2, S3 |",
+        "| test images | 12,345 |",
+        "| status | stopped: at --budget-s |",
+        "| code | sha256 abababababababab of iqals/*.py and stages/*.py: not this checkout's |",
+        "| stage | seconds | calls |",
+        "| train | 10.0 | 1; 1,200 training images, 120 images/s |",
+        f"| evaluate | 5.5 | 2; rc {study.STOPPED} |",
+        "| train | 3.0 | 1; rc 1 |"]
+    (run / "run.json").write_text(json.dumps({**info, "code_sha256": study.code_sha256(repo_root)}))
+    (run / "metrics/S1.json").unlink()
+    md = results.run_markdown(run, repo=repo_root)
+    assert "and stages/*.py: this checkout's |" in md and "| test images | none evaluated |" in md
 
 
 def source_sha256(repo: Path) -> str:
