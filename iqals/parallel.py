@@ -111,7 +111,7 @@ def run_stage_command(name: str, commands: list[str], cwd: str, env: dict, log_p
                     _stop(proc)
                     rc, result["cancelled"] = proc.wait(), True
             result["rc"] = rc
-            if rc != 0:
+            if rc != 0 or result["cancelled"]:  # after a stop, the next command does not start
                 break
     return {**result, "seconds": time.perf_counter() - t0, "tail": _tail(Path(log_path))}
 
