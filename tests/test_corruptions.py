@@ -388,7 +388,8 @@ def test_parse_corrupt_missing(raw_params):
 
 
 def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
-    """stages/corrupt.py on 6 images: outputs, shapes and the PSNR summary per family and severity."""
+    """stages/corrupt.py on 6 images: outputs, shapes and the PSNR summary per family and severity; fog draws from
+    corrupt.seed and each image's official position (the raw copy's index), as corrupt() documents."""
     import json
     import sys
 
@@ -399,8 +400,9 @@ def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
     x = natural_images(6, 2)
-    np.savez(raw / "test.npz", images=x, labels=np.arange(6) % 10)
-    raw_params["corrupt"] = {**GOOD, "severities": [1, 5]}
+    index = np.array([40, 7, 12, 3, 25, 31])  # a subset's positions in the official split
+    np.savez(raw / "test.npz", images=x, labels=np.arange(6) % 10, index=index)
+    raw_params["corrupt"] = {**GOOD, "severities": [1, 5], "seed": 3}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["corrupt"])
@@ -408,7 +410,10 @@ def test_stage_end_to_end(tmp_path, monkeypatch, raw_params):
     out = np.load(tmp_path / "data" / "corrupted" / "test.npy")
     assert out.shape == (2, 2, 6, 32, 32, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[1, 1], corruptions.corrupt(x, "contrast", 5, seed=0))
+    np.testing.assert_array_equal(out[0, 1], corruptions.corrupt(x, "fog", 5, seed=3, index=index))
+    assert not np.array_equal(out[0, 1], corruptions.corrupt(x, "fog", 5, seed=3))  # the index matters
     m = json.loads((tmp_path / "metrics" / "corrupt.json").read_text())
     assert m["families"] == ["fog", "contrast"] and m["severities"] == [1, 5] and m["test_images"] == 6
+    assert m["seed"] == 3
     assert list(m["levels"]) == ["fog_1", "fog_5", "contrast_1", "contrast_5"]
     assert m["levels"]["fog_1"]["psnr_db"] > m["levels"]["fog_5"]["psnr_db"] > 0

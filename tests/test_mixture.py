@@ -1,4 +1,6 @@
 """The per-epoch mixture draw and the targets of each label rule."""
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,22 @@ def test_derived_seeds_are_63_bit_and_differ_by_root_purpose_and_its_order():
     seeds = [derive_seed(*k) for k in keys]
     assert len(set(seeds)) == len(keys) and all(0 <= s < 2**63 for s in seeds)
     assert seeds == [derive_seed(*k) for k in keys]  # the same purpose, the same seed
+    # the documented construction, spelt out: words [root, crc32 of each purpose's text], the first 64-bit word of
+    # numpy's SeedSequence, its top bit dropped; crc32 (unlike hash()) is the same in every process and machine
+    for k, s in zip(keys, seeds):
+        words = [k[0]] + [zlib.crc32(str(w).encode()) for w in k[1:]]
+        assert s == int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0]) // 2, k
+
+
+def test_image_streams_are_philox_keyed_by_official_position():
+    """Stream i: Philox keyed by (key, index[i]), index 0..n-1 by default; an index of another length is refused."""
+    from iqals.seeds import image_streams
+    for index, pos in ((None, [0, 1, 2]), ([7, 3, 12], [7, 3, 12])):
+        got = [g.standard_normal(4) for g in image_streams(11, 3, index)]
+        want = [np.random.Generator(np.random.Philox(key=[11, j])).standard_normal(4) for j in pos]
+        np.testing.assert_array_equal(got, want, err_msg=str(index))
+    with pytest.raises(ValueError, match=r"corrupt: index has shape \(2,\), expected \(3,\)"):
+        image_streams(11, 3, [0, 1], "corrupt")
 
 
 def test_uniform_epsilon_matches_mean_iqa_epsilon(params, scores):
