@@ -117,7 +117,12 @@ def test_score_scores_each_type_level_and_image_against_its_source(project, tmp_
     (tmp_path / "dist").mkdir()
     for split in ("train", "test"):
         np.save(tmp_path / "dist" / f"{split}.npy", np.load(project / "data/distorted/test.npy")[:, :, :4])
-    with pytest.raises(DataError, match="holds 4 images, data/raw 20: rerun the distort stage"):
+    with pytest.raises(DataError, match=r"has shape \(3, 3, 4, 32, 32, 3\), expected \(3, 3, 20, 32, 32, 3\)"):
+        stage_main(score, ["--raw", str(project / "data/raw"), "--distorted", str(tmp_path / "dist"),
+                           "--out", "again"])
+    for split in ("train", "test"):  # another number of distortion types: the images alone would pass
+        np.save(tmp_path / "dist" / f"{split}.npy", np.load(project / "data/distorted" / f"{split}.npy")[:2])
+    with pytest.raises(DataError, match=r"train.npy has shape \(2, 3, 20, 32, 32, 3\), expected \(3, 3, 20, 32, 32"):
         stage_main(score, ["--raw", str(project / "data/raw"), "--distorted", str(tmp_path / "dist"),
                            "--out", "again"])
     assert not (tmp_path / "again").exists()
