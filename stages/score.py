@@ -21,9 +21,10 @@ def main() -> None:
     report = {"metric": p.iqa.metric, "transform": p.iqa.transform}
     for split, (images, _) in load_raw(args.raw).items():
         d = np.load(Path(args.distorted) / f"{split}.npy", mmap_mode="r")
-        if d.shape != (len(DISTORTIONS), LEVELS) + images.shape:  # types, levels, then data/raw's images
-            raise DataError(f"{args.distorted}/{split}.npy has shape {d.shape}, expected "
-                            f"{(len(DISTORTIONS), LEVELS) + images.shape} for data/raw: rerun the distort stage")
+        want = (len(DISTORTIONS), LEVELS) + images.shape  # types, levels, then data/raw's images
+        if d.shape != want:
+            raise DataError(f"{args.distorted}/{split}.npy has shape {d.shape}, expected {want} for data/raw: "
+                            "rerun the distort stage")
         logging.info("%s: scoring %d x %d images with %s", split, len(images), NUM_COPIES - 1, p.iqa.metric)
         s = iqa.score_all(images, d.reshape((-1,) + images.shape), p.iqa).reshape(len(DISTORTIONS), LEVELS, -1)
         save_npy(Path(args.out) / f"{split}.npy", s)

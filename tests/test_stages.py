@@ -14,6 +14,7 @@ from iqals import distort
 from iqals.data import DataError
 from iqals.errors import UsageError
 from iqals.params import TEST_SETS
+from tests.test_distort import psnr
 
 SEEDS = [2, 5]  # not 0..n-1: a seed mixed up with its position shows
 
@@ -76,14 +77,13 @@ def test_distort_keys_each_image_by_split_and_official_position(project, tiny_ar
         np.testing.assert_array_equal(got, distort.distort_all(x, cfg, seed, split)[:, :, index], err_msg=split)
         other = "test" if split == "train" else "train"
         assert not np.array_equal(got[1], distort.distort_all(x, cfg, seed, other)[1][:, index]), split
-    x = tiny_arrays[1][0][:5].astype(np.float64)
-    d = np.load(project / "data/distorted/test.npy").astype(np.float64)
+    x = tiny_arrays[1][0][:5]
+    d = np.load(project / "data/distorted/test.npy")
     m = json.loads((project / "metrics/distort.json").read_text())
     assert m["test_images"] == 5
     for t, name in enumerate(("blur", "noise", "jpeg")):
         for lv in range(3):
-            mse = ((d[t, lv] - x) ** 2).mean(axis=(1, 2, 3))
-            want = np.mean(10 * np.log10(255.0**2 / mse))
+            want = psnr(x, d[t, lv]).mean()
             assert abs(m["levels"][f"{name}_{lv + 1}"]["psnr_db"] - want) <= 5e-5 + 1e-12 * want, (name, lv)
 
 
