@@ -13,7 +13,9 @@ import torch
 from . import iqa_piq, stacks
 from .params import IQA, IQA_METRICS, IQA_TRANSFORMS, SSIM
 
-CHUNK = 256  # references per SSIM chunk: ~220 MB at the peak with 9 versions (measured)
+# references per SSIM chunk: it bounds the float64 intermediates, a few alive at once (the versions'
+# chunk in RGB: V x CHUNK x H x W x 3 x 8 bytes, 57 MB for 9 versions of 32x32 images)
+CHUNK = 256
 LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601 weights of R, G, B
 
 

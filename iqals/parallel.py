@@ -59,8 +59,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def _without_nanny_environ(env: dict) -> dict:
     """env less what Dask's nanny set for its worker process (distributed.nanny.pre-spawn-environ,
     where the value is still the config's), so that a stage command runs as under dvc repro: the
-    nanny's MALLOC_TRIM_THRESHOLD_=65536 (glibc hands freed memory back at once) made each CPU
-    training stage about 1.4x slower. The thread counts are set per stage anyway."""
+    nanny's MALLOC_TRIM_THRESHOLD_=65536 (glibc hands freed memory back at once) slowed CPU
+    training stages. The thread counts are set per stage anyway."""
     import dask
 
     nanny = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}

@@ -224,7 +224,7 @@ def test_stage_command_dies_with_its_worker(tmp_path):
 def test_stage_command_gets_the_workers_environment_without_the_nannys(tmp_path, monkeypatch):
     """A stage runs as under dvc repro: the worker's environment (a variable set before the cluster
     started reaches it) and the stage's thread count, but not what Dask's nanny sets for its worker
-    processes (MALLOC_TRIM_THRESHOLD_ slowed CPU training stages about 1.4x)."""
+    processes (its MALLOC_TRIM_THRESHOLD_ slowed CPU training stages)."""
     import dask
     from distributed import Client
 
