@@ -90,7 +90,7 @@ def Num(lo=-math.inf, hi=math.inf, open_lo=False, integer=False, null=False):
         return null if v is None else (not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
                                        and math.isfinite(v) and lo <= v <= hi and not (open_lo and v == lo))
     allowed = (f"{'null or ' if null else ''}{'an integer' if integer else 'a number'} in "
-               f"{'(' if open_lo else '['}{lo}, {hi}]")
+               f"{'(' if open_lo or lo == -math.inf else '['}{lo}, {hi}{']' if math.isfinite(hi) else ')'}")
     return Check(allowed, ok, lambda v: v if v is None else (int if integer else float)(v))
 
 

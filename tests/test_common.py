@@ -75,4 +75,4 @@ def test_setup_names_the_stage_in_each_line_and_validates_params_first(repo_root
     r = run_stage(repo_root, "open('started', 'w')", tmp_path, "setup('train')")
     assert r.returncode == 1 and not (tmp_path / "started").exists()
     assert re.fullmatch(r"\d\d:\d\d:\d\d train ERROR params\.yaml: train\.epochs = 0: expected an integer in "
-                        r"\[1, inf\]\n", r.stderr), r.stderr
+                        r"\[1, inf\)\n", r.stderr), r.stderr

@@ -99,7 +99,7 @@ def test_a_cuda_preset_without_cuda_stops_before_dvc_runs(tmp_path, repo_root):
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"train.epochs": 0}, "params.yaml: train.epochs = 0: expected an integer in [1, inf]"),
+    ({"train.epochs": 0}, "params.yaml: train.epochs = 0: expected an integer in [1, inf)"),
     ({"train.epoch": 16}, "train.epoch: no such key in params.yaml"),
     ({"trian.epochs": 16}, "trian.epochs: params.yaml has no 'trian' here"),
     ({"epochs": 16}, "expected a mapping of dotted params keys"),
