@@ -41,7 +41,7 @@ def nets(params, seeds=(0, 1, 2)):
 def same_losses(got, want, images):
     """Per-epoch mean losses of two fp32 code paths: each a sum over images x NUM_CLASSES squared
     terms (conftest.close). The weights they are taken at differ by rounding too, which moves a
-    loss far less (measured: at most 2 fp32 eps); a mixed-up run or target is O(1e-2) and more."""
+    loss by a few eps of its own, far below that bound; a mixed-up run or target is O(1e-2) and more."""
     got, want = (torch.as_tensor(v, dtype=torch.float32) for v in (got, want))  # history rows: Python floats
     close(got, want, images * params_lib.NUM_CLASSES)
 

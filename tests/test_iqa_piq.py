@@ -133,8 +133,8 @@ def test_quality_falls_with_distortion_level(scores, name, kind):
 
 
 # float64 in both: a batch changes only how each per-image sum is blocked, at most one rounding per term
-# of the largest (a 64x64 map for VIF), on values <= 1. In float32 that bound is ~5e-4 and the measured
-# differences ~1e-6, too close to the score changes a wrong conversion makes to tell them apart
+# of the largest (a 64x64 map for VIF), on values <= 1. In float32 that bound, 64 * 64 * 2^-23 = 4.9e-4,
+# is too close to the score changes a wrong conversion makes to tell them apart
 BATCH_TOL = 64 * 64 * torch.finfo(torch.float64).eps
 
 
