@@ -227,7 +227,7 @@ def main(only: list[str] | None = None, quick: bool = False) -> dict:
         t = time.perf_counter()
         try:
             r = run_one(name, quick)
-        except Exception:  # noqa: BLE001 - record and go on with the others
+        except (Exception, SystemExit):  # noqa: BLE001 - record and go on with the others (their SystemExit too)
             traceback.print_exc()
             r = {"error": traceback.format_exc()}
             failed.append(name)
