@@ -281,6 +281,17 @@ def test_results_md_has_each_benchmarks_rows_in_order_and_its_machines():
         "commit none; sources sha256 0123456789abcdef\n")
 
 
+def _results_into(folder, monkeypatch) -> None:
+    """bench.run's results.json, results.md and bench/out/ written under folder instead of the repository."""
+    from bench import cli
+    from bench import run as bench_run
+
+    monkeypatch.setattr(bench_run, "REPO_ROOT", folder)
+    monkeypatch.setattr(bench_run, "RESULTS_JSON", folder / "results.json")
+    monkeypatch.setattr(bench_run, "RESULTS_MD", folder / "results.md")
+    monkeypatch.setattr(cli, "OUT", folder / "out")
+
+
 def test_bench_run_only_keeps_the_other_entries_and_records_a_failure(tmp_path, monkeypatch):
     """`python -m bench.run --only ...` on stand-in benchmarks: each called with cases()'s --quick
     arguments, its JSON at bench/out/<module>[_<device>].json; results.json keeps the entries not rerun,
@@ -292,15 +303,11 @@ def test_bench_run_only_keeps_the_other_entries_and_records_a_failure(tmp_path, 
     import pytest
     import torch
 
-    from bench import cli
     from bench import run as bench_run
 
     old = canned_entries()
     (tmp_path / "results.json").write_text(json.dumps({"benchmarks": {"dvc": old["dvc"], "ssim": old["ssim"]}}))
-    monkeypatch.setattr(bench_run, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(bench_run, "RESULTS_JSON", tmp_path / "results.json")
-    monkeypatch.setattr(bench_run, "RESULTS_MD", tmp_path / "results.md")
-    monkeypatch.setattr(cli, "OUT", tmp_path / "out")
+    _results_into(tmp_path, monkeypatch)
     monkeypatch.setattr(bench_run, "machine", lambda: dict(GPU_BOX, date="then"))
     monkeypatch.setattr(bench_run, "_now", lambda: "now")
     clock = itertools.count(0.0, 2.0)  # each benchmark's start and end 2 s apart
@@ -348,13 +355,9 @@ def test_bench_run_records_a_benchmark_that_exits(tmp_path, monkeypatch):
 
     import pytest
 
-    from bench import cli
     from bench import run as bench_run
 
-    monkeypatch.setattr(bench_run, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(bench_run, "RESULTS_JSON", tmp_path / "results.json")
-    monkeypatch.setattr(bench_run, "RESULTS_MD", tmp_path / "results.md")
-    monkeypatch.setattr(cli, "OUT", tmp_path / "out")
+    _results_into(tmp_path, monkeypatch)
     monkeypatch.setattr(bench_run, "machine", lambda: dict(CPU_BOX, date="then"))
 
     def main(**kwargs):
