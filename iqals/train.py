@@ -240,9 +240,9 @@ class Step:
 # sensitive: a 3x3 max pool whose two largest inputs are within rounding routes the gradient to
 # the other one, and the squared loss's gradient (softmax - target) cancels, so gradients and
 # updates are allowed far more than logits. fp32 differs from the CPU step in summation order
-# alone; autocast rounds the inputs of each product to 8 significant bits in bf16 (unit roundoff
-# 2^-8, 3.9e-3) and 11 in tf32 (2^-11): between. check_step returns what it measured, and the
-# training log and the probe's results give it for the GPU at hand.
+# alone; each product's inputs are rounded to 8 significant bits in bf16 (autocast; unit roundoff
+# 2^-8, 3.9e-3), to 11 in tf32 (tensor cores' TF32 mode; 2^-11): between. check_step returns what it
+# measured, and the training log and the probe's results give it for the GPU at hand.
 TOLERANCE = {
     "fp32": {"logits": 1e-4, "loss": 1e-4, "gradients": 1e-2, "updates": 1e-2},
     "tf32": {"logits": 5e-3, "loss": 1e-3, "gradients": 0.2, "updates": 0.2},
