@@ -407,7 +407,9 @@ def _resume(run: Run, p: Params, cfg: Train, device: torch.device) -> _State:
         ck = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
         if ck.get("fingerprint") == fingerprint:
             log.info("%s: resuming from %s after epoch %d", run.name, run.checkpoint, ck["epoch"])
-            return _State(fingerprint, ck["epoch"], ck["history"], ck["model"])
+            # rows rebuilt on LOG_COLUMNS' keys: the model file then pickles as a fresh run's does
+            history = [{c: row[c] for c in LOG_COLUMNS} for row in ck["history"]]
+            return _State(fingerprint, ck["epoch"], history, ck["model"])
         log.info("%s: ignoring %s (its fingerprint differs: other parameters, data, training code, torch "
                  "or device)", run.name, run.checkpoint)
     return _State(fingerprint, 0, [], None)
