@@ -11,8 +11,9 @@ process.
   then timed); reported: images/s, ms per step, the check's largest relative differences, the
   fastest variant that passed (its train.* values are what the train stage should be given) with
   its ratio to the bf16 CUDA-graph step of 51 runs stacked along the channels (the step
-  results/gpu_e16 trained with), a profiler table of that variant, and the minutes 51 runs (17
-  strategies x 3 seeds) of 50,000 images would take per epoch of schedule at that speed.
+  results/gpu_e16 trained with), a profiler table of that variant, and the minutes the paper
+  regime's runs (presets/paper.yaml: every strategy x its seeds, all training images) would take
+  per epoch of schedule at that speed.
 
     PYTHONPATH=. python -m bench.bench_group [--device cpu|cuda] [--seconds S] [--groups 3]
 """
@@ -35,10 +36,17 @@ if str(REPO_ROOT) not in sys.path:
 from bench.bench_train import cpu_name  # noqa: E402
 from iqals import model, probe, train  # noqa: E402
 from iqals.mixture import soft_targets  # noqa: E402
-from iqals.params import REFERENCE_STEP, load  # noqa: E402
+from iqals.data import SPLITS  # noqa: E402
+from iqals.params import REFERENCE_STEP, load, load_preset  # noqa: E402
 from iqals.seeds import derive_seed  # noqa: E402
 
-STUDY = {"runs": 51, "images": 50_000}  # 17 strategies x 3 seeds on the full training set
+
+def study(p) -> dict:
+    """The paper regime's training runs and images per run (presets/paper.yaml: every strategy
+    with the preset's seeds)."""
+    preset = load_preset(REPO_ROOT / "presets" / "paper.yaml")
+    return {"runs": len(p.strategies) * len(preset["train.seeds"]),
+            "images": preset["base.train_size"] or SPLITS["train"]}  # null: all of them
 
 
 class OldNet(nn.Module):
@@ -118,7 +126,9 @@ def _cuda(p, seconds: float) -> dict:
     base = timed(probe.BASELINE)
     out = {"variants": results, "chosen": best}
     if best:
-        out["study_minutes_per_epoch"] = round(STUDY["runs"] * STUDY["images"] / best["images_per_s"] / 60, 3)
+        out["study"] = study(p)
+        out["study_minutes_per_epoch"] = round(out["study"]["runs"] * out["study"]["images"]
+                                               / best["images_per_s"] / 60, 3)
         out["profile"] = probe.profile(p, torch.device("cuda"), best)
         if base:
             out["baseline"], out["chosen_vs_baseline"] = base, round(best["images_per_s"] / base["images_per_s"], 3)
@@ -155,8 +165,10 @@ def main(device: str = "cpu", seconds: float | None = None, groups: tuple[int, .
                 print(f"{name:48} {r.get('skipped') or r.get('error')}")
         chosen = result["chosen"]
         print(f"fastest that passed (its train.* values for the train stage): {chosen and probe.name(chosen)}"
-              f" ({result.get('chosen_vs_baseline')}x {probe.BASELINE_NAME}); 51 runs x 50,000 images: "
-              f"{result.get('study_minutes_per_epoch')} min per epoch")
+              f" ({result.get('chosen_vs_baseline')}x {probe.BASELINE_NAME})")
+        if "study" in result:
+            print(f"{result['study']['runs']} runs x {result['study']['images']:,} images: "
+                  f"{result['study_minutes_per_epoch']} min per epoch")
         print(result.get("profile", ""))
     else:
         for k, v in result["images_per_s"].items():

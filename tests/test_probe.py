@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+import yaml
 
 from iqals import params as params_lib, probe, train as train_lib
 from iqals.params import TRAIN_LAYOUTS, TRAIN_STEPS
@@ -35,6 +36,16 @@ def test_variants_are_valid_and_include_the_reference():
     # off CUDA the reference step alone, for one run and for one strategy's three seeds
     reference = {"precision": "fp32", "step": "eager", "layout": "channels"}
     assert [v for v in probe.VARIANTS if not probe.needs_gpu(v)] == [{**reference, "group": g} for g in (1, 3)]
+
+
+def test_the_probed_group_sizes_are_what_the_paper_regime_trains(params, repo_root):
+    """1 run, one strategy's seeds, one seed of every strategy, and every run of presets/paper.yaml."""
+    from bench import bench_group
+
+    preset = yaml.safe_load((repo_root / "presets" / "paper.yaml").read_text())
+    seeds, strategies = len(preset["train.seeds"]), len(params.strategies)
+    assert bench_group.study(params) == {"runs": strategies * seeds, "images": 50_000}  # CIFAR-10's training set
+    assert probe.GROUPS == (1, seeds, strategies, strategies * seeds)
 
 
 def test_choose_takes_the_fastest_that_passed_in_any_layout():
