@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,18 +14,22 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary path beside `path` (the writer creates the file, so it gets the
-    usual permissions); rename it onto `path` only if the block succeeds."""
+    """Yield a fresh temporary path of `path`'s name, in a hidden folder of its own beside `path` (the
+    writer creates the file, so it gets the usual permissions); rename it onto `path` only if the
+    block succeeds. The same name: a writer that records it (torch.save names its archive after the
+    file) writes the bytes it would write to `path`, so a rerun's outputs hash the same in dvc.lock."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    folder = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    folder.mkdir()
+    tmp = folder / path.name
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
