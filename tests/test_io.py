@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from iqals import io
 
@@ -85,7 +86,6 @@ def test_save_npz_keeps_the_array_names(tmp_path):
 def test_a_writer_that_records_the_files_name_writes_the_bytes_it_would_write_to_path(tmp_path):
     """torch.save names its zip archive's folder after the file: through atomic_path the model file
     is byte for byte what a direct save gives, so rerunning a stage leaves its hash in dvc.lock."""
-    torch = pytest.importorskip("torch")
     obj = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "history": [{"epoch": 1, "loss": 0.5}]}
     torch.save(obj, tmp_path / "model.pt")
     with io.atomic_path(tmp_path / "atomic" / "model.pt") as tmp:
