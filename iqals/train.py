@@ -36,6 +36,9 @@ from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "loss", "train_acc", "lr", "images_per_s", "seconds")
+# The model file's history leaves the timings to the log: its bytes, hashed in dvc.lock, are then
+# the same on every run of the same training, and evaluation reruns only when the weights change.
+MODEL_COLUMNS = LOG_COLUMNS[:4]
 # The training code, in every checkpoint's fingerprint (fused.py by its text: Triton is imported
 # only for train.layout 'batch'); dvc.yaml's training stages list the same files.
 SOURCES = ("train.py", "model.py", "fused.py", "mixture.py", "seeds.py")
@@ -407,9 +410,7 @@ def _resume(run: Run, p: Params, cfg: Train, device: torch.device) -> _State:
         ck = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
         if ck.get("fingerprint") == fingerprint:
             log.info("%s: resuming from %s after epoch %d", run.name, run.checkpoint, ck["epoch"])
-            # rows rebuilt on LOG_COLUMNS' keys: the model file then pickles as a fresh run's does
-            history = [{c: row[c] for c in LOG_COLUMNS} for row in ck["history"]]
-            return _State(fingerprint, ck["epoch"], history, ck["model"])
+            return _State(fingerprint, ck["epoch"], ck["history"], ck["model"])
         log.info("%s: ignoring %s (its fingerprint differs: other parameters, data, training code, torch "
                  "or device)", run.name, run.checkpoint)
     return _State(fingerprint, 0, [], None)
@@ -507,7 +508,8 @@ def _train_together(runs: list[Run], states: list[_State], p: Params, cfg: Train
     for g, (r, s) in enumerate(zip(runs, states)):
         with atomic_path(r.model_out) as tmp:  # the resolved config travels with the weights
             torch.save({"model": _cpu(net.run_state(g)), "strategy": asdict(r.strategy), "seed": r.seed,
-                        "params": p.to_dict(), "step": describe(cfg), "history": s.history,
+                        "params": p.to_dict(), "step": describe(cfg),
+                        "history": [{c: row[c] for c in MODEL_COLUMNS} for row in s.history],
                         "snapshots": _snapshots(r, s.fingerprint, cfg)}, tmp)
         _write_log(r.log_out, s.history)
     return [s.history for s in states]

@@ -245,10 +245,5 @@ def test_sigkill_mid_training_then_resume_is_exact(tmp_path, repo_root, tiny_cif
 
     out = sh(train + args, tmp_path, env)
     assert "resuming from" in out
-    ref = torch.load(tmp_path / "ref" / "S2" / "seed0.pt", weights_only=False)
-    got = torch.load(tmp_path / "run" / "S2" / "seed0.pt", weights_only=False)
-    for k, v in ref["model"].items():
-        assert torch.equal(v, got["model"][k]), k
-    drop = lambda h: [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in h]  # noqa: E731
-    assert drop(ref["history"]) == drop(got["history"])
+    assert (tmp_path / "ref" / "S2" / "seed0.pt").read_bytes() == (tmp_path / "run" / "S2" / "seed0.pt").read_bytes()
     assert not list((tmp_path / "run" / "S2").glob(".*.tmp"))  # no half-written file left behind
