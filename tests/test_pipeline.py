@@ -218,6 +218,24 @@ def test_changing_a_convention_touches_only_the_deviation_stage(project):
 
 
 @pytest.mark.slow
+def test_retraining_to_the_same_weights_reruns_no_evaluation(project):
+    """A model file holds no timings: retrained from scratch to the same weights, it keeps its hash in
+    dvc.lock, and the next repro reruns the report (it draws the logs' curves) but no evaluation."""
+    dest, env, dvc, _ = project
+
+    def models():
+        lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]["train_onehot@S1"]
+        return [o for o in lock["outs"] if o["path"] == "models/S1"]
+
+    before = models()
+    shutil.rmtree(dest / "checkpoints" / "S1")
+    out = sh(dvc + ["repro", "-f", "-s", "train_onehot@S1"], dest, env)
+    assert "Running stage 'train_onehot@S1'" in out and "resuming" not in out
+    assert models() == before and before[0]["nfiles"] == 2
+    assert re.findall(r"Running stage '([^']+)'", sh(dvc + ["repro"], dest, env)) == ["report"]
+
+
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_is_exact(tmp_path, repo_root, tiny_cifar):
     env = make_project(tmp_path, repo_root, epochs=12, lr_decay_epochs=6, batch_size=10)
     env["CIFAR10_LOCAL"] = str(tiny_cifar)
